@@ -1,0 +1,1 @@
+"""llmbatch job domain: settings, models, input parsing, service, export, CLI."""

@@ -1,0 +1,139 @@
+"""Engines, sessions and schema upgrades.
+
+Callers open transactions themselves: ``with db.write() as s:`` for a unit of work that writes,
+``with db.read() as s:`` for one that only reads. On SQLite a write transaction starts with
+BEGIN IMMEDIATE, so two writers queue on the busy timeout instead of one failing with
+"database is locked" when it upgrades a read lock; readers never block writers (WAL).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a crash loses no committed txn
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error worth retrying: a lost connection, a lock, a serialization failure."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in ("database is locked", "could not serialize", "deadlock detected"))
+
+
+class Database:
+    """One engine and its two session factories."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        writer = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
+        self._write = sessionmaker(writer, expire_on_commit=False)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._write.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read.begin() as session:
+            yield session
+
+    def retrying(self, fn: Callable[[Session], T], *, attempts: int = 8, base_delay: float = 0.25) -> T:
+        """Run ``fn`` in a write transaction, retrying the whole transaction on transient errors.
+
+        The transaction either commits whole or not at all, so a retry never half-writes.
+        """
+        for attempt in range(attempts):
+            try:
+                with self.write() as session:
+                    return fn(session)
+            except Exception as exc:
+                if attempt == attempts - 1 or not is_transient(exc):
+                    raise
+                delay = min(base_delay * 2**attempt, 5.0) * (0.5 + random.random())
+                log.warning("database busy or unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- schema --------------------------------------------------------------
+
+    @cached_property
+    def alembic_config(self):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        from alembic import command
+
+        command.upgrade(self.alembic_config, revision)
+
+    def schema_is_current(self) -> bool:
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        heads = set(ScriptDirectory.from_config(self.alembic_config).get_heads())
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return False
+            return set(MigrationContext.configure(conn).get_current_heads()) == heads
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the schema if needed, so nobody has to run a migration by hand."""
+        if not self.schema_is_current():
+            self.upgrade()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

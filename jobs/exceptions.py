@@ -1,0 +1,34 @@
+"""User-facing errors. The CLI turns each into a one-line message and exit code 1."""
+
+from __future__ import annotations
+
+
+class LLMBatchError(Exception):
+    """Base of every error a user is meant to read."""
+
+
+class InputFileError(LLMBatchError):
+    """The input file as a whole cannot be used (empty, too large, not JSONL, --strict failures)."""
+
+    def __init__(self, message: str, line_errors: list[str] | None = None):
+        super().__init__(message)
+        self.line_errors = line_errors or []
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        if not self.line_errors:
+            return head
+        return "\n".join([head, *self.line_errors])
+
+
+class JobNotFound(LLMBatchError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class InvalidState(LLMBatchError):
+    """An operation that the job's current state does not allow (cancel a finished job, ...)."""
+
+
+class BrokerUnavailable(LLMBatchError):
+    """The job is stored but its work could not be queued."""

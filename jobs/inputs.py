@@ -1,0 +1,407 @@
+"""Streaming parser/validator for JSONL input files (see DESIGN.md, "Input lines").
+
+A bad line never raises: it becomes a ParsedLine with `error` set, so the caller can
+store it as a failed item (or, with --strict, collect every error and refuse the file).
+Only problems with the file as a whole raise InputFileError.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from jobs.exceptions import InputFileError
+from jobs.settings import Limits
+
+PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+# Alternative spellings people bring from other tools; each maps to its canonical name.
+_ALIASES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
+_TOP_KEYS = frozenset({"custom_id", "prompt", "messages", "method", "url", "body", "max_new_tokens", *PARAM_NAMES})
+# OpenAI body keys we can honour; n/stream/user are accepted only where they change nothing.
+_BODY_KEYS = frozenset({"model", "messages", "prompt", "max_completion_tokens", "n", "stream", "user", *PARAM_NAMES})
+_CHAT_URL, _COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+_ROLES = ("system", "user", "assistant")
+_BOM = b"\xef\xbb\xbf"
+_SNIFF_LINES = 5  # non-blank lines looked at to decide whether the file is JSONL at all
+_SKIP_CHUNK = 64 * 1024  # read size while discarding the rest of an over-long line
+_MAX_CUSTOM_ID = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedLine:
+    line: int  # 1-based physical line number in the file
+    custom_id: str  # as given, else f"line-{line}"
+    request: dict | None  # normalized request; None when error is set
+    error: str | None  # always starts with "line N: "
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for a value's type, so messages speak the user's language, not Python's."""
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    names = {dict: "object", list: "array", str: "string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# ---- generation parameters -------------------------------------------------------------
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # True is not 1 here
+        got = repr(value) if isinstance(value, float) else _json_type(value)
+        raise ValueError(f"{key!r} must be an integer, got {got}")
+    return value
+
+
+def _number(value: Any, key: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key!r} must be a number, got {_json_type(value)}")
+    return value
+
+
+def _max_tokens(value: Any, key: str, limits: Limits) -> int:
+    v = _int(value, key)
+    if not 1 <= v <= limits.max_tokens_per_item:
+        raise ValueError(f"{key!r} must be between 1 and {limits.max_tokens_per_item}, got {v}")
+    return v
+
+
+def _temperature(value: Any, key: str, limits: Limits) -> float:
+    v = _number(value, key)
+    if not 0 <= v <= 2:  # also refuses NaN, whose comparisons are all false
+        raise ValueError(f"{key!r} must be between 0 and 2, got {v}")
+    return float(v)
+
+
+def _top_p(value: Any, key: str, limits: Limits) -> float:
+    v = _number(value, key)
+    if not 0 < v <= 1:  # 0 would leave no token to sample from
+        raise ValueError(f"{key!r} must be greater than 0 and at most 1, got {v}")
+    return float(v)
+
+
+def _top_k(value: Any, key: str, limits: Limits) -> int:
+    v = _int(value, key)
+    if v < 0:
+        raise ValueError(f"{key!r} must be 0 (off) or a positive integer, got {v}")
+    return v
+
+
+def _seed(value: Any, key: str, limits: Limits) -> int:
+    v = _int(value, key)
+    if not -(2**63) <= v < 2**64:  # the range torch.manual_seed accepts
+        raise ValueError(f"{key!r} must fit in 64 bits, got {v}")
+    return v
+
+
+def _stop(value: Any, key: str, limits: Limits) -> list[str]:
+    # Always a list, so the worker has one shape to handle.
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError(f"{key!r} must be a string or an array of strings, got {_json_type(value)}")
+    if len(items) > 4:  # OpenAI's limit; each stop string costs a check per generated token
+        raise ValueError(f"{key!r} may have at most 4 strings, got {len(items)}")
+    for s in items:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"{key!r} must contain only non-empty strings")
+    return list(items)
+
+
+_CHECKS: dict[str, Callable[[Any, str, Limits], Any]] = {
+    "max_tokens": _max_tokens,
+    "temperature": _temperature,
+    "top_p": _top_p,
+    "top_k": _top_k,
+    "seed": _seed,
+    "stop": _stop,
+}
+
+
+def validate_params(params: dict, where: str = "", *, limits: Limits | None = None) -> dict:
+    """Check and normalize generation parameters (from a line or from CLI flags).
+
+    Returns only the keys given, under their canonical names, in PARAM_NAMES order.
+    Raises ValueError("<where>: <problem>"); callers pass only the flags actually set.
+    """
+    limits = limits or Limits()
+    prefix = f"{where}: " if where else ""
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}  # canonical name -> spelling used, to name both in a clash
+    for key, value in params.items():
+        name = _ALIASES.get(key, key)
+        if name not in _CHECKS:
+            raise ValueError(f"{prefix}unknown parameter {key!r}")
+        if name in given_as:
+            raise ValueError(f"{prefix}give only one of {given_as[name]!r} and {key!r}")
+        given_as[name] = key
+        try:
+            out[name] = _CHECKS[name](value, key, limits)
+        except ValueError as e:
+            raise ValueError(prefix + str(e)) from None
+    return {k: out[k] for k in PARAM_NAMES if k in out}
+
+
+# ---- prompt / messages / OpenAI body ----------------------------------------------------
+
+
+def _prompt(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"'prompt' must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise ValueError("empty prompt")
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise ValueError(f"'messages' must be an array, got {_json_type(value)}")
+    if not value:
+        raise ValueError("'messages' must not be empty")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where} must be an object, got {_json_type(msg)}")
+        # 'name' is harmless and common in OpenAI files; tool calls etc. we cannot honour.
+        extra = next((k for k in msg if k not in ("role", "content", "name")), None)
+        if extra is not None:
+            raise ValueError(f"{where}: unsupported key {extra!r}")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise ValueError(f"{where}: 'role' must be one of 'system', 'user', 'assistant', got {role!r}")
+        out.append({"role": role, "content": _content(msg.get("content"), where)})
+    return out
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: 'content' must be a string or a non-empty array of text parts, got {_json_type(value)}")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else _json_type(part)
+            raise ValueError(f"{where}.content[{j}]: only text parts are supported, got {kind!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)  # the same join vLLM uses for multi-part text content
+
+
+def _openai_request(obj: dict, line_params: dict, limits: Limits) -> dict:
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise ValueError(f"'method' must be 'POST', got {method!r}")
+    if "url" not in obj:
+        raise ValueError(f"missing 'url': expected {_CHAT_URL!r} or {_COMPLETIONS_URL!r}")
+    url = obj["url"]
+    if url not in (_CHAT_URL, _COMPLETIONS_URL):
+        raise ValueError(f"unsupported url {url!r}: expected {_CHAT_URL!r} or {_COMPLETIONS_URL!r}")
+    body = obj["body"]
+    if not isinstance(body, dict):
+        raise ValueError(f"'body' must be an object, got {_json_type(body)}")
+    bad = next((k for k in body if k not in _BODY_KEYS), None)
+    if bad is not None:
+        raise ValueError(f"unsupported parameter {bad!r} in body")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or n != 1:
+        raise ValueError(f"'n' in body must be 1 (one completion per item), got {n!r}")
+    if body.get("stream", False) is not False:
+        raise ValueError("'stream' in body must be false: results are written to the output file")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"'model' in body must be a string, got {_json_type(model)}")
+
+    body_params = {k: v for k, v in body.items() if k in _CHECKS or k == "max_completion_tokens"}
+    # The same parameter in both places is ambiguous; refuse it rather than guess a winner.
+    clash = {_ALIASES.get(k, k) for k in body_params} & {_ALIASES.get(k, k) for k in line_params}
+    if clash:
+        raise ValueError(f"{min(clash)!r} is given both in 'body' and at the top level")
+    params = validate_params({**body_params, **line_params}, limits=limits)
+
+    wanted, other = ("messages", "prompt") if url == _CHAT_URL else ("prompt", "messages")
+    if wanted not in body:
+        raise ValueError(f"body for {url} needs {wanted!r}")
+    if other in body:
+        raise ValueError(f"unsupported parameter {other!r} in body for {url}")
+    value = _messages(body["messages"]) if wanted == "messages" else _prompt(body["prompt"])
+    return {wanted: value, "params": params, "url": url, "body_model": model}
+
+
+def _request(obj: dict, limits: Limits) -> dict:
+    """Normalize one line's object; raises ValueError (without the "line N: " prefix)."""
+    unknown = next((k for k in obj if k not in _TOP_KEYS), None)
+    if unknown is not None:
+        raise ValueError(f"unknown parameter {unknown!r}")
+    sources = [k for k in ("prompt", "messages", "body") if k in obj]
+    if not sources:
+        raise ValueError("no prompt: expected 'prompt', 'messages' or an OpenAI 'body'")
+    if len(sources) > 1:
+        raise ValueError(f"give only one of 'prompt', 'messages' or 'body', got {', '.join(map(repr, sources))}")
+    line_params = {k: v for k, v in obj.items() if k in _CHECKS or k in _ALIASES}
+    if "body" in obj:
+        return _openai_request(obj, line_params, limits)
+    for key in ("method", "url"):
+        if key in obj:
+            raise ValueError(f"{key!r} is only valid with an OpenAI 'body'")
+    params = validate_params(line_params, limits=limits)
+    if "prompt" in obj:
+        return {"prompt": _prompt(obj["prompt"]), "params": params}
+    return {"messages": _messages(obj["messages"]), "params": params}
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity, which are not JSON and would not round-trip to the DB.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse(raw: bytes, line: int, limits: Limits) -> tuple[ParsedLine, bool]:
+    """parse_line, plus whether the line was JSON at all (for the is-this-JSONL check)."""
+    cid = f"line-{line}"
+
+    def fail(msg: str) -> ParsedLine:
+        return ParsedLine(line, cid, None, f"line {line}: {msg}")
+
+    raw = raw.rstrip(b"\r\n")
+    if len(raw) > limits.max_line_bytes:
+        return fail(f"line is longer than {limits.max_line_bytes} bytes"), False
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return fail(f"not valid UTF-8 (byte offset {e.start})"), False
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        return fail(f"invalid JSON: {e.msg} (column {e.colno})"), False
+    except RecursionError:
+        return fail("invalid JSON: nested too deeply"), False
+    except ValueError as e:  # NaN/Infinity, or an integer with too many digits
+        return fail(f"invalid JSON: {e}"), False
+    if not isinstance(obj, dict):
+        return fail(f"expected a JSON object, got {_json_type(obj)}"), True
+    if "custom_id" in obj:
+        given = obj["custom_id"]
+        if not isinstance(given, str):
+            return fail(f"'custom_id' must be a string, got {_json_type(given)}"), True
+        if not given or len(given) > _MAX_CUSTOM_ID:
+            return fail(f"'custom_id' must be 1 to {_MAX_CUSTOM_ID} characters long"), True
+        cid = given  # set before the checks below, so their errors keep the user's id
+    try:
+        return ParsedLine(line, cid, _request(obj, limits), None), True
+    except ValueError as e:
+        return fail(str(e)), True
+
+
+def parse_line(raw: bytes, line: int, limits: Limits) -> ParsedLine:
+    """Parse and validate one line (trailing newline allowed); no duplicate tracking."""
+    return _parse(raw, line, limits)[0]
+
+
+# ---- whole file --------------------------------------------------------------------------
+
+
+def _remaining_bytes(fp: typing.BinaryIO) -> int | None:
+    """Bytes left in a seekable file, to refuse an oversized file before parsing any of it."""
+    try:
+        if not fp.seekable():
+            return None
+        pos = fp.tell()
+        end = fp.seek(0, io.SEEK_END)
+        fp.seek(pos)
+        return end - pos
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _physical_lines(fp: typing.BinaryIO, limits: Limits) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (line number, content without line ending), or None as content for an over-long line.
+
+    Reads are bounded, so an over-long line (or a file with no newlines) never sits in memory.
+    """
+    cap = limits.max_line_bytes
+    total = 0
+    line_no = 0
+    while True:
+        # +2 leaves room for "\r\n"; the first read also for the BOM we strip.
+        size = cap + 2 + (len(_BOM) if line_no == 0 else 0)
+        chunk = fp.readline(size)
+        if not chunk:
+            return
+        line_no += 1
+        total += len(chunk)
+        complete = chunk.endswith(b"\n") or len(chunk) < size  # short read without "\n" = EOF
+        if line_no == 1 and chunk.startswith(_BOM):
+            chunk = chunk[len(_BOM):]
+        while not complete:  # discard the rest of the line, counting its bytes
+            rest = fp.readline(_SKIP_CHUNK)
+            total += len(rest)
+            complete = not rest or rest.endswith(b"\n")
+            if total > limits.max_file_bytes:
+                break
+        if total > limits.max_file_bytes:
+            raise InputFileError(f"input file is larger than {limits.max_file_bytes} bytes")
+        content = chunk.rstrip(b"\r\n")
+        yield line_no, (content if len(content) <= cap else None)
+
+
+def iter_parsed(fp: typing.BinaryIO, limits: Limits | None = None) -> Iterator[ParsedLine]:
+    """Stream ParsedLines from a binary JSONL file, one per non-blank line.
+
+    Raises InputFileError for a file that is empty, too large, has too many items, or is
+    not JSONL at all. The last two may be raised after some lines were yielded; the
+    caller must then store nothing.
+    """
+    limits = limits or Limits()
+    size = _remaining_bytes(fp)
+    if size is not None and size > limits.max_file_bytes:
+        raise InputFileError(f"input file is larger than {limits.max_file_bytes} bytes")
+
+    seen: dict[str, int] = {}  # custom_id -> line where it first appeared
+    head: list[ParsedLine] | None = []  # held back until we know the file is JSONL
+    count = 0
+    for line_no, content in _physical_lines(fp, limits):
+        if content is None:
+            parsed = ParsedLine(line_no, f"line-{line_no}", None, f"line {line_no}: line is longer than {limits.max_line_bytes} bytes")
+            is_json = False
+        elif not content.strip():
+            continue  # blank lines are ignored but still counted for numbering
+        else:
+            parsed, is_json = _parse(content, line_no, limits)
+        count += 1
+        if count > limits.max_items_per_job:
+            raise InputFileError(f"input file has more than {limits.max_items_per_job} items")
+
+        # Default ids ("line-N") are tracked too: a later explicit "line-N" would clash with them.
+        first = seen.setdefault(parsed.custom_id, line_no)
+        if first != line_no and parsed.error is None:
+            msg = f"line {line_no}: duplicate custom_id {parsed.custom_id!r} (first seen on line {first})"
+            parsed = replace(parsed, request=None, error=msg)
+
+        if head is None:
+            yield parsed
+            continue
+        head.append(parsed)
+        if is_json:  # one JSON line is enough evidence: release what we held back
+            yield from head
+            head = None
+        elif len(head) == _SNIFF_LINES:
+            _refuse_not_jsonl(head)
+
+    if count == 0:
+        raise InputFileError("input file is empty")
+    if head is not None:
+        _refuse_not_jsonl(head)
+
+
+def _refuse_not_jsonl(head: list[ParsedLine]) -> typing.NoReturn:
+    # A CSV or plain-text file would otherwise become thousands of failed items.
+    raise InputFileError(
+        "input file does not look like JSONL: first lines are not JSON",
+        [p.error for p in head if p.error],
+    )

