@@ -1,0 +1,170 @@
+"""How a chunk of work moves through its states, with the job's counters kept in step.
+
+Every function takes a session inside the caller's write transaction, so each transition
+commits whole or not at all. Guards in the WHERE clauses make each one idempotent: a chunk
+delivered twice, or taken up again after its worker died, never yields a second result for
+an item, and nothing final is overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
+
+ITEMS = Item.__table__
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What a worker writes back for one item."""
+
+    item_id: int
+    status: ItemStatus  # succeeded or failed
+    output: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+def _bump(session: Session, job_id: str, **deltas: int) -> None:
+    """Add to the job's counters in one statement (`x = x + n`), safe under concurrent writers."""
+    deltas = {k: v for k, v in deltas.items() if v}
+    if deltas:
+        cols = Job.__table__.c
+        session.execute(update(Job).where(Job.id == job_id).values({cols[k]: cols[k] + v for k, v in deltas.items()}))
+
+
+def claim_chunk(session: Session, chunk_id: int, worker: str, lease_seconds: int) -> Chunk | None:
+    """Take a chunk that is pending, or running under a lapsed lease; None if someone else holds it."""
+    now = utcnow()
+    taken = session.execute(
+        update(Chunk)
+        .where(Chunk.id == chunk_id,
+               or_(Chunk.status == ChunkStatus.pending,
+                   and_(Chunk.status == ChunkStatus.running, Chunk.lease_until < now)))
+        .values(status=ChunkStatus.running, worker=worker, lease_until=now + timedelta(seconds=lease_seconds),
+                attempts=Chunk.attempts + 1)
+    ).rowcount
+    if not taken:
+        return None
+    chunk = session.get(Chunk, chunk_id)
+    started = session.execute(
+        update(Item).where(Item.chunk_id == chunk_id, Item.status == ItemStatus.pending)
+        .values(status=ItemStatus.running)
+    ).rowcount
+    # Items left running by a dead worker are ours now too.
+    session.execute(
+        update(Item).where(Item.chunk_id == chunk_id, Item.status == ItemStatus.running)
+        .values(worker=worker, started_at=now, attempts=Item.attempts + 1)
+    )
+    _bump(session, chunk.job_id, pending=-started, running=started)
+    session.execute(
+        update(Job).where(Job.id == chunk.job_id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.running, started_at=now)
+    )
+    return chunk
+
+
+def running_items(session: Session, chunk_id: int) -> list[Item]:
+    """The chunk's unfinished items, in one query."""
+    return list(session.scalars(
+        select(Item).where(Item.chunk_id == chunk_id, Item.status == ItemStatus.running).order_by(Item.line)
+    ))
+
+
+def renew_lease(session: Session, chunk_id: int, worker: str, lease_seconds: int) -> bool:
+    """Extend our lease; False if the chunk is no longer ours (it lapsed and was taken up)."""
+    return bool(session.execute(
+        update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker, Chunk.status == ChunkStatus.running)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+    ).rowcount)
+
+
+_WRITE_RESULT = (
+    update(ITEMS)
+    .where(ITEMS.c.id == bindparam("_id"), ITEMS.c.status == ItemStatus.running.value)
+    .values(status=bindparam("_status"), output=bindparam("_output"), finish_reason=bindparam("_finish"),
+            prompt_tokens=bindparam("_pt"), completion_tokens=bindparam("_ct"),
+            started_at=bindparam("_started"), finished_at=bindparam("_finished"), latency_ms=bindparam("_latency"),
+            error_code=bindparam("_code"), error_message=bindparam("_message"))
+)
+
+
+def record_results(session: Session, chunk: Chunk, worker: str, results: list[ItemResult],
+                   lease_seconds: int) -> bool:
+    """Write one micro-batch of results in one statement; False (nothing written) if we lost the chunk.
+
+    The lease renewal takes the chunk's row lock first, so a worker that takes the chunk over
+    waits for this transaction, and then sees these items final.
+    """
+    if not renew_lease(session, chunk.id, worker, lease_seconds):
+        return False
+    if not results:
+        return True
+    rows = []
+    for r in results:
+        latency = None
+        if r.started_at and r.finished_at:
+            latency = max(0, int((r.finished_at - r.started_at).total_seconds() * 1000))
+        rows.append(dict(_id=r.item_id, _status=r.status.value, _output=r.output, _finish=r.finish_reason,
+                         _pt=r.prompt_tokens, _ct=r.completion_tokens, _started=r.started_at,
+                         _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message))
+    session.execute(_WRITE_RESULT, rows)
+    ok = sum(r.status is ItemStatus.succeeded for r in results)
+    _bump(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
+          prompt_tokens=sum(r.prompt_tokens for r in results),
+          completion_tokens=sum(r.completion_tokens for r in results))
+    finish_job_if_done(session, chunk.job_id)
+    return True
+
+
+def cancel_running(session: Session, chunk: Chunk) -> int:
+    """Mark the chunk's unfinished items cancelled (its job is being cancelled)."""
+    n = session.execute(
+        update(Item).where(Item.chunk_id == chunk.id, Item.status == ItemStatus.running)
+        .values(status=ItemStatus.cancelled, finished_at=utcnow())
+    ).rowcount
+    _bump(session, chunk.job_id, running=-n, cancelled=n)
+    finish_job_if_done(session, chunk.job_id)
+    return n
+
+
+def finish_chunk(session: Session, chunk: Chunk, worker: str) -> None:
+    session.execute(
+        update(Chunk).where(Chunk.id == chunk.id, Chunk.worker == worker, Chunk.status == ChunkStatus.running)
+        .values(status=ChunkStatus.done, finished_at=utcnow(), lease_until=None)
+    )
+
+
+def finish_job_if_done(session: Session, job_id: str) -> None:
+    """completed (or cancelled) once nothing is pending or running."""
+    now = utcnow()
+    for before, after in ((JobStatus.cancelling, JobStatus.cancelled),
+                          (JobStatus.running, JobStatus.completed), (JobStatus.queued, JobStatus.completed)):
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.status == before, Job.pending == 0, Job.running == 0)
+            .values(status=after, finished_at=now)
+        )
+
+
+def release_stale_chunks(session: Session) -> list[tuple[str, int]]:
+    """Hand back chunks whose lease lapsed (their worker died); returns (job_id, chunk_id) to requeue."""
+    stale = session.execute(
+        update(Chunk).where(Chunk.status == ChunkStatus.running, Chunk.lease_until < utcnow())
+        .values(status=ChunkStatus.pending, worker=None, enqueued_at=utcnow())
+        .returning(Chunk.job_id, Chunk.id)
+    ).all()
+    return [(job_id, chunk_id) for job_id, chunk_id in stale]
+
+
+def job_model(session: Session, job_id: str) -> str:
+    return session.scalar(select(Job.model).where(Job.id == job_id))
