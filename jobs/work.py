@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
@@ -118,13 +118,32 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
         rows.append(dict(_id=r.item_id, _status=r.status.value, _output=r.output, _finish=r.finish_reason,
                          _pt=r.prompt_tokens, _ct=r.completion_tokens, _started=r.started_at,
                          _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message))
-    session.execute(_WRITE_RESULT, rows)
-    ok = sum(r.status is ItemStatus.succeeded for r in results)
-    _bump(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
-          prompt_tokens=sum(r.prompt_tokens for r in results),
-          completion_tokens=sum(r.completion_tokens for r in results))
+    written = session.execute(_WRITE_RESULT, rows).rowcount
+    if written == len(rows):
+        ok = sum(r.status is ItemStatus.succeeded for r in results)
+        _bump(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
+              prompt_tokens=sum(r.prompt_tokens for r in results),
+              completion_tokens=sum(r.completion_tokens for r in results))
+    else:  # some were final already (the guard kept them): count from the rows instead
+        recount_job(session, chunk.job_id)
     finish_job_if_done(session, chunk.job_id)
     return True
+
+
+def recount_job(session: Session, job_id: str) -> None:
+    """Set the job's counters from its items: one aggregate over the (job_id, status) index."""
+    counts = {s.value: 0 for s in ItemStatus}
+    prompt = completion = 0
+    for status, n, pt, ct in session.execute(
+        select(Item.status, func.count(), func.coalesce(func.sum(Item.prompt_tokens), 0),
+               func.coalesce(func.sum(Item.completion_tokens), 0))
+        .where(Item.job_id == job_id).group_by(Item.status)
+    ):
+        counts[ItemStatus(status).value] = n
+        prompt += pt
+        completion += ct
+    session.execute(update(Job).where(Job.id == job_id).values(
+        total=sum(counts.values()), prompt_tokens=prompt, completion_tokens=completion, **counts))
 
 
 def cancel_running(session: Session, chunk: Chunk) -> int:
