@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -92,9 +93,8 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
 
     from . import service
 
-    celery_app.configure(ctx.settings.broker_url)
     try:
-        celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids])
+        celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids], ctx.settings.broker_url)
     except Exception as exc:
         raise BrokerUnavailable(
             f"job {job_id} is stored, but its work could not be queued at "
@@ -269,6 +269,7 @@ def retry(ctx, job_id):
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", help="Celery node name (default llmbatch@HOST).")
 @pass_ctx
+@handle_errors
 def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
     """Start a Celery worker that holds the model and takes its queue."""
     import logging
@@ -312,7 +313,7 @@ def run(ctx, file, output, fmt, model, name, strict, engine_kind, **kw):
     submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict)
     job = submitted.job
     click.echo(f"job {job.id}: {job.total} line(s), {submitted.bad_lines} bad; loading {job.model}", err=True)
-    engine = make_engine(job.model, engine_kind)
+    engine = make_engine(job.model, dataclasses.replace(ctx.settings, engine=engine_kind))
     progress = Progress(job.total)
     progress.update(submitted.bad_lines)
     name = f"run:{os.getpid()}"

@@ -41,6 +41,10 @@ class Settings:
     # A running chunk whose lease is not renewed for this long is taken up again.
     lease_seconds: int = 60
     limits: Limits = field(default_factory=Limits)
+    # Converted checkpoints (the bundled GGUF, once converted) live here.
+    model_cache: Path | None = None
+    # `model` runs the real model; `echo` is for testing and benchmarking the orchestration only.
+    engine: str = "model"
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -52,6 +56,8 @@ class Settings:
             home=home,
             chunk_size=_env_int("LLMBATCH_CHUNK_SIZE", 256),
             lease_seconds=_env_int("LLMBATCH_LEASE_SECONDS", 60),
+            model_cache=Path(os.environ.get("LLMBATCH_MODEL_CACHE") or home / "models"),
+            engine=os.environ.get("LLMBATCH_ENGINE") or "model",
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

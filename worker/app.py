@@ -50,18 +50,20 @@ app = make_app(Settings.from_env().broker_url)
 
 
 def configure(broker_url: str) -> Celery:
-    """Point the module-level app at another broker (the CLI's --broker flag)."""
+    """Point the module-level app at another broker (the CLI's --broker-url flag)."""
     app.conf.broker_url = broker_url
     return app
 
 
-def enqueue_chunks(model: str, chunks: list[tuple[str, int]]) -> None:
-    """Publish one message per chunk, (job_id, chunk_id), over one broker connection."""
+def enqueue_chunks(model: str, chunks: list[tuple[str, int]], broker_url: str | None = None) -> None:
+    """Publish one message per chunk, (job_id, chunk_id), over one fresh broker connection."""
     if not chunks:
         return
     queue = queue_name(model)
-    with app.producer_or_acquire() as producer:
+    # A connection of our own, not the app's pool: the pool would keep the broker it first saw.
+    with app.connection_for_write(broker_url or app.conf.broker_url) as conn:
+        producer = app.amqp.Producer(conn)
         for job_id, chunk_id in chunks:
             app.send_task(TASK_RUN_CHUNK, args=[job_id, chunk_id], queue=queue, routing_key=queue,
                           producer=producer, retry=True,
-                          retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1})
+                          retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})

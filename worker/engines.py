@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+
+from jobs.settings import Settings
 
 
-def make_engine(model: str, kind: str = "model"):
-    if kind == "echo":
+def make_engine(model: str, settings: Settings):
+    if settings.engine == "echo":
         from worker.echo import EchoEngine
 
         return EchoEngine()
-    # Progress bars of weight loading only clutter worker logs.
+    # Progress bars of weight loading, a deprecation notice per forward pass and bitsandbytes'
+    # note that an optional CPU kernel package is missing only clutter worker logs.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     from worker.engine import EngineConfig, load_engine
 
     hf_logging.disable_progress_bar()
-
-    return load_engine(EngineConfig(model=model, cache_dir=os.environ.get("LLMBATCH_MODEL_CACHE")))
+    return load_engine(EngineConfig(model=model, cache_dir=str(settings.model_cache)))

@@ -31,7 +31,7 @@ def engine():
     """The model, loaded once per worker process on its first task."""
     from worker.engines import make_engine
 
-    return make_engine(settings().model, os.environ.get("LLMBATCH_ENGINE", "model"))
+    return make_engine(settings().model, settings())
 
 
 def worker_name() -> str:

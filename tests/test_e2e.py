@@ -1,0 +1,91 @@
+"""End to end, no mocks: submit a mixed file, a real `llmbatch worker` subprocess takes the work
+from Redis and runs the bundled model in 4-bit on the CPU, and the export has one row per line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from tests.support import MIXED_BAD_LINES, MIXED_LINES, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def start_worker(db_url, broker_url, log_path, *extra, env=None):
+    """`llmbatch worker` in its own process group, so a test can kill it and its children."""
+    full_env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker_url,
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--loglevel", "INFO", *extra],
+                            env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(proc, sig=signal.SIGTERM, timeout=30):
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for_status(invoke, job_id, states=("completed",), timeout=240, proc=None, log_path=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(invoke("status", job_id, "--json").stdout)
+        if status["status"] in states:
+            return status
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+    pytest.fail(f"job {job_id} still {status} after {timeout}s:\n{log_path.read_text()[-3000:] if log_path else ''}")
+
+
+def test_submit_worker_export(db_url, broker_url, tmp_path):
+    runner = CliRunner()
+
+    def invoke(*args):
+        result = runner.invoke(cli, ["--database-url", db_url, "--broker-url", broker_url, *map(str, args)],
+                               env={"LLMBATCH_CHUNK_SIZE": "3"}, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result
+
+    path = write_jsonl(tmp_path / "mixed.jsonl", MIXED_LINES)
+    job_id = invoke("submit", path, "--max-tokens", "8").stdout.strip()
+    log_path = tmp_path / "worker.log"
+    worker = start_worker(db_url, broker_url, log_path)
+    try:
+        status = wait_for_status(invoke, job_id, proc=worker, log_path=log_path)
+    finally:
+        stop_worker(worker)
+    good = len(MIXED_LINES) - len(MIXED_BAD_LINES)
+    assert (status["total"], status["succeeded"], status["failed"]) == (len(MIXED_LINES), good, len(MIXED_BAD_LINES))
+    assert status["pending"] == status["running"] == 0
+    assert status["completion_tokens"] > 0 and status["finished_at"]
+
+    rows = [json.loads(line) for line in invoke("export", job_id).stdout.splitlines()]
+    assert [r["line"] for r in rows] == list(range(1, len(MIXED_LINES) + 1))
+    for row in rows:
+        if row["line"] in MIXED_BAD_LINES:
+            assert row["status"] == "failed"
+            assert row["error"]["message"].startswith(f"line {row['line']}:")
+            assert MIXED_BAD_LINES[row["line"]] in row["error"]["message"]
+        else:
+            assert row["status"] == "succeeded", row
+            assert row["output"].strip(), row
+            assert row["prompt_tokens"] > 0 and 0 < row["completion_tokens"] <= 8
+            assert row["finish_reason"] in ("stop", "length")
+            assert row["worker"] and row["latency_ms"] is not None
+    # Per-line max_tokens (6) overrides the job default (8); a finish by length uses exactly that many.
+    raw = next(r for r in rows if r["custom_id"] == "raw")
+    assert raw["completion_tokens"] <= 6
+    openai_rows = [json.loads(line) for line in invoke("export", job_id, "--format", "openai").stdout.splitlines()]
+    assert len(openai_rows) == len(MIXED_LINES)
+    assert next(r for r in openai_rows if r["custom_id"] == "oa-chat")["response"]["body"]["model"] == "gpt-4o"

@@ -1,0 +1,97 @@
+"""Export formats: native JSONL, OpenAI batch output, CSV with formula escaping; streamed in line order."""
+
+import csv
+import io
+import json
+
+from jobs import export, service, work
+from jobs.models import ItemStatus, Job
+from tests.support import write_jsonl
+
+LINES = [
+    {"custom_id": "=cmd|' /C calc'!A0", "prompt": "a"},
+    {"custom_id": "chat", "messages": [{"role": "user", "content": "b"}]},
+    {"custom_id": "oa", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "c"}]}},
+    {"custom_id": "text", "method": "POST", "url": "/v1/completions", "body": {"model": "m", "prompt": "d"}},
+    '{"custom_id": "bad"',
+]
+OUTPUTS = ["+SUM(A1:A2)", "-1", "@here", "plain"]
+
+
+def _done_job(db, settings, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", LINES)
+    with db.write() as s, open(path, "rb") as fp:
+        out = service.submit(s, fp, settings)
+    for chunk_id in out.chunk_ids:
+        with db.write() as s:
+            chunk = work.claim_chunk(s, chunk_id, "w", 30)
+            items = work.running_items(s, chunk_id)
+        rows = [work.ItemResult(item_id=i.id, status=ItemStatus.succeeded, output=OUTPUTS[i.line - 1],
+                                finish_reason="stop", prompt_tokens=4, completion_tokens=2) for i in items]
+        with db.write() as s:
+            work.record_results(s, chunk, "w", rows, 30)
+    with db.read() as s:
+        return s.get(Job, out.job.id)
+
+
+def _export(db, job, fmt, only=None):
+    buf = io.StringIO()
+    with db.read() as s:
+        n = export.export(s, job, buf, fmt, only)
+    return n, buf.getvalue()
+
+
+def test_native_jsonl_has_one_row_per_line_in_order(db, settings, tmp_path):
+    job = _done_job(db, settings, tmp_path)
+    n, text = _export(db, job, "jsonl")
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert n == len(rows) == 5
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
+    assert set(rows[0]) == set(export.COLUMNS)
+    assert rows[1]["output"] == "-1" and rows[1]["status"] == "succeeded" and rows[1]["error"] is None
+    assert rows[4]["status"] == "failed" and rows[4]["error"]["code"] == "invalid_input"
+    assert rows[4]["error"]["message"].startswith("line 5:")
+    assert rows[0]["started_at"] is None or rows[0]["started_at"].endswith("+00:00")
+
+
+def test_only_filters_by_status(db, settings, tmp_path):
+    job = _done_job(db, settings, tmp_path)
+    n, text = _export(db, job, "jsonl", only="failed")
+    assert n == 1 and json.loads(text)["custom_id"] == "line-5"  # invalid JSON: no id to read
+
+
+def test_openai_format(db, settings, tmp_path):
+    job = _done_job(db, settings, tmp_path)
+    rows = [json.loads(line) for line in _export(db, job, "openai")[1].splitlines()]
+    chat, text, bad = rows[2], rows[3], rows[4]
+    assert chat["custom_id"] == "oa" and chat["error"] is None
+    assert chat["response"]["status_code"] == 200
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "gpt-4o"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "@here"}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert text["response"]["body"]["object"] == "text_completion"
+    assert text["response"]["body"]["choices"][0]["text"] == "plain"
+    assert bad["response"] is None and bad["error"]["code"] == "invalid_input"
+    assert len({r["id"] for r in rows}) == 5
+
+
+def test_csv_escapes_formula_cells_in_ids_and_outputs(db, settings, tmp_path):
+    job = _done_job(db, settings, tmp_path)
+    n, text = _export(db, job, "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert n == len(rows) == 5 and list(rows[0]) == list(export.COLUMNS)
+    assert rows[0]["custom_id"] == "'=cmd|' /C calc'!A0"
+    assert [r["output"] for r in rows[:4]] == ["'+SUM(A1:A2)", "'-1", "'@here", "plain"]
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(export.FORMULA_PREFIXES)
+
+
+def test_escape_cell_covers_tab_and_carriage_return():
+    assert export.escape_cell("\tx") == "'\tx"
+    assert export.escape_cell("\rx") == "'\rx"
+    assert export.escape_cell(None) == ""
+    assert export.escape_cell(12) == "12"
+    assert export.escape_cell("a=b") == "a=b"
