@@ -45,15 +45,15 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA busy_timeout=30000")  # = SQLITE_BUSY_TIMEOUT_MS
         cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a crash loses no committed txn
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        mode = conn.get_execution_options().get("sqlite_begin", "")
-        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+        immediate = conn.get_execution_options().get("sqlite_begin") == "IMMEDIATE"
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -87,14 +87,17 @@ class Database:
         with self._read.begin() as session:
             yield session
 
-    def retrying(self, fn: Callable[[Session], T], *, attempts: int = 8, base_delay: float = 0.25) -> T:
-        """Run ``fn`` in a write transaction, retrying the whole transaction on transient errors.
+    def retrying(self, fn: Callable[[Session], T], *, write: bool = True, attempts: int = 10,
+                 base_delay: float = 0.25) -> T:
+        """Run ``fn`` in a transaction, retrying the whole transaction on transient errors.
 
-        The transaction either commits whole or not at all, so a retry never half-writes.
+        The transaction either commits whole or not at all, so a retry never half-writes. With
+        the defaults a worker rides out about half a minute of database outage.
         """
+        begin = self.write if write else self.read
         for attempt in range(attempts):
             try:
-                with self.write() as session:
+                with begin() as session:
                     return fn(session)
             except Exception as exc:
                 if attempt == attempts - 1 or not is_transient(exc):

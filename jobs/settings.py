@@ -39,12 +39,15 @@ class Settings:
     # several workers can share one job and a lost chunk costs little.
     chunk_size: int = 256
     # A running chunk whose lease is not renewed for this long is taken up again.
-    lease_seconds: int = 60
+    lease_seconds: int = 30
     limits: Limits = field(default_factory=Limits)
     # Converted checkpoints (the bundled GGUF, once converted) live here.
     model_cache: Path | None = None
     # `model` runs the real model; `echo` is for testing and benchmarking the orchestration only.
     engine: str = "model"
+    # Rows generated together; 0 lets the engine size batches from the memory it has.
+    max_batch_size: int = 0
+    double_quant: bool = False
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -55,9 +58,11 @@ class Settings:
             model=os.environ.get("LLMBATCH_MODEL") or DEFAULT_MODEL,
             home=home,
             chunk_size=_env_int("LLMBATCH_CHUNK_SIZE", 256),
-            lease_seconds=_env_int("LLMBATCH_LEASE_SECONDS", 60),
+            lease_seconds=_env_int("LLMBATCH_LEASE_SECONDS", 30),
             model_cache=Path(os.environ.get("LLMBATCH_MODEL_CACHE") or home / "models"),
             engine=os.environ.get("LLMBATCH_ENGINE") or "model",
+            max_batch_size=_env_int("LLMBATCH_MAX_BATCH_SIZE", 0),
+            double_quant=os.environ.get("LLMBATCH_DOUBLE_QUANT", "").lower() in ("1", "true", "yes"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -185,5 +185,25 @@ def release_stale_chunks(session: Session) -> list[tuple[str, int]]:
     return [(job_id, chunk_id) for job_id, chunk_id in stale]
 
 
+def unstarted_chunks(session: Session, queued_before: datetime) -> dict[str, list[tuple[str, int]]]:
+    """Pending chunks queued before `queued_before`, by model: their messages may be lost."""
+    rows = session.execute(
+        select(Job.model, Chunk.job_id, Chunk.id).join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.status == ChunkStatus.pending, Chunk.enqueued_at < queued_before,
+               Job.status.in_([JobStatus.queued, JobStatus.running]))
+        .order_by(Chunk.id)
+    ).all()
+    by_model: dict[str, list[tuple[str, int]]] = {}
+    for model, job_id, chunk_id in rows:
+        by_model.setdefault(model, []).append((job_id, chunk_id))
+    return by_model
+
+
+def mark_requeued(session: Session, chunk_ids: list[int]) -> None:
+    for i in range(0, len(chunk_ids), 1000):
+        session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids[i:i + 1000]), Chunk.status == ChunkStatus.pending)
+                        .values(enqueued_at=utcnow()))
+
+
 def job_model(session: Session, job_id: str) -> str:
     return session.scalar(select(Job.model).where(Job.id == job_id))

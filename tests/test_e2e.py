@@ -2,50 +2,14 @@
 from Redis and runs the bundled model in 4-bit on the CPU, and the export has one row per line."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tests.support import MIXED_BAD_LINES, MIXED_LINES, write_jsonl
+from tests.support import MIXED_BAD_LINES, MIXED_LINES, start_worker, stop_worker, wait_for_status, write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def start_worker(db_url, broker_url, log_path, *extra, env=None):
-    """`llmbatch worker` in its own process group, so a test can kill it and its children."""
-    full_env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker_url,
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--loglevel", "INFO", *extra],
-                            env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_worker(proc, sig=signal.SIGTERM, timeout=30):
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def wait_for_status(invoke, job_id, states=("completed",), timeout=240, proc=None, log_path=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = json.loads(invoke("status", job_id, "--json").stdout)
-        if status["status"] in states:
-            return status
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(1)
-    pytest.fail(f"job {job_id} still {status} after {timeout}s:\n{log_path.read_text()[-3000:] if log_path else ''}")
 
 
 def test_submit_worker_export(db_url, broker_url, tmp_path):

@@ -24,4 +24,7 @@ def make_engine(model: str, settings: Settings):
     from worker.engine import EngineConfig, load_engine
 
     hf_logging.disable_progress_bar()
-    return load_engine(EngineConfig(model=model, cache_dir=str(settings.model_cache)))
+    config = EngineConfig(model=model, cache_dir=str(settings.model_cache), double_quant=settings.double_quant)
+    if settings.max_batch_size:
+        config.max_batch_size = settings.max_batch_size
+    return load_engine(config)

@@ -1,35 +1,63 @@
-"""Takes up the chunks of dead workers: their lease lapses, the chunk goes back on the queue.
+"""Takes up work whose worker died or whose message the broker lost.
 
-Runs as a thread in every worker's main process. Celery's Redis transport would redeliver an
-unacked message only after its visibility timeout (an hour), far too late; the database lease
-notices a dead worker within lease_seconds. Several workers sweeping at once is harmless: each
-stale chunk is released by exactly one UPDATE, and a duplicate message is skipped at claim.
+Runs as a thread in every worker's main process, every quarter lease:
+
+- A running chunk whose lease lapsed (its worker died) goes back to pending and is queued
+  again. Celery's Redis transport would redeliver its unacked message only after the
+  visibility timeout (an hour), far too late.
+- Pending chunks queued a while ago, on a queue that holds fewer messages than that (Redis
+  restarted without persistence, or was flushed), are queued again.
+
+Several workers sweeping at once is harmless: a stale chunk is released by exactly one UPDATE,
+and a duplicate message is turned away when it is claimed.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from jobs import work
 from jobs.db import Database
-from worker.app import enqueue_chunks
+from jobs.models import utcnow
+from worker.app import app, enqueue_chunks, queue_name
 
 log = logging.getLogger(__name__)
 
 
-def sweep(db: Database) -> int:
-    """Requeue chunks whose lease lapsed; returns how many."""
+def messages_held(model: str) -> int:
+    """Messages the broker holds for this model: waiting in its queue, or taken but not yet acked."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        # The unacked hash spans every queue; counting it all errs on the side of not requeueing.
+        return channel.client.llen(queue_name(model)) + channel.client.hlen(channel.unacked_key)
+
+
+def sweep(db: Database, lease_seconds: int) -> int:
+    """Requeue chunks of dead workers and chunks whose messages were lost; returns how many."""
+    requeued = 0
     stale = db.retrying(work.release_stale_chunks)
-    by_model: dict[str, list[tuple[str, int]]] = {}
     if stale:
+        by_model: dict[str, list[tuple[str, int]]] = {}
         with db.read() as s:
             for job_id, chunk_id in stale:
                 by_model.setdefault(work.job_model(s, job_id), []).append((job_id, chunk_id))
-    for model, chunks in by_model.items():
-        log.warning("requeueing %d chunk(s) of model %s whose worker stopped renewing its lease", len(chunks), model)
+        for model, chunks in by_model.items():
+            log.warning("requeueing %d chunk(s) of %s whose worker stopped renewing its lease", len(chunks), model)
+            enqueue_chunks(model, chunks)
+            requeued += len(chunks)
+    with db.read() as s:
+        waiting = work.unstarted_chunks(s, utcnow() - timedelta(seconds=lease_seconds))
+    for model, chunks in waiting.items():
+        if messages_held(model) >= len(chunks):
+            continue  # the messages may simply be waiting their turn
+        log.warning("queue %s holds fewer messages than its %d pending chunk(s); requeueing them",
+                    queue_name(model), len(chunks))
         enqueue_chunks(model, chunks)
-    return len(stale)
+        db.retrying(lambda s: work.mark_requeued(s, [c for _, c in chunks]))
+        requeued += len(chunks)
+    return requeued
 
 
 def start_recovery_thread(db: Database, lease_seconds: int) -> threading.Thread:
@@ -39,8 +67,8 @@ def start_recovery_thread(db: Database, lease_seconds: int) -> threading.Thread:
         stop = threading.Event()
         while not stop.wait(interval):
             try:
-                sweep(db)
-            except Exception:
+                sweep(db, lease_seconds)
+            except Exception:  # the broker or database is down: try again next round
                 log.warning("recovery sweep failed; will try again", exc_info=True)
 
     thread = threading.Thread(target=loop, daemon=True, name="llmbatch-recovery")

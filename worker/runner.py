@@ -76,9 +76,7 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
         log.info("chunk %s is done or held by a live worker; skipping", chunk_id)
         return ChunkOutcome(claimed=False)
     outcome = ChunkOutcome(claimed=True)
-    with db.read() as s:
-        job = s.get(Job, chunk.job_id)
-        items = work.running_items(s, chunk_id)
+    job, items = db.retrying(lambda s: (s.get(Job, chunk.job_id), work.running_items(s, chunk_id)), write=False)
     if job.status in (JobStatus.cancelling, JobStatus.cancelled):
         db.retrying(lambda s: (work.cancel_running(s, chunk), work.finish_chunk(s, chunk, worker)))
         return outcome
@@ -106,5 +104,5 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
 
 
 def _cancelling(db: Database, job_id: str) -> bool:
-    with db.read() as s:
-        return s.get(Job, job_id).status in (JobStatus.cancelling, JobStatus.cancelled)
+    status = db.retrying(lambda s: s.get(Job, job_id).status, write=False)
+    return status in (JobStatus.cancelling, JobStatus.cancelled)

@@ -1,0 +1,222 @@
+"""Faults against real services and real `llmbatch worker` processes running the bundled model.
+
+Each test ends by checking the promise: one final result per line, no custom_id twice, nothing
+left pending or running, and the job's counters agree with the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import time
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from jobs.cli import cli
+from jobs.db import Database
+from jobs.models import Chunk, ChunkStatus
+from tests.support import (RedisServer, assert_every_line_has_one_final_result, export_rows, start_worker,
+                           stop_worker, wait_for_status, write_jsonl)
+
+pytestmark = pytest.mark.slow
+
+
+def make_invoke(db_url, broker_url, **env):
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, ["--database-url", db_url, "--broker-url", broker_url, *map(str, args)],
+                               env={k: str(v) for k, v in env.items()}, catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def prompts(n, max_tokens=24):
+    return [{"custom_id": f"item-{i}", "prompt": f"Write a sentence about the number {i}.", "max_tokens": max_tokens}
+            for i in range(n)]
+
+
+def test_killed_worker_loses_nothing_and_its_chunk_is_taken_up_within_60s(db_url, broker_url, tmp_path):
+    """SIGKILL the whole worker mid-chunk; a new worker takes the chunk up when its lease lapses."""
+    n = 12
+    # One chunk, so the new worker's only work is the dead worker's chunk: what is timed is recovery.
+    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=n)
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=32))).stdout.strip()
+    env = {"LLMBATCH_MAX_BATCH_SIZE": "2"}  # small micro-batches: the chunk takes several commits
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = start_worker(db_url, broker_url, log_a, "-n", "a@%h", env=env)
+    db = Database(db_url)
+    try:
+        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=a, log_path=log_a)
+        with db.read() as s:
+            held = s.scalars(select(Chunk).where(Chunk.status == ChunkStatus.running)).all()
+        assert held, "expected a chunk in flight when the worker is killed"
+        os.killpg(a.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        a.wait()
+        b = start_worker(db_url, broker_url, log_b, "-n", "b@%h", env=env)
+        try:
+            chunk_id, dead_worker = held[0].id, held[0].worker
+            recovered_after = None
+            while time.monotonic() - killed_at < 90:
+                with db.read() as s:
+                    chunk = s.get(Chunk, chunk_id)
+                if chunk.worker not in (None, dead_worker) or chunk.status is ChunkStatus.done:
+                    recovered_after = time.monotonic() - killed_at
+                    break
+                time.sleep(0.5)
+            assert recovered_after is not None and recovered_after < 60, recovered_after
+            print(f"\nrecovery: chunk {chunk_id} taken up {recovered_after:.1f}s after SIGKILL")
+            wait_for_status(invoke, job_id, timeout=240, proc=b, log_path=log_b)
+        finally:
+            stop_worker(b)
+    finally:
+        stop_worker(a)
+        db.dispose()
+    rows = assert_every_line_has_one_final_result(invoke, job_id, n)
+    assert all(r["status"] == "succeeded" for r in rows)
+    assert any(r["worker"] and r["worker"].startswith(os.uname().nodename) for r in rows)
+
+
+def test_redis_restarted_mid_job(sqlite_url, tmp_path):
+    """A Redis without persistence forgets every queued message; the job still completes."""
+    redis_server = RedisServer(tmp_path).start()
+    invoke = make_invoke(sqlite_url, redis_server.url, LLMBATCH_CHUNK_SIZE=3)
+    n = 12
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=24))).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(sqlite_url, redis_server.url, log,
+                     env={"LLMBATCH_LEASE_SECONDS": "6", "LLMBATCH_MAX_BATCH_SIZE": "2"})
+    try:
+        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+        redis_server.stop()
+        time.sleep(3)
+        redis_server.start()  # empty: the queued chunks' messages are gone
+        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+    finally:
+        stop_worker(w)
+        redis_server.stop()
+    assert status["succeeded"] == n
+    assert_every_line_has_one_final_result(invoke, job_id, n)
+
+
+def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path):
+    from worker.app import enqueue_chunks
+
+    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=3)
+    n = 12
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=8))).stdout.strip()
+    db = Database(db_url)
+    with db.read() as s:
+        chunks = [(job_id, c) for c in s.scalars(select(Chunk.id).where(Chunk.job_id == job_id))]
+    db.dispose()
+    enqueue_chunks("smollm2-135m-instruct", chunks, broker_url)  # every chunk published a second time
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    workers = [start_worker(db_url, broker_url, log, "-n", f"w{i}@%h") for i, log in enumerate(logs)]
+    try:
+        wait_for_status(invoke, job_id, timeout=240, proc=workers[0], log_path=logs[0])
+        time.sleep(2)  # let the duplicates drain
+    finally:
+        for w in workers:
+            stop_worker(w)
+    rows = assert_every_line_has_one_final_result(invoke, job_id, n)
+    assert all(r["status"] == "succeeded" for r in rows)
+    db = Database(db_url)
+    with db.read() as s:
+        from jobs.models import Item
+
+        attempts = s.scalars(select(Item.attempts).where(Item.job_id == job_id)).all()
+    db.dispose()
+    assert set(attempts) == {1}, "an item was generated twice"
+    logs_text = "".join(log.read_text() for log in logs)
+    assert "skipping" in logs_text  # the second delivery of each chunk was turned away
+
+
+def test_cancel_mid_run_stops_within_one_micro_batch_and_keeps_results(db_url, broker_url, tmp_path):
+    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=20)
+    n = 20
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=32))).stdout.strip()
+    log = tmp_path / "w.log"
+    batch = 2
+    w = start_worker(db_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": str(batch)})
+    try:
+        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 2, timeout=180, proc=w, log_path=log)
+        invoke("cancel", job_id)
+        at_cancel = json.loads(invoke("status", job_id, "--json").stdout)
+        status = wait_for_status(invoke, job_id, ("cancelled",), timeout=120, proc=w, log_path=log)
+    finally:
+        stop_worker(w)
+    assert status["succeeded"] + status["cancelled"] == n and status["failed"] == 0
+    assert status["succeeded"] - at_cancel["succeeded"] <= batch, "ran on for more than one micro-batch"
+    rows = assert_every_line_has_one_final_result(invoke, job_id, n)
+    assert all(r["output"] for r in rows if r["status"] == "succeeded")
+    assert invoke("retry", job_id).stdout.strip().endswith("nothing to retry")
+
+
+class _Exploit:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_message_is_refused_never_executed(sqlite_url, broker_url, tmp_path):
+    from kombu import Connection, Exchange, Producer, Queue
+
+    marker = tmp_path / "pwned"
+    queue = "llmbatch.smollm2-135m-instruct"
+    with Connection(broker_url) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange(queue, type="direct"), routing_key=queue,
+                            serializer="pickle")
+        producer.publish(((_Exploit(str(marker)),), {}, {}), declare=[Queue(queue, Exchange(queue, "direct"), queue)],
+                         headers={"task": "llmbatch.run_chunk", "id": "evil", "lang": "py", "argsrepr": "",
+                                  "kwargsrepr": ""})
+    invoke = make_invoke(sqlite_url, broker_url)
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(2, max_tokens=4))).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(sqlite_url, broker_url, log)
+    try:
+        wait_for_status(invoke, job_id, timeout=180, proc=w, log_path=log)  # it keeps serving real work
+    finally:
+        stop_worker(w)
+    assert not marker.exists(), "a pickled message was executed"
+    assert "pickle" in log.read_text().lower()  # refused, and said so
+
+
+def test_export_during_a_running_job_is_a_consistent_snapshot(db_url, broker_url, tmp_path):
+    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=4)
+    n = 12
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=16))).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(db_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": "2"})
+    snapshots = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            snapshots.append(export_rows(invoke, job_id))
+            if json.loads(invoke("status", job_id, "--json").stdout)["status"] == "completed":
+                break
+            time.sleep(0.3)
+    finally:
+        stop_worker(w)
+    partial = [s for s in snapshots if any(r["status"] != "succeeded" for r in s) and
+               any(r["status"] == "succeeded" for r in s)]
+    assert partial, "no export was taken mid-run"
+    for rows in snapshots:
+        assert [r["line"] for r in rows] == list(range(1, n + 1))
+        for r in rows:
+            if r["status"] == "succeeded":
+                assert r["output"] is not None and r["completion_tokens"] > 0 and r["finished_at"]
+            else:
+                assert r["status"] in ("pending", "running") and r["output"] is None and r["finished_at"] is None
+    assert_every_line_has_one_final_result(invoke, job_id, n)
