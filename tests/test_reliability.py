@@ -220,3 +220,105 @@ def test_export_during_a_running_job_is_a_consistent_snapshot(db_url, broker_url
             else:
                 assert r["status"] in ("pending", "running") and r["output"] is None and r["finished_at"] is None
     assert_every_line_has_one_final_result(invoke, job_id, n)
+
+
+def test_postgres_unreachable_for_a_few_seconds(pg_url, broker_url, tmp_path):
+    """The worker reaches PostgreSQL through a proxy that drops every connection for 5 s mid-job."""
+    from tests.support import TcpProxy
+
+    proxy = TcpProxy(5432)
+    worker_url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    invoke = make_invoke(pg_url, broker_url, LLMBATCH_CHUNK_SIZE=4)
+    n = 12
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=24))).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(worker_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": "2"})
+    try:
+        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+        proxy.cut()
+        time.sleep(5)
+        proxy.restore()
+        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+    finally:
+        stop_worker(w)
+        proxy.close()
+    assert status["succeeded"] == n
+    assert "retrying" in log.read_text()  # it did meet the outage, and rode it out
+    assert_every_line_has_one_final_result(invoke, job_id, n)
+
+
+def test_sqlite_locked_for_a_few_seconds(sqlite_url, broker_url, tmp_path):
+    import sqlite3
+
+    invoke = make_invoke(sqlite_url, broker_url, LLMBATCH_CHUNK_SIZE=4)
+    n = 8
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=16))).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(sqlite_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": "2"})
+    try:
+        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+        locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        time.sleep(5)
+        locker.execute("ROLLBACK")
+        locker.close()
+        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+    finally:
+        stop_worker(w)
+    assert status["succeeded"] == n
+    assert_every_line_has_one_final_result(invoke, job_id, n)
+
+
+def test_bad_input_corpus(db_url, broker_url, tmp_path):
+    """Every bad line fails alone, naming its line; the valid lines around them succeed."""
+    big = json.dumps({"prompt": "x" * (10 * 1024 * 1024)})
+    lines = [
+        json.dumps({"custom_id": "ok-1", "prompt": "Hello", "max_tokens": 4}).encode(),
+        b'{"custom_id": "json", "prompt": "unterminated}',
+        b'{"custom_id": "bytes", "prompt": "caf\xe9 \xff"}',
+        big.encode(),
+        b'["a", "list"]',
+        json.dumps({"custom_id": "types", "prompt": "hi", "max_tokens": "ten"}).encode(),
+        json.dumps({"custom_id": "empty", "prompt": "   "}).encode(),
+        json.dumps({"custom_id": "param", "prompt": "hi", "temprature": 0.5}).encode(),
+        json.dumps({"custom_id": "ok-1", "prompt": "again"}).encode(),
+        json.dumps({"custom_id": "long", "prompt": "hello " * 9000, "max_tokens": 4}).encode(),
+        json.dumps({"custom_id": "ok-2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode(),
+    ]
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    expected = {2: "invalid JSON", 3: "not valid UTF-8", 4: "longer than", 5: "expected a JSON object",
+                6: "must be an integer", 7: "empty prompt", 8: "unknown parameter", 9: "duplicate custom_id"}
+    invoke = make_invoke(db_url, broker_url)
+    job_id = invoke("submit", path).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(db_url, broker_url, log)
+    try:
+        wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+    finally:
+        stop_worker(w)
+    rows = export_rows(invoke, job_id)
+    assert [r["line"] for r in rows] == list(range(1, len(lines) + 1))
+    for row in rows:
+        line = row["line"]
+        if line in expected:
+            assert row["status"] == "failed" and row["error"]["code"] == "invalid_input"
+            assert row["error"]["message"].startswith(f"line {line}:") and expected[line] in row["error"]["message"]
+        elif line == 10:
+            assert row["status"] == "failed" and row["error"]["code"] == "context_length_exceeded"
+        else:
+            assert row["status"] == "succeeded" and row["output"]
+    status = json.loads(invoke("status", job_id, "--json").stdout)
+    assert (status["succeeded"], status["failed"]) == (2, 9)
+
+
+def test_unusable_files_are_refused_and_nothing_is_stored(sqlite_url, broker_url, tmp_path):
+    invoke = make_invoke(sqlite_url, broker_url)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    csv_file = tmp_path / "data.csv"
+    csv_file.write_text("id,prompt\n1,hello\n2,world\n")
+    for path, message in ((empty, "empty"), (csv_file, "does not look like JSONL")):
+        result = invoke("submit", path, ok=False)
+        assert result.exit_code == 1 and message in result.stderr, result.output
+    assert json.loads(invoke("status", "--json").stdout) == []
