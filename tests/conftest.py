@@ -55,18 +55,19 @@ def broker_url():
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL schema per test, dropped afterwards."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
+    from sqlalchemy.schema import CreateSchema, DropSchema
 
     admin = create_engine(POSTGRES_URL)
     schema = "t_" + uuid.uuid4().hex[:12]
     try:
         with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))  # a generated identifier, not user input
+            conn.execute(CreateSchema(schema))
     except Exception as exc:
         pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc}); start it with: {PG_START}")
     yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     with admin.begin() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        conn.execute(DropSchema(schema, cascade=True))
     admin.dispose()
 
 
