@@ -104,19 +104,25 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
         service.mark_enqueued(s, chunk_ids)
 
 
+PROGRESS_MIN_BYTES = 16 * 1024**2  # files larger than this show a progress bar on stderr while they are stored
+
+
 def _store(ctx: Context, file: Path, *, model, name, params, strict, quiet=False):
     from . import service
     from .progress import Progress
 
     size = file.stat().st_size
-    progress = Progress(size, "bytes") if size > 16 * 1024**2 and not quiet else None
-    with open(file, "rb") as fp:
+    progress = Progress(size, "bytes") if size > PROGRESS_MIN_BYTES and not quiet else None
+    # A large read buffer: the parser reads line by line, so fewer system calls for a big file.
+    with open(file, "rb", buffering=1 << 20) as fp:
         on_line = (lambda _n: progress.update(fp.tell() - progress.done)) if progress else None
-        with ctx.db.write() as s:
-            submitted = service.submit(s, fp, ctx.settings, model=model, name=name, params=params, strict=strict,
-                                       source=str(file), on_line=on_line)
-    if progress:
-        progress.close()
+        try:
+            with ctx.db.write() as s:
+                submitted = service.submit(s, fp, ctx.settings, model=model, name=name, params=params,
+                                           strict=strict, source=str(file), on_line=on_line)
+        finally:
+            if progress:
+                progress.close()  # end the bar's line, so an error message starts on a line of its own
     return submitted
 
 
@@ -219,7 +225,7 @@ def _export(ctx: Context, job_id: str, output: Path | None, fmt: str, only: str 
         if output is None:
             return write(s, job, sys.stdout, fmt, only)
         tmp = output.with_name(output.name + ".part")
-        with open(tmp, "w", encoding="utf-8", newline="") as out:
+        with open(tmp, "w", encoding="utf-8", newline="", buffering=1 << 20) as out:
             rows = write(s, job, out, fmt, only)
         tmp.replace(output)  # never leave a half-written export under the real name
         return rows

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import typing
+import uuid
 from datetime import datetime
 from typing import Iterable, Iterator
 
@@ -94,7 +96,10 @@ class _Line:
 
 
 def render(items: Iterable[Item], fmt: str, job: Job) -> Iterator[str]:
-    """Yield the export as text chunks (each one or more whole lines)."""
+    """Yield the export of ORM items as text chunks (each one or more whole lines).
+
+    The reference rendering: `export` below writes the same text from plain rows, faster.
+    """
     if fmt == "jsonl":
         for item in items:
             yield json.dumps(native_row(item), ensure_ascii=False) + "\n"
@@ -116,25 +121,209 @@ def render(items: Iterable[Item], fmt: str, job: Job) -> Iterator[str]:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
+# -- the fast path: plain rows straight from the driver ------------------------------------------------
+#
+# A million ORM objects cost most of an export's time, so `export` reads plain tuples through the
+# driver (a server-side cursor on PostgreSQL) and renders them without building Items. Each
+# function below gives, for a row, exactly what native_row / openai_row / escape_cell give.
+
+# Row positions: the native columns, then (openai only) what openai_row needs from `request`.
+(_CID, _LINE, _STATUS, _OUTPUT, _FINISH, _PT, _CT, _QUEUED, _STARTED, _FINISHED, _LATENCY, _WORKER, _CODE,
+ _MESSAGE, _URL, _BODY_MODEL, _HAS_PROMPT) = range(17)
+_SELECT = ("custom_id, line, status, output, finish_reason, prompt_tokens, completion_tokens, queued_at, "
+           "started_at, finished_at, latency_ms, worker, error_code, error_message")
+_REQUEST_FIELDS = {
+    "sqlite": "json_extract(request, '$.url'), json_extract(request, '$.body_model'), "
+              "json_type(request, '$.prompt') IS NOT NULL",
+    "postgresql": "request->>'url', request->>'body_model', (request->'prompt') IS NOT NULL",
+}
+_encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode  # json.dumps(x, ensure_ascii=False)
+_encode_ascii = json.JSONEncoder().encode  # json.dumps(x)
+
+
+def _rows(session: Session, job_id: str, only: str | None, with_request: bool) -> Iterator[list[tuple]]:
+    """Batches of plain tuples, in line order, from one SELECT in the session's transaction."""
+    conn = session.connection()
+    dialect = conn.dialect.name
+    if dialect not in _REQUEST_FIELDS:  # another backend: through SQLAlchemy Core
+        yield from _rows_core(conn, job_id, only, with_request)
+        return
+    mark = "?" if dialect == "sqlite" else "%s"
+    sql = f"SELECT {_SELECT}"
+    if with_request:
+        sql += ", " + _REQUEST_FIELDS[dialect]
+    sql += f" FROM items WHERE job_id = {mark}"
+    args: tuple = (job_id,)
+    if only:
+        sql += f" AND status = {mark}"
+        args += (ItemStatus(only).value,)
+    sql += " ORDER BY line"
+    dbapi = conn.connection.dbapi_connection
+    if dialect == "postgresql":
+        cur = dbapi.cursor(name=f"llmbatch_export_{uuid.uuid4().hex[:12]}")  # server-side: memory stays flat
+        cur.itersize = STREAM_BATCH
+    else:
+        cur = dbapi.cursor()  # SQLite steps through the result as we fetch
+    try:
+        cur.execute(sql, args)
+        while batch := cur.fetchmany(STREAM_BATCH):
+            yield batch
+    finally:
+        cur.close()
+
+
+def _rows_core(conn, job_id: str, only: str | None, with_request: bool) -> Iterator[list[tuple]]:
+    t = Item.__table__
+    cols = [t.c[name] for name in _SELECT.split(", ")]
+    query = select(*cols, t.c.request if with_request else t.c.id).where(t.c.job_id == job_id).order_by(t.c.line)
+    if only:
+        query = query.where(t.c.status == ItemStatus(only))
+    result = conn.execution_options(yield_per=STREAM_BATCH).execute(query)
+    for part in result.partitions():
+        out = []
+        for r in part:
+            request = r[-1] if with_request else None
+            row = list(r[:-1])
+            row[_STATUS] = ItemStatus(row[_STATUS]).value
+            request = request or {}
+            out.append((*row, request.get("url"), request.get("body_model"), "prompt" in request))
+        yield out
+
+
+class _Iso:
+    """Timestamps as native_row writes them (aware UTC isoformat), from whatever the driver returns."""
+
+    def __init__(self, session: Session):
+        dialect = session.connection().dialect
+        self.process = Item.__table__.c.queued_at.type.dialect_impl(dialect).result_processor(dialect, None)
+        self.sqlite = dialect.name == "sqlite"
+        self.last_raw: object = None
+        self.last: str | None = None
+
+    def __call__(self, raw) -> str | None:
+        if raw is None:
+            return None
+        if raw == self.last_raw:  # queued_at is one value for a whole job, started_at one per batch
+            return self.last
+        if self.sqlite and type(raw) is str and len(raw) == 26 and raw[10] == " " and raw[19] == ".":
+            # SQLAlchemy's own SQLite format, "YYYY-MM-DD HH:MM:SS.ffffff", naive UTC.
+            frac = raw[19:] if raw[20:] != "000000" else ""
+            text = f"{raw[:10]}T{raw[11:19]}{frac}+00:00"
+        else:
+            dt = self.process(raw) if self.process else raw
+            text = dt.isoformat()
+        self.last_raw, self.last = raw, text
+        return text
+
+
+def _native_dicts(rows: list[tuple], iso: _Iso) -> Iterator[dict]:
+    for r in rows:
+        code = r[_CODE]
+        yield {
+            "custom_id": r[_CID], "line": r[_LINE], "status": r[_STATUS], "output": r[_OUTPUT],
+            "finish_reason": r[_FINISH], "prompt_tokens": r[_PT], "completion_tokens": r[_CT],
+            "queued_at": iso(r[_QUEUED]), "started_at": iso(r[_STARTED]), "finished_at": iso(r[_FINISHED]),
+            "latency_ms": r[_LATENCY], "worker": r[_WORKER],
+            "error": {"code": code, "message": r[_MESSAGE]} if code else None,
+        }
+
+
+def _jsonl(rows: list[tuple], iso: _Iso, job: Job) -> str:
+    encode = _encode
+    return "".join([encode(d) + "\n" for d in _native_dicts(rows, iso)])
+
+
+def _created(raw, iso: _Iso) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, datetime):
+        dt = iso.process(raw) if iso.process else raw
+    else:
+        dt = datetime.fromisoformat(iso(raw))
+    return int(dt.timestamp())
+
+
+def _openai(rows: list[tuple], iso: _Iso, job: Job) -> str:
+    encode = _encode
+    job_id, job_model = job.id, job.model
+    succeeded = ItemStatus.succeeded.value
+    lines = []
+    for r in rows:
+        line, cid, status = r[_LINE], r[_CID], r[_STATUS]
+        rid = f"batch_req_{job_id}_{line}"
+        if status != succeeded:
+            obj = {"id": rid, "custom_id": cid, "response": None,
+                   "error": {"code": r[_CODE] or status, "message": r[_MESSAGE] or f"item {status}"}}
+        else:
+            pt, ct = r[_PT], r[_CT]
+            usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": (pt or 0) + (ct or 0)}
+            created = _created(r[_FINISHED], iso)
+            model = r[_BODY_MODEL] or job_model
+            url = r[_URL]
+            if url == "/v1/completions" or (r[_HAS_PROMPT] and url is None):
+                body = {"id": f"cmpl-{job_id}-{line}", "object": "text_completion", "created": created,
+                        "model": model,
+                        "choices": [{"index": 0, "text": r[_OUTPUT], "finish_reason": r[_FINISH], "logprobs": None}],
+                        "usage": usage}
+            else:
+                body = {"id": f"chatcmpl-{job_id}-{line}", "object": "chat.completion", "created": created,
+                        "model": model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": r[_OUTPUT]},
+                                     "finish_reason": r[_FINISH]}],
+                        "usage": usage}
+            obj = {"id": rid, "custom_id": cid, "response": {"status_code": 200, "request_id": rid, "body": body},
+                   "error": None}
+        lines.append(encode(obj))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """escape_cell for a str or None."""
+    if value is None:
+        return ""
+    if value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def _csv_rows(rows: list[tuple], iso: _Iso) -> Iterator[list]:
+    cell = _cell
+    for r in rows:
+        code = r[_CODE]
+        # Numbers never start with a formula prefix unless negative, which no count or latency is;
+        # escape_cell would give str(n) for them.
+        yield [cell(r[_CID]), r[_LINE], r[_STATUS], cell(r[_OUTPUT]), cell(r[_FINISH]),
+               escape_cell(r[_PT]), escape_cell(r[_CT]),
+               cell(iso(r[_QUEUED])), cell(iso(r[_STARTED])), cell(iso(r[_FINISHED])),
+               escape_cell(r[_LATENCY]), cell(r[_WORKER]),
+               escape_cell(_encode_ascii({"code": code, "message": r[_MESSAGE]})) if code else ""]
+
+
 def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl", only: str | None = None) -> int:
     """Write the export to `out`; returns the rows written.
 
     One SELECT inside one read transaction, so the export is a consistent snapshot even while
-    workers keep writing.
+    workers keep writing. Rows are read and written a batch at a time: memory stays flat.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    iso = _Iso(session)
     rows = 0
-
-    def counted() -> Iterator[Item]:
-        nonlocal rows
-        for item in iter_items(session, job.id, only):
-            rows += 1
-            yield item
-
-    buffer: list[str] = []
-    for text in render(counted(), fmt, job):
-        buffer.append(text)
-        if len(buffer) >= 512:
-            out.write("".join(buffer))
-            buffer.clear()
-    out.write("".join(buffer))
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for batch in _rows(session, job.id, only, with_request=False):
+            writer.writerows(_csv_rows(batch, iso))
+            rows += len(batch)
+            out.write(buf.getvalue())
+            buf.seek(0)
+            buf.truncate()
+        out.write(buf.getvalue())
+        return rows
+    render_batch = _jsonl if fmt == "jsonl" else _openai
+    for batch in _rows(session, job.id, only, with_request=fmt == "openai"):
+        out.write(render_batch(batch, iso, job))
+        rows += len(batch)
     return rows

@@ -130,6 +130,8 @@ def validate_params(params: dict, where: str = "", *, limits: Limits | None = No
     Returns only the keys given, under their canonical names, in PARAM_NAMES order.
     Raises ValueError("<where>: <problem>"); callers pass only the flags actually set.
     """
+    if not params:
+        return {}
     limits = limits or Limits()
     prefix = f"{where}: " if where else ""
     out: dict[str, Any] = {}
@@ -170,7 +172,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise ValueError(f"{where} must be an object, got {_json_type(msg)}")
         # 'name' is harmless and common in OpenAI files; tool calls etc. we cannot honour.
-        extra = next((k for k in msg if k not in ("role", "content", "name")), None)
+        extra = None if _MESSAGE_KEYS.issuperset(msg) else next(k for k in msg if k not in _MESSAGE_KEYS)
         if extra is not None:
             raise ValueError(f"{where}: unsupported key {extra!r}")
         role = msg.get("role")
@@ -206,7 +208,7 @@ def _openai_request(obj: dict, line_params: dict, limits: Limits) -> dict:
     body = obj["body"]
     if not isinstance(body, dict):
         raise ValueError(f"'body' must be an object, got {_json_type(body)}")
-    bad = next((k for k in body if k not in _BODY_KEYS), None)
+    bad = None if _BODY_KEYS.issuperset(body) else next(k for k in body if k not in _BODY_KEYS)
     if bad is not None:
         raise ValueError(f"unsupported parameter {bad!r} in body")
     n = body.get("n", 1)
@@ -236,7 +238,7 @@ def _openai_request(obj: dict, line_params: dict, limits: Limits) -> dict:
 
 def _request(obj: dict, limits: Limits) -> dict:
     """Normalize one line's object; raises ValueError (without the "line N: " prefix)."""
-    unknown = next((k for k in obj if k not in _TOP_KEYS), None)
+    unknown = None if _TOP_KEYS.issuperset(obj) else next(k for k in obj if k not in _TOP_KEYS)
     if unknown is not None:
         raise ValueError(f"unknown parameter {unknown!r}")
     sources = [k for k in ("prompt", "messages", "body") if k in obj]
@@ -244,7 +246,7 @@ def _request(obj: dict, limits: Limits) -> dict:
         raise ValueError("no prompt: expected 'prompt', 'messages' or an OpenAI 'body'")
     if len(sources) > 1:
         raise ValueError(f"give only one of 'prompt', 'messages' or 'body', got {', '.join(map(repr, sources))}")
-    line_params = {k: v for k, v in obj.items() if k in _CHECKS or k in _ALIASES}
+    line_params = {k: v for k, v in obj.items() if k in _PARAM_KEYS} if not _NOT_PARAMS.issuperset(obj) else {}
     if "body" in obj:
         return _openai_request(obj, line_params, limits)
     for key in ("method", "url"):
@@ -259,6 +261,12 @@ def _request(obj: dict, limits: Limits) -> dict:
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN/Infinity, which are not JSON and would not round-trip to the DB.
     raise ValueError(f"{name} is not valid JSON")
+
+
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+_PARAM_KEYS = frozenset({*PARAM_NAMES, *_ALIASES})
+_NOT_PARAMS = _TOP_KEYS - _PARAM_KEYS  # a line with only these keys has no per-line parameters
 
 
 def _parse(raw: bytes, line: int, limits: Limits) -> tuple[ParsedLine, bool]:
@@ -276,7 +284,9 @@ def _parse(raw: bytes, line: int, limits: Limits) -> tuple[ParsedLine, bool]:
     except UnicodeDecodeError as e:
         return fail(f"not valid UTF-8 (byte offset {e.start})"), False
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads words it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _decode(text)  # json.loads(text, parse_constant=_reject_constant), without a decoder per line
     except json.JSONDecodeError as e:
         return fail(f"invalid JSON: {e.msg} (column {e.colno})"), False
     except RecursionError:

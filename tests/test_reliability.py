@@ -38,6 +38,16 @@ def make_invoke(db_url, broker_url, **env):
     return invoke
 
 
+def wait_until_drained(broker_url, queue, timeout=60):
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    deadline = time.monotonic() + timeout
+    while client.llen(queue) or client.hlen("unacked"):
+        assert time.monotonic() < deadline, "the queue did not drain"
+        time.sleep(0.2)
+
+
 def prompts(n, max_tokens=24):
     return [{"custom_id": f"item-{i}", "prompt": f"Write a sentence about the number {i}.", "max_tokens": max_tokens}
             for i in range(n)]
@@ -122,7 +132,7 @@ def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path
     workers = [start_worker(db_url, broker_url, log, "-n", f"w{i}@%h") for i, log in enumerate(logs)]
     try:
         wait_for_status(invoke, job_id, timeout=240, proc=workers[0], log_path=logs[0])
-        time.sleep(2)  # let the duplicates drain
+        wait_until_drained(broker_url, "llmbatch.smollm2-135m-instruct")  # the duplicates are taken too
     finally:
         for w in workers:
             stop_worker(w)
