@@ -135,8 +135,14 @@ class Database:
 
     def ensure_schema(self) -> None:
         """Create or upgrade the schema if needed, so nobody has to run a migration by hand."""
-        if not self.schema_is_current():
+        if self.schema_is_current():
+            return
+        try:
             self.upgrade()
+        except Exception:
+            # Another process (a second worker, a submit) may have upgraded it at the same moment.
+            if not self.schema_is_current():
+                raise
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -35,9 +35,9 @@ class Settings:
     broker_url: str
     model: str
     home: Path
-    # Items per Celery task: large enough to keep a GPU batch full, small enough that
-    # several workers can share one job and a lost chunk costs little.
-    chunk_size: int = 256
+    # Items per Celery task: large enough to keep a GPU's batch (up to 512 rows) full with
+    # prompts to refill from, small enough that several workers share a big job.
+    chunk_size: int = 1024
     # A running chunk whose lease is not renewed for this long is taken up again.
     lease_seconds: int = 30
     limits: Limits = field(default_factory=Limits)
@@ -57,7 +57,7 @@ class Settings:
             broker_url=os.environ.get("LLMBATCH_BROKER_URL") or DEFAULT_BROKER_URL,
             model=os.environ.get("LLMBATCH_MODEL") or DEFAULT_MODEL,
             home=home,
-            chunk_size=_env_int("LLMBATCH_CHUNK_SIZE", 256),
+            chunk_size=_env_int("LLMBATCH_CHUNK_SIZE", 1024),
             lease_seconds=_env_int("LLMBATCH_LEASE_SECONDS", 30),
             model_cache=Path(os.environ.get("LLMBATCH_MODEL_CACHE") or home / "models"),
             engine=os.environ.get("LLMBATCH_ENGINE") or "model",

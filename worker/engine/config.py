@@ -12,9 +12,15 @@ class EngineConfig:
     compute_dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
     double_quant: bool = False
     cache_dir: str | None = None  # where converted checkpoints (the bundled GGUF) are kept
-    # Batching: rows per forward pass, and a cap on padded (prompt + new) tokens in one batch.
-    # max_batch_tokens=0 derives the cap from free GPU memory and the KV cache bytes per token.
-    max_batch_size: int = 64
+    # Batching. Rows decode together in "slots" of a KV cache sized slots x (longest prompt + max_tokens).
+    # max_batch_size caps the slots; max_batch_tokens caps slots x columns, and 0 derives it from
+    # kv_memory_fraction of the free GPU memory over the KV cache bytes per token.
+    max_batch_size: int = 512
     max_batch_tokens: int = 0
+    kv_memory_fraction: float = 0.6
+    prefill_tokens: int = 16384  # padded prompt tokens per prefill forward
+    refill_fraction: float = 0.125  # refill once this share of slots is free (1.0: static batches)
+    cuda_graphs: bool = True  # capture the decode step per (rows, columns) bucket; CUDA only
+    flush_seconds: float = 1.0  # yield finished results at least this often
     # Test hook: pretend the device runs out of memory for batches bigger than this.
     oom_above_batch: int | None = None

@@ -1,7 +1,8 @@
-"""Batched generation over a left-padded batch: prefill, decode steps, and the loop around them.
+"""Per-row bookkeeping shared by both decode loops, and the fallback loop for architectures the
+slot runner (runner.py) does not know: a left-padded batch through the transformers forward
+with a DynamicCache. Rows that finish leave the batch (their KV cache rows are dropped).
 
-I/O-free: tensors and token ids in, token ids out. Rows that finish leave the batch (their KV
-cache rows are dropped), so the cost of a step follows the rows still generating.
+I/O-free: tensors and token ids in, token ids out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class RowOutput:
     tokens: list[int] = field(default_factory=list)  # generated ids, the stop token included
     finish_reason: str | None = None  # "stop" | "length"
     stop_text: str | None = None  # the stop string that ended the row, if one did
+    started_at: float = 0.0  # when its prompt went in
     finished_at: float = 0.0
 
 
@@ -45,6 +47,21 @@ def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, pos: 
     return out.logits[:, -1, :]
 
 
+def check_finished(tokenizer, row: RowOutput, p: SamplingParams, eos_ids: set[int]) -> bool:
+    """After appending a token: mark the row stop/length if it is done. The stop token counts."""
+    t = row.tokens[-1]
+    if t in eos_ids and not p.ignore_eos:
+        row.finish_reason = "stop"
+    elif p.stop and (hit := _hit_stop(tokenizer, row, p.stop)):
+        row.finish_reason, row.stop_text = "stop", hit
+    elif len(row.tokens) >= p.max_tokens:
+        row.finish_reason = "length"
+    if row.finish_reason:
+        row.finished_at = time.time()
+        return True
+    return False
+
+
 def _hit_stop(tokenizer, row: RowOutput, stops: tuple[str, ...]) -> str | None:
     # A stop string can only be completed by the newest token, so decoding a short tail suffices.
     window = max(len(s) for s in stops) + 2
@@ -56,11 +73,11 @@ def _hit_stop(tokenizer, row: RowOutput, stops: tuple[str, ...]) -> str | None:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def generate_padded(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              params: list[SamplingParams], eos_ids: set[int]) -> list[RowOutput]:
     """Generate for a left-padded batch until every row hits EOS, a stop string or its max_tokens."""
     device = input_ids.device
-    rows = [RowOutput() for _ in params]
+    rows = [RowOutput(started_at=time.time()) for _ in params]
     active = list(range(len(params)))  # batch row -> original row
     sampling = RowSampling.build(params, device)
     cache = DynamicCache(config=model.config)
@@ -71,16 +88,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
         tokens = sample(logits, sampling)
         finished = []
         for j, (r, t) in enumerate(zip(active, tokens.tolist())):
-            row, p = rows[r], params[r]
-            row.tokens.append(t)
-            if t in eos_ids:
-                row.finish_reason = "stop"
-            elif p.stop and (hit := _hit_stop(tokenizer, row, p.stop)):
-                row.finish_reason, row.stop_text = "stop", hit
-            elif len(row.tokens) >= p.max_tokens:
-                row.finish_reason = "length"
-            if row.finish_reason:
-                row.finished_at = time.time()
+            rows[r].tokens.append(t)
+            if check_finished(tokenizer, rows[r], params[r], eos_ids):
                 finished.append(j)
         if len(finished) == len(active):
             return rows
@@ -95,7 +104,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 def decode_output(tokenizer, row: RowOutput, eos_ids: set[int]) -> str:
-    tokens = row.tokens[:-1] if row.tokens and row.tokens[-1] in eos_ids else row.tokens
+    ended_by_eos = row.finish_reason == "stop" and row.stop_text is None
+    tokens = row.tokens[:-1] if ended_by_eos and row.tokens and row.tokens[-1] in eos_ids else row.tokens
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if row.stop_text:
         text = text[: text.find(row.stop_text)] if row.stop_text in text else text

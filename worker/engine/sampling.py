@@ -19,33 +19,34 @@ class RowSampling:
     greedy: torch.Tensor  # bool [B]
     # A seeded row draws from its own generator, so its output does not depend on its batch-mates.
     generators: list[torch.Generator | None]
+    all_greedy: bool  # host-side, so the greedy fast path needs no device sync
+
+    @staticmethod
+    def generator(p: SamplingParams, device: torch.device) -> torch.Generator | None:
+        if p.temperature > 0 and p.seed is not None:
+            g = torch.Generator(device=device)
+            g.manual_seed(p.seed)
+            return g
+        return None
 
     @classmethod
-    def build(cls, params: list[SamplingParams], device: torch.device) -> "RowSampling":
-        gens = []
-        for p in params:
-            if p.temperature > 0 and p.seed is not None:
-                g = torch.Generator(device=device)
-                g.manual_seed(p.seed)
-                gens.append(g)
-            else:
-                gens.append(None)
+    def build(cls, params: list[SamplingParams], device: torch.device,
+              generators: list[torch.Generator | None] | None = None) -> "RowSampling":
+        """generators: each row's own (kept across steps by the caller); fresh ones when None."""
+        gens = generators if generators is not None else [cls.generator(p, device) for p in params]
         return cls(
             temperature=torch.tensor([max(p.temperature, 1e-5) for p in params], device=device),
             top_p=torch.tensor([p.top_p for p in params], device=device),
             top_k=torch.tensor([p.top_k for p in params], device=device, dtype=torch.long),
             greedy=torch.tensor([p.temperature <= 0 for p in params], device=device),
             generators=gens,
+            all_greedy=all(p.temperature <= 0 for p in params),
         )
-
-    @property
-    def all_greedy(self) -> bool:
-        return all(g is None for g in self.generators) and bool(self.greedy.all())
 
     def select(self, keep: torch.Tensor) -> "RowSampling":
         idx = keep.tolist()
         return RowSampling(self.temperature[keep], self.top_p[keep], self.top_k[keep], self.greedy[keep],
-                           [self.generators[i] for i in idx])
+                           [self.generators[i] for i in idx], self.all_greedy)
 
 
 def sample(logits: torch.Tensor, s: RowSampling) -> torch.Tensor:

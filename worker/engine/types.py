@@ -14,6 +14,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
@@ -52,6 +53,7 @@ class Result:
     error_message: str | None = None
     started_at: float = 0.0  # time.time() when its batch started
     finished_at: float = 0.0
+    token_ids: list[int] = field(default_factory=list)  # generated ids, the stop token included
 
     @property
     def ok(self) -> bool:

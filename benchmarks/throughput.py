@@ -1,0 +1,426 @@
+"""Throughput: the engine against naive padded `model.generate`, one NF4 model, one process, one GPU.
+
+By default the model is the Llama-3.1-8B architecture with random weights, built on the GPU in
+bf16, saved to disk and loaded back through the engine's own NF4 path (`--model PATH` takes a real
+checkpoint instead). Prompts are random token ids written as the words of a word-level tokenizer
+saved with the model ("t17 t90233 ..."), so each text tokenizes back to exactly its ids and every
+contender tokenizes the same text.
+
+Contenders, on the same prompts and the same loaded model:
+  baseline  `model.generate`, fixed batches of --batch in file order, left-padded
+  single    `model.generate` one prompt at a time, on the first --single prompts
+  engine    `engine.generate(requests)`, exactly as the worker calls it
+
+  python benchmarks/throughput.py --json-out bench.json      # GPU: 1000 prompts of 16-512 tokens, 128 new
+  python benchmarks/throughput.py --smoke                     # CPU, bundled small model, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from worker.engine import EngineConfig, Request, SamplingParams, load_engine  # noqa: E402
+from worker.engine.engine import Engine  # noqa: E402
+from worker.engine.scheduler import Stats  # noqa: E402
+
+WORD_VOCAB = 128000  # prompt words t0..t127999; ids from 128000 up are Llama 3's special tokens
+
+
+# -- the model ------------------------------------------------------------------
+
+
+def llama31_8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+
+
+def word_tokenizer(vocab: int, bos: int, eos: int, pad: int):
+    """A word-level tokenizer: token i is the word t{i}; no special tokens are added to prompts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=f"t{bos}", eos_token=f"t{eos}", pad_token=f"t{pad}")
+
+
+def build_random_model(path: Path, layer_std: float) -> None:
+    """Random Llama-3.1-8B weights made on the GPU in bf16 (seconds), saved with a word tokenizer.
+
+    Embeddings and the LM head keep transformers' init (std 0.02). The decoder layers' matrices get
+    std layer_std: at 0.02 each layer's output outweighs the residual stream many times over, the
+    network is chaotic, and bf16 rounding differences between two batch shapes change the greedy
+    text of nearly every prompt (measured: `generate` alone vs batched agreed on none), so the
+    match rate would say nothing. Values do not change the cost of any kernel.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if (path / "config.json").exists():
+        print(f"reusing {path}")
+        return
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    cfg = llama31_8b_config()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)  # initialised on the device
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, layer_std)
+    built = time.perf_counter() - t
+    model.save_pretrained(path)
+    word_tokenizer(cfg.vocab_size, 128000, 128001, 128002).save_pretrained(path)
+    print(f"built random {cfg.model_type} in {built:.1f}s, saved to {path} in {time.perf_counter() - t - built:.1f}s")
+    del model
+    torch.cuda.empty_cache()
+
+
+# -- the workload ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Item:
+    text: str
+    params: SamplingParams
+
+
+def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int, tokenizer, seed: int,
+                  words: bool) -> list[Item]:
+    """fixed: every row makes exactly new_tokens (EOS ignored). varied: EOS allowed, max_tokens in 16..2*new_tokens."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        if words:
+            text = " ".join(f"t{rng.randrange(WORD_VOCAB)}" for _ in range(length))
+        else:  # a real tokenizer: decode random ordinary ids (re-tokenizing gives about `length` tokens)
+            text = tokenizer.decode([rng.randrange(1000, tokenizer.vocab_size - 1000) for _ in range(length)])
+        if kind == "fixed":
+            params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=rng.randint(16, 2 * new_tokens), temperature=0.0)
+        items.append(Item(text, params))
+    return items
+
+
+# -- contenders -----------------------------------------------------------------
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _start(device) -> float:
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return time.perf_counter()
+
+
+def _finish(device, t0: float, prompt_tokens: int, output_tokens: int, computed: int, **extra) -> dict:
+    _sync(device)
+    wall = time.perf_counter() - t0
+    gb = 1024 ** 3
+    return {
+        "wall_s": round(wall, 3), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "output_tok_s": round(output_tokens / wall, 1), "total_tok_s": round((prompt_tokens + output_tokens) / wall, 1),
+        "padding_fraction": round(1 - (prompt_tokens + output_tokens) / computed, 4) if computed else 0.0,
+        "peak_alloc_gb": round(torch.cuda.max_memory_allocated(device) / gb, 2) if device.type == "cuda" else None,
+        "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / gb, 2) if device.type == "cuda" else None,
+        **extra,
+    }
+
+
+def useful(row: list[int], max_tokens: int, eos_ids: set[int], ignore_eos: bool) -> list[int]:
+    """What the row is worth: up to its own max_tokens, and up to and including EOS if EOS counts."""
+    row = row[:max_tokens]
+    if not ignore_eos:
+        for j, t in enumerate(row):
+            if t in eos_ids:
+                return row[: j + 1]
+    return row
+
+
+@torch.inference_mode()
+def run_generate(model, tokenizer, items: list[Item], batch: int, eos_ids: set[int]) -> tuple[dict, list[list[int]]]:
+    """Naive: `model.generate` on fixed batches in file order, left-padded, to the batch's largest max_tokens."""
+    device = model.device
+    outs, prompt_tokens, computed = [], 0, 0
+    t0 = _start(device)
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        enc = tokenizer([it.text for it in chunk], padding=True, return_tensors="pt").to(device)
+        ignore = chunk[0].params.ignore_eos
+        seq = model.generate(**enc, do_sample=False, max_new_tokens=max(it.params.max_tokens for it in chunk),
+                             eos_token_id=None if ignore else sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
+        width = enc["input_ids"].shape[1]
+        gen = seq[:, width:].tolist()
+        outs += [useful(row, it.params.max_tokens, eos_ids, ignore) for row, it in zip(gen, chunk)]
+        prompt_tokens += int(enc["attention_mask"].sum())
+        computed += len(chunk) * seq.shape[1]
+    stats = _finish(device, t0, prompt_tokens, sum(map(len, outs)), computed, batches=-(-len(items) // batch))
+    return stats, outs
+
+
+def run_engine(engine: Engine, items: list[Item]) -> tuple[dict, list[list[int]]]:
+    """Exactly the worker's call: requests in, lists of results out as rows finish."""
+    requests = [Request(id=i, prompt=it.text, params=it.params) for i, it in enumerate(items)]
+    engine.stats = Stats()
+    if engine.runner is not None:
+        engine.runner.stats = dict.fromkeys(engine.runner.stats, 0)
+    results, yields = {}, 0
+    t0 = _start(engine.device)
+    for batch in engine.generate(requests):
+        yields += 1
+        results.update({r.id: r for r in batch})
+    rs = [results[i] for i in range(len(items))]
+    s = engine.stats
+    errors = [r.error_code for r in rs if not r.ok]
+    stats = _finish(engine.device, t0, sum(r.usage.prompt_tokens for r in rs),
+                    sum(r.usage.completion_tokens for r in rs), s.prefill_slots + s.decode_slots,
+                    yields=yields, errors=len(errors), slots=_slots(engine), scheduler=dataclasses.asdict(s),
+                    runner=dict(engine.runner.stats) if engine.runner is not None else None)
+    return stats, [r.token_ids for r in rs]
+
+
+def _slots(engine: Engine):
+    r = engine.runner
+    return None if r is None or r.kv is None else {"slots": r.slots, "columns": r.columns}
+
+
+def match_rate(a: list[list[int]], b: list[list[int]], n: int = 32) -> float:
+    return round(sum(x[:n] == y[:n] for x, y in zip(a, b)) / max(1, min(len(a), len(b))), 4)
+
+
+def common_prefix(a: list[list[int]], b: list[list[int]], n: int = 32) -> float:
+    """Mean number of leading tokens (of the first n) two runs agree on."""
+    def one(x, y):
+        k = 0
+        while k < min(n, len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        return k
+    return round(sum(one(x, y) for x, y in zip(a, b)) / max(1, min(len(a), len(b))), 2)
+
+
+# -- micro-benchmark of one decode step and one prefill --------------------------
+
+
+@torch.inference_mode()
+def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
+    """ms per decode step, eager vs CUDA graph, at several batch sizes; and prefill tok/s."""
+    r, dev = engine.runner, engine.device
+    r.allocate(max(sizes), columns)
+    rows = []
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+
+    def timed(fn, reps):
+        fn()
+        a, b = ev(), ev()
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / reps
+
+    for B in sizes:
+        r.tokens[:B] = torch.randint(0, WORD_VOCAB, (B,), device=dev)
+        r.pos[:B] = torch.randint(columns // 4, columns - 1, (B,), device=dev)
+        eager = timed(lambda: r._decode(B, columns), 3)
+        r.decode(B, columns - 1)  # eager first sight, then capture on the next call
+        graph = timed(lambda: r.decode(B, columns - 1), 10)
+        rows.append({"batch": B, "columns": columns, "eager_ms": round(eager, 2), "graph_ms": round(graph, 2),
+                     "graph_tok_s": round(B / graph * 1000)})
+        print(rows[-1], flush=True)
+    r.release()
+    r.allocate(64, columns)
+    for k, T in ((16, 512), (32, 512), (64, 512)):
+        ids = torch.randint(0, WORD_VOCAB, (k, T), device=dev)
+        ms = timed(lambda: r.prefill(0, ids, torch.full((k,), T, device=dev)), 3)
+        rows.append({"prefill_rows": k, "prefill_len": T, "ms": round(ms, 1), "prefill_tok_s": round(k * T / ms * 1000)})
+        print(rows[-1], flush=True)
+    r.release()
+    return rows
+
+
+# -- main -----------------------------------------------------------------------
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict]:
+    """name=key:value,key:value -> {name: {key: value}} with bools, ints and floats parsed."""
+    def value(v: str):
+        if v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+
+    out = {}
+    for spec in specs:
+        name, _, kvs = spec.partition("=")
+        out[name] = {k: value(v) for k, v in (kv.split(":", 1) for kv in kvs.split(",") if kv)}
+    return out
+
+
+def env_info(engine: Engine) -> dict:
+    import bitsandbytes
+    import transformers
+
+    dev = engine.device
+    return {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "compute_dtype": str(engine.dtype).replace("torch.", ""),
+            "model_type": engine.model.config.model_type}
+
+
+def md_row(res: dict, workload: str) -> str:
+    w, e = res["workloads"][workload], res["env"]
+    b, g, s = w["baseline"], w["engine"], w.get("single") or {}
+    return (f"| {res['date']} | {e['gpu']} | {res['model']} | {workload} | {w['prompts']} | {b['output_tok_s']} | "
+            f"{s.get('output_tok_s', '-')} | {g['output_tok_s']} | **{w['ratio']}x** | {g['total_tok_s']} | "
+            f"{b['wall_s']} / {g['wall_s']} | {b['peak_reserved_gb']} / {g['peak_reserved_gb']} | "
+            f"{b['padding_fraction']} / {g['padding_fraction']} | {w['match32']} | "
+            f"torch {e['torch']}, transformers {e['transformers']}, bnb {e['bitsandbytes']} | `{res['command']}` |")
+
+
+MD_HEADER = ("| date | GPU | model | workload | prompts | baseline out tok/s | single out tok/s | engine out tok/s | "
+             "engine/baseline | engine total tok/s | wall s (base / engine) | peak reserved GB (base / engine) | "
+             "padding (base / engine) | match@32 | versions | command |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a checkpoint to use instead of the random Llama-3.1-8B")
+    ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b", help="where the random model is saved")
+    ap.add_argument("--layer-std", type=float, default=0.002, help="init std of the random model's layer matrices")
+    ap.add_argument("--cache-dir", help="engine cache_dir (the bundled model's conversion)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, bundled small model, a few prompts")
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64, help="baseline batch size")
+    ap.add_argument("--single", type=int, default=16, help="prompts for one-at-a-time (0: skip)")
+    ap.add_argument("--workloads", default="fixed,varied")
+    ap.add_argument("--variants", nargs="*", default=[], help="engine ablations, name=key:value,key:value")
+    ap.add_argument("--variant-workload", default="fixed")
+    ap.add_argument("--variant-prompts", type=int, help="prompts for the ablations (default --prompts)")
+    ap.add_argument("--micro", action="store_true", help="also time one decode step, eager vs graph")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-out")
+    ap.add_argument("--results-md", help="append a row per workload here (default benchmarks/RESULTS.md, "
+                                          "none with --smoke; '' to skip)")
+    args = ap.parse_args(argv)
+    command = "python benchmarks/throughput.py " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))
+    if args.smoke:
+        args.model = args.model or "smollm2-135m-instruct"
+        args.prompts, args.min_len, args.max_len, args.new_tokens = min(args.prompts, 6), 8, 40, 8
+        args.batch, args.single = 4, min(args.single, 2)
+    if args.results_md is None and not args.smoke:
+        args.results_md = str(Path(__file__).with_name("RESULTS.md"))
+
+    if args.model is None:
+        build_random_model(Path(args.model_dir), args.layer_std)
+    model_path = args.model or args.model_dir
+    t = time.perf_counter()
+    config = EngineConfig(model=model_path, cache_dir=args.cache_dir, device="cpu" if args.smoke else "auto")
+    engine = load_engine(config)
+    print(f"loaded {model_path} in NF4 in {time.perf_counter() - t:.1f}s; slot runner: {engine.runner is not None}")
+    words = args.model is None
+    res = {"date": datetime.date.today().isoformat(), "command": command, "model": args.model or "random Llama-3.1-8B",
+           "env": env_info(engine), "workloads": {}, "variants": {}}
+    model, tok, eos = engine.model, engine.tokenizer, engine.eos_ids
+
+    for wl in [w for w in args.workloads.split(",") if w]:
+        items = make_workload(wl, args.prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
+        out: dict = {"prompts": len(items)}
+        print(f"== {wl}: {len(items)} prompts", flush=True)
+        if engine.runner is not None:
+            engine.runner.release()  # the engine keeps its cache between calls; not during others' runs
+        out["baseline"], base_rows = run_generate(model, tok, items, args.batch, eos)
+        print("baseline", out["baseline"], flush=True)
+        if args.single and wl == "fixed":
+            out["single"], single_rows = run_generate(model, tok, items[:args.single], 1, eos)
+            out["single"]["match32_vs_baseline"] = match_rate(single_rows, base_rows)
+            out["single"]["prefix32_vs_baseline"] = common_prefix(single_rows, base_rows)
+            print("single", out["single"], flush=True)
+        out["engine"], eng_rows = run_engine(engine, items)
+        print("engine", out["engine"], flush=True)
+        out["ratio"] = round(out["engine"]["output_tok_s"] / out["baseline"]["output_tok_s"], 2)
+        out["match32"] = match_rate(eng_rows, base_rows)
+        out["prefix32"] = common_prefix(eng_rows, base_rows)  # mean leading tokens in agreement
+        if "single" in out:
+            out["engine_match32_first_single"] = match_rate(eng_rows[:args.single], base_rows[:args.single])
+        res["workloads"][wl] = out
+
+    variants = parse_variants(args.variants)
+    if variants:
+        items = make_workload(args.variant_workload, args.variant_prompts or args.prompts, args.min_len,
+                              args.max_len, args.new_tokens, tok, args.seed, words)
+        if "engine" not in res["workloads"].get(args.variant_workload, {}) or len(items) != args.prompts:
+            variants = {"engine": {}, **variants}  # the default engine on the same prompts, for reference
+        if engine.runner is not None:
+            engine.runner.release()
+        for name, overrides in variants.items():
+            v = Engine(dataclasses.replace(config, **overrides), loaded=(model, tok, engine.device, engine.dtype))
+            stats, _ = run_engine(v, items)
+            if v.runner is not None:
+                v.runner.release()
+            stats["overrides"] = overrides
+            res["variants"][name] = stats
+            print("variant", name, stats, flush=True)
+
+    if args.micro and engine.runner is not None and engine.device.type == "cuda":
+        res["micro"] = micro(engine, [64, 128, 256, 384, 512], -(-(args.max_len + args.new_tokens) // 128) * 128)
+
+    # The table, last, so it is what a log's tail shows.
+    print(f"\n{res['env']}\n{command}")
+    print(f"{'workload':8} {'contender':10} {'out tok/s':>10} {'total tok/s':>11} {'wall s':>8} {'peak GB':>8} {'pad':>6}")
+    for wl, w in res["workloads"].items():
+        for name in ("baseline", "single", "engine"):
+            if name in w:
+                c = w[name]
+                print(f"{wl:8} {name:10} {c['output_tok_s']:>10} {c['total_tok_s']:>11} {c['wall_s']:>8} "
+                      f"{c['peak_reserved_gb']!s:>8} {c['padding_fraction']:>6}")
+        print(f"{wl:8} engine/baseline {w['ratio']}x   match@32 {w['match32']}  mean agreeing prefix {w['prefix32']}"
+              + (f"   (generate alone vs batched: match@32 {w['single']['match32_vs_baseline']})" if "single" in w else ""))
+    for name, v in res["variants"].items():
+        print(f"variant {name:14} {v['output_tok_s']:>10} out tok/s  {v['wall_s']} s  peak {v['peak_reserved_gb']} GB")
+
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=1))
+    if args.results_md:
+        md = Path(args.results_md)
+        rows = "".join(md_row(res, wl) + "\n" for wl in res["workloads"])
+        existing = md.read_text() if md.exists() else ""
+        md.write_text(existing + ("" if MD_HEADER.splitlines()[0] in existing else "\n" + MD_HEADER) + rows)
+    return res
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    main()

@@ -1,0 +1,129 @@
+"""The generation engine on the CPU with the bundled SmolLM2-135M in NF4 (the `engine` fixture)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from worker.engine import Request, SamplingParams
+from worker.engine.engine import Engine
+from worker.engine.runner import Runner
+
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Write one sentence about the sea, the sky and the ships that sail between them at night:",
+    "1, 2, 3, 4, 5,",
+    "A recipe for bread needs flour, water, salt and",
+]
+
+
+def variant(engine, **overrides) -> Engine:
+    """Another engine over the same loaded model, with other settings."""
+    config = dataclasses.replace(engine.config, **overrides)
+    return Engine(config, loaded=(engine.model, engine.tokenizer, engine.device, engine.dtype))
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+def test_mixed_lengths_in_one_batch_equal_each_alone(engine):
+    together = engine.generate_all([Request(id=i, prompt=p, params=greedy(8)) for i, p in enumerate(PROMPTS)])
+    assert engine.stats.prefills >= 1
+    for i, p in enumerate(PROMPTS):
+        alone = engine.generate_all([Request(id=0, prompt=p, params=greedy(8))])[0]
+        assert together[i].token_ids[:8] == alone.token_ids[:8], p
+
+
+def test_matches_transformers_generate(engine):
+    tok = engine.tokenizer
+    res = engine.generate_all([Request(id=i, prompt=p, params=greedy(8)) for i, p in enumerate(PROMPTS[:3])])
+    for p, r in zip(PROMPTS, res):
+        enc = tok(p, return_tensors="pt")
+        ref = engine.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        ref = ref[0, enc["input_ids"].shape[1]:].tolist()
+        assert r.token_ids[:len(ref)] == ref
+
+
+def test_usage_and_length(engine):
+    r = engine.generate_all([Request(id="a", prompt=PROMPTS[1], params=greedy(5, ignore_eos=True))])[0]
+    assert r.ok and r.finish_reason == "length"
+    assert r.usage.completion_tokens == len(r.token_ids) == 5
+    assert r.usage.prompt_tokens == len(engine.tokenizer(PROMPTS[1])["input_ids"])  # no padding counted
+
+
+def test_stop_string(engine):
+    free = engine.generate_all([Request(id=0, prompt=PROMPTS[3], params=greedy(12))])[0]
+    words = free.output.split()
+    assert len(words) >= 2, free.output
+    stop = words[1]
+    r = engine.generate_all([Request(id=0, prompt=PROMPTS[3], params=greedy(12, stop=(stop,)))])[0]
+    assert r.finish_reason == "stop"
+    assert stop not in r.output
+    assert r.usage.completion_tokens < free.usage.completion_tokens or free.finish_reason == "stop"
+
+
+def test_seeded_rows_reproducible_whatever_the_batch(engine):
+    def run(mates: int):
+        reqs = [Request(id="s", prompt=PROMPTS[2], params=SamplingParams(max_tokens=10, temperature=1.0, seed=7))]
+        reqs += [Request(id=i, prompt=PROMPTS[i % 5], params=SamplingParams(max_tokens=6, temperature=0.9))
+                 for i in range(mates)]
+        return next(r for r in engine.generate_all(reqs) if r.id == "s").token_ids
+
+    assert run(0) == run(3) == run(1)
+    other = engine.generate_all([Request(id=0, prompt=PROMPTS[2],
+                                         params=SamplingParams(max_tokens=10, temperature=1.0, seed=8))])[0]
+    assert other.token_ids != run(0)
+
+
+def test_oom_hook_halves_until_it_fits(engine):
+    e = variant(engine, oom_above_batch=2)
+    res = e.generate_all([Request(id=i, prompt=p, params=greedy(4)) for i, p in enumerate(PROMPTS)])
+    assert all(r.ok for r in res), [r.error_message for r in res]
+    assert e.max_batch_size <= 2
+
+
+def test_single_item_oom_fails_alone(engine, monkeypatch):
+    poison = engine.tokenizer(PROMPTS[2])["input_ids"]
+    real_prefill = Runner.prefill
+
+    def prefill(self, first_slot, ids, lengths):
+        if any(row[:len(poison)] == poison for row in ids.tolist()):
+            raise torch.OutOfMemoryError("pretend this prompt needs more memory than the device has")
+        return real_prefill(self, first_slot, ids, lengths)
+
+    monkeypatch.setattr(Runner, "prefill", prefill)
+    e = variant(engine)
+    res = e.generate_all([Request(id=i, prompt=p, params=greedy(4)) for i, p in enumerate(PROMPTS)])
+    assert res[2].error_code == "out_of_memory" and res[2].finish_reason is None
+    assert all(r.ok and r.usage.completion_tokens == 4 or r.finish_reason == "stop" for i, r in enumerate(res) if i != 2)
+
+
+def test_context_length_exceeded(engine):
+    long = " ".join(["word"] * (engine.context_length + 10))
+    res = engine.generate_all([Request(id="long", prompt=long), Request(id="ok", prompt="Hi", params=greedy(3))])
+    assert res[0].error_code == "context_length_exceeded"
+    assert res[1].ok
+
+
+def test_every_request_gets_one_result_across_refills(engine):
+    # Fewer slots than requests: finished rows are replaced by waiting prompts (continuous batching).
+    e = variant(engine, max_batch_tokens=3 * 64)
+    reqs = [Request(id=i, prompt=PROMPTS[i % 5], params=greedy(2 + i % 7)) for i in range(12)]
+    batches = list(e.generate(reqs))
+    ids = [r.id for b in batches for r in b]
+    assert sorted(ids) == list(range(12))
+    assert e.stats.prefills > 1
+    alone = engine.generate_all([Request(id=0, prompt=PROMPTS[3], params=greedy(10))])[0]
+    assert next(r for b in batches for r in b if r.id == 8).token_ids == alone.token_ids[:len(
+        next(r for b in batches for r in b if r.id == 8).token_ids)]
+
+
+def test_padded_fallback_for_unknown_architectures(engine):
+    e = variant(engine)
+    e.runner = None  # as for a model the slot runner does not support
+    res = e.generate_all([Request(id=i, prompt=p, params=greedy(6)) for i, p in enumerate(PROMPTS[:3])])
+    ref = engine.generate_all([Request(id=i, prompt=p, params=greedy(6)) for i, p in enumerate(PROMPTS[:3])])
+    assert [r.token_ids for r in res] == [r.token_ids for r in ref]
