@@ -127,3 +127,35 @@ def test_padded_fallback_for_unknown_architectures(engine):
     res = e.generate_all([Request(id=i, prompt=p, params=greedy(6)) for i, p in enumerate(PROMPTS[:3])])
     ref = engine.generate_all([Request(id=i, prompt=p, params=greedy(6)) for i, p in enumerate(PROMPTS[:3])])
     assert [r.token_ids for r in res] == [r.token_ids for r in ref]
+
+
+def test_poison_in_tokenization_fails_alone(engine):
+    """A chat template that raises on one item's messages fails that item only."""
+    requests = [Request(id=i, prompt=p, params=greedy(4)) for i, p in enumerate(PROMPTS)]
+    requests.append(Request(id="poison", messages=[{"role": "user", "content": None}], params=greedy(4)))
+    res = engine.generate_all(requests)
+    assert res[-1].error_code == "invalid_request" and "chat template" in res[-1].error_message
+    assert all(r.ok and r.usage.completion_tokens > 0 for r in res[:-1])
+
+
+def test_poison_in_generation_fails_alone(engine, monkeypatch):
+    """An item whose forward pass raises fails alone with engine_error; its batch-mates succeed."""
+    poison = engine.tokenizer(PROMPTS[3])["input_ids"]
+    real_prefill = Runner.prefill
+
+    def prefill(self, first_slot, ids, lengths):
+        if any(row[:len(poison)] == poison for row in ids.tolist()):
+            raise RuntimeError("poisoned prompt")
+        return real_prefill(self, first_slot, ids, lengths)
+
+    monkeypatch.setattr(Runner, "prefill", prefill)
+    res = variant(engine).generate_all([Request(id=i, prompt=p, params=greedy(4)) for i, p in enumerate(PROMPTS)])
+    assert res[3].error_code == "engine_error" and "poisoned prompt" in res[3].error_message
+    assert [r.ok for i, r in enumerate(res) if i != 3] == [True] * (len(PROMPTS) - 1)
+
+
+def test_top_p_zero_keeps_the_most_likely_token(engine):
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_p=0.0, seed=1)
+    sampled = engine.generate_all([Request(id=0, prompt=PROMPTS[1], params=params)])[0]
+    greedy_run = engine.generate_all([Request(id=0, prompt=PROMPTS[1], params=greedy(4))])[0]
+    assert sampled.ok and sampled.token_ids == greedy_run.token_ids

@@ -63,6 +63,7 @@ def sample(logits: torch.Tensor, s: RowSampling) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     # Drop a token once the mass before it already reaches top_p; the first token always stays.
     drop |= (probs.cumsum(dim=-1) - probs) >= s.top_p[:, None]
+    drop[:, 0] = False  # even top_p=0 or top_k=1 keeps the most likely token
     probs = probs.masked_fill(drop, 0.0)
     probs = probs / probs.sum(dim=-1, keepdim=True)
     choice = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
