@@ -53,6 +53,26 @@ def prompts(n, max_tokens=24):
             for i in range(n)]
 
 
+def run_with_fault(db_url, broker_url, tmp_path, fault, *, n=12, chunk_size=4, max_tokens=24, worker_db_url=None,
+                   worker_env=None):
+    """Submit n prompts, start a worker, call `fault()` once the first result is in, and wait for the end.
+
+    Returns (invoke, job_id, final status, worker log path).
+    """
+    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=chunk_size)
+    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=max_tokens))).stdout.strip()
+    log = tmp_path / "w.log"
+    w = start_worker(worker_db_url or db_url, broker_url, log,
+                     env={"LLMBATCH_MAX_BATCH_SIZE": "2", **(worker_env or {})})
+    try:
+        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+        fault()
+        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+    finally:
+        stop_worker(w)
+    return invoke, job_id, status, log
+
+
 def test_killed_worker_loses_nothing_and_its_chunk_is_taken_up_within_60s(db_url, broker_url, tmp_path):
     """SIGKILL the whole worker mid-chunk; a new worker takes the chunk up when its lease lapses."""
     n = 12
@@ -98,23 +118,19 @@ def test_killed_worker_loses_nothing_and_its_chunk_is_taken_up_within_60s(db_url
 def test_redis_restarted_mid_job(sqlite_url, tmp_path):
     """A Redis without persistence forgets every queued message; the job still completes."""
     redis_server = RedisServer(tmp_path).start()
-    invoke = make_invoke(sqlite_url, redis_server.url, LLMBATCH_CHUNK_SIZE=3)
-    n = 12
-    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=24))).stdout.strip()
-    log = tmp_path / "w.log"
-    w = start_worker(sqlite_url, redis_server.url, log,
-                     env={"LLMBATCH_LEASE_SECONDS": "6", "LLMBATCH_MAX_BATCH_SIZE": "2"})
-    try:
-        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+
+    def restart():
         redis_server.stop()
         time.sleep(3)
         redis_server.start()  # empty: the queued chunks' messages are gone
-        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+
+    try:
+        invoke, job_id, status, _ = run_with_fault(sqlite_url, redis_server.url, tmp_path, restart, chunk_size=3,
+                                                   worker_env={"LLMBATCH_LEASE_SECONDS": "6"})
     finally:
-        stop_worker(w)
         redis_server.stop()
-    assert status["succeeded"] == n
-    assert_every_line_has_one_final_result(invoke, job_id, n)
+    assert status["succeeded"] == 12
+    assert_every_line_has_one_final_result(invoke, job_id, 12)
 
 
 def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path):
@@ -237,46 +253,35 @@ def test_postgres_unreachable_for_a_few_seconds(pg_url, broker_url, tmp_path):
     from tests.support import TcpProxy
 
     proxy = TcpProxy(5432)
-    worker_url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    invoke = make_invoke(pg_url, broker_url, LLMBATCH_CHUNK_SIZE=4)
-    n = 12
-    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=24))).stdout.strip()
-    log = tmp_path / "w.log"
-    w = start_worker(worker_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": "2"})
-    try:
-        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+
+    def outage():
         proxy.cut()
         time.sleep(5)
         proxy.restore()
-        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
+
+    try:
+        invoke, job_id, status, log = run_with_fault(
+            pg_url, broker_url, tmp_path, outage, worker_db_url=pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
     finally:
-        stop_worker(w)
         proxy.close()
-    assert status["succeeded"] == n
+    assert status["succeeded"] == 12
     assert "retrying" in log.read_text()  # it did meet the outage, and rode it out
-    assert_every_line_has_one_final_result(invoke, job_id, n)
+    assert_every_line_has_one_final_result(invoke, job_id, 12)
 
 
 def test_sqlite_locked_for_a_few_seconds(sqlite_url, broker_url, tmp_path):
     import sqlite3
 
-    invoke = make_invoke(sqlite_url, broker_url, LLMBATCH_CHUNK_SIZE=4)
-    n = 8
-    job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=16))).stdout.strip()
-    log = tmp_path / "w.log"
-    w = start_worker(sqlite_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": "2"})
-    try:
-        wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 1, timeout=180, proc=w, log_path=log)
+    def lock():
         locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
         time.sleep(5)
         locker.execute("ROLLBACK")
         locker.close()
-        status = wait_for_status(invoke, job_id, timeout=240, proc=w, log_path=log)
-    finally:
-        stop_worker(w)
-    assert status["succeeded"] == n
-    assert_every_line_has_one_final_result(invoke, job_id, n)
+
+    invoke, job_id, status, _ = run_with_fault(sqlite_url, broker_url, tmp_path, lock, n=8, max_tokens=16)
+    assert status["succeeded"] == 8
+    assert_every_line_has_one_final_result(invoke, job_id, 8)
 
 
 def test_bad_input_corpus(db_url, broker_url, tmp_path):
