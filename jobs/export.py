@@ -8,9 +8,9 @@ import json
 import typing
 import uuid
 from datetime import datetime
-from typing import Iterable, Iterator
+from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import String, func, literal, select
 from sqlalchemy.orm import Session
 
 from .models import Item, ItemStatus, Job
@@ -23,58 +23,6 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 STREAM_BATCH = 2000
 
 
-def iter_items(session: Session, job_id: str, only: str | None = None) -> Iterator[Item]:
-    """The job's items in line order, fetched in batches through a server-side cursor."""
-    query = select(Item).where(Item.job_id == job_id).order_by(Item.line)
-    if only:
-        query = query.where(Item.status == ItemStatus(only))
-    result = session.execute(query.execution_options(yield_per=STREAM_BATCH))
-    for item in result.scalars():
-        yield item
-        session.expunge(item)  # keep the identity map, and memory, flat on a million rows
-
-
-def _iso(dt: datetime | None) -> str | None:
-    return dt.isoformat() if dt else None
-
-
-def native_row(item: Item) -> dict:
-    error = {"code": item.error_code, "message": item.error_message} if item.error_code else None
-    return {
-        "custom_id": item.custom_id, "line": item.line, "status": item.status.value, "output": item.output,
-        "finish_reason": item.finish_reason, "prompt_tokens": item.prompt_tokens,
-        "completion_tokens": item.completion_tokens, "queued_at": _iso(item.queued_at),
-        "started_at": _iso(item.started_at), "finished_at": _iso(item.finished_at),
-        "latency_ms": item.latency_ms, "worker": item.worker, "error": error,
-    }
-
-
-def openai_row(item: Item, job: Job) -> dict:
-    """One line of OpenAI Batch API output."""
-    request = item.request or {}
-    rid = f"batch_req_{job.id}_{item.line}"
-    if item.status is not ItemStatus.succeeded:
-        return {"id": rid, "custom_id": item.custom_id, "response": None,
-                "error": {"code": item.error_code or item.status.value,
-                          "message": item.error_message or f"item {item.status.value}"}}
-    usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
-             "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0)}
-    created = int(item.finished_at.timestamp()) if item.finished_at else None
-    model = request.get("body_model") or job.model
-    if request.get("url") == "/v1/completions" or ("prompt" in request and request.get("url") is None):
-        body = {"id": f"cmpl-{job.id}-{item.line}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": item.output, "finish_reason": item.finish_reason, "logprobs": None}],
-                "usage": usage}
-    else:
-        body = {"id": f"chatcmpl-{job.id}-{item.line}", "object": "chat.completion", "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": item.output},
-                             "finish_reason": item.finish_reason}],
-                "usage": usage}
-    return {"id": rid, "custom_id": item.custom_id,
-            "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
-
-
 def escape_cell(value) -> str:
     """Text for a CSV cell; one that a spreadsheet would run as a formula gets a leading quote."""
     if value is None:
@@ -85,109 +33,66 @@ def escape_cell(value) -> str:
     return text
 
 
-class _Line:
-    """A file-like sink for csv.writer that hands back what was written."""
-
-    def __init__(self):
-        self.text = ""
-
-    def write(self, s: str) -> None:
-        self.text += s
-
-
-def render(items: Iterable[Item], fmt: str, job: Job) -> Iterator[str]:
-    """Yield the export of ORM items as text chunks (each one or more whole lines).
-
-    The reference rendering: `export` below writes the same text from plain rows, faster.
-    """
-    if fmt == "jsonl":
-        for item in items:
-            yield json.dumps(native_row(item), ensure_ascii=False) + "\n"
-    elif fmt == "openai":
-        for item in items:
-            yield json.dumps(openai_row(item, job), ensure_ascii=False) + "\n"
-    elif fmt == "csv":
-        sink = _Line()
-        writer = csv.writer(sink, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for item in items:
-            row = native_row(item)
-            writer.writerow([escape_cell(row[c]) for c in COLUMNS])
-            yield sink.text
-            sink.text = ""
-        if sink.text:
-            yield sink.text
-    else:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-
-
-# -- the fast path: plain rows straight from the driver ------------------------------------------------
-#
-# A million ORM objects cost most of an export's time, so `export` reads plain tuples through the
-# driver (a server-side cursor on PostgreSQL) and renders them without building Items. Each
-# function below gives, for a row, exactly what native_row / openai_row / escape_cell give.
+# A million ORM objects would cost most of an export's time, so `export` reads plain tuples through
+# the driver (a server-side cursor on PostgreSQL) and renders them without building Items.
+# tests/export_reference.py renders the same from ORM items; the tests hold the two byte-equal.
 
 # Row positions: the native columns, then (openai only) what openai_row needs from `request`.
 (_CID, _LINE, _STATUS, _OUTPUT, _FINISH, _PT, _CT, _QUEUED, _STARTED, _FINISHED, _LATENCY, _WORKER, _CODE,
  _MESSAGE, _URL, _BODY_MODEL, _HAS_PROMPT) = range(17)
-_SELECT = ("custom_id, line, status, output, finish_reason, prompt_tokens, completion_tokens, queued_at, "
-           "started_at, finished_at, latency_ms, worker, error_code, error_message")
-_REQUEST_FIELDS = {
-    "sqlite": "json_extract(request, '$.url'), json_extract(request, '$.body_model'), "
-              "json_type(request, '$.prompt') IS NOT NULL",
-    "postgresql": "request->>'url', request->>'body_model', (request->'prompt') IS NOT NULL",
-}
+_NATIVE = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "queued_at",
+           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message")
 _encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode  # json.dumps(x, ensure_ascii=False)
 _encode_ascii = json.JSONEncoder().encode  # json.dumps(x)
 
 
-def _rows(session: Session, job_id: str, only: str | None, with_request: bool) -> Iterator[list[tuple]]:
-    """Batches of plain tuples, in line order, from one SELECT in the session's transaction."""
-    conn = session.connection()
-    dialect = conn.dialect.name
-    if dialect not in _REQUEST_FIELDS:  # another backend: through SQLAlchemy Core
-        yield from _rows_core(conn, job_id, only, with_request)
-        return
-    mark = "?" if dialect == "sqlite" else "%s"
-    sql = f"SELECT {_SELECT}"
-    if with_request:
-        sql += ", " + _REQUEST_FIELDS[dialect]
-    sql += f" FROM items WHERE job_id = {mark}"
-    args: tuple = (job_id,)
-    if only:
-        sql += f" AND status = {mark}"
-        args += (ItemStatus(only).value,)
-    sql += " ORDER BY line"
-    dbapi = conn.connection.dbapi_connection
+def _request_columns(dialect: str) -> list:
+    """What the openai format needs from `request` (url, body_model, has a prompt), read in SQL.
+
+    Written per dialect with plain string binds, so the compiled parameters need no processing.
+    """
+    r = Item.__table__.c.request
     if dialect == "postgresql":
-        cur = dbapi.cursor(name=f"llmbatch_export_{uuid.uuid4().hex[:12]}")  # server-side: memory stays flat
+        def field(key):
+            return r.op("->>", return_type=String)(literal(key, String))
+
+        return [field("url"), field("body_model"), r.op("->", return_type=String)(literal("prompt", String)).is_not(None)]
+    return [func.json_extract(r, literal("$.url", String)), func.json_extract(r, literal("$.body_model", String)),
+            func.json_type(r, literal("$.prompt", String)).is_not(None)]
+
+
+def _query(dialect: str, job_id: str, only: str | None, with_request: bool):
+    t = Item.__table__
+    cols = [t.c[name] for name in _NATIVE] + (_request_columns(dialect) if with_request else [])
+    query = select(*cols).where(t.c.job_id == literal(job_id, String)).order_by(t.c.line)
+    if only:
+        query = query.where(t.c.status == literal(ItemStatus(only).value, String))
+    return query
+
+
+def _rows(session: Session, job_id: str, only: str | None, with_request: bool) -> Iterator[list[tuple]]:
+    """Batches of plain tuples, in line order, from one SELECT in the session's transaction.
+
+    SQLAlchemy compiles the statement; the driver's own cursor runs it, which skips building a
+    Row per result (a server-side cursor on PostgreSQL, so memory stays flat).
+    """
+    conn = session.connection()
+    compiled = _query(conn.dialect.name, job_id, only, with_request).compile(dialect=conn.dialect)
+    dbapi = conn.connection.dbapi_connection
+    if conn.dialect.name == "postgresql":
+        cur = dbapi.cursor(name=f"llmbatch_export_{uuid.uuid4().hex[:12]}")
         cur.itersize = STREAM_BATCH
     else:
         cur = dbapi.cursor()  # SQLite steps through the result as we fetch
+    params = compiled.params
+    if compiled.positiontup is not None:  # qmark / format paramstyles take a tuple
+        params = tuple(params[name] for name in compiled.positiontup)
     try:
-        cur.execute(sql, args)
+        cur.execute(str(compiled), params)
         while batch := cur.fetchmany(STREAM_BATCH):
             yield batch
     finally:
         cur.close()
-
-
-def _rows_core(conn, job_id: str, only: str | None, with_request: bool) -> Iterator[list[tuple]]:
-    t = Item.__table__
-    cols = [t.c[name] for name in _SELECT.split(", ")]
-    query = select(*cols, t.c.request if with_request else t.c.id).where(t.c.job_id == job_id).order_by(t.c.line)
-    if only:
-        query = query.where(t.c.status == ItemStatus(only))
-    result = conn.execution_options(yield_per=STREAM_BATCH).execute(query)
-    for part in result.partitions():
-        out = []
-        for r in part:
-            request = r[-1] if with_request else None
-            row = list(r[:-1])
-            row[_STATUS] = ItemStatus(row[_STATUS]).value
-            request = request or {}
-            out.append((*row, request.get("url"), request.get("body_model"), "prompt" in request))
-        yield out
 
 
 class _Iso:

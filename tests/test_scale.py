@@ -20,6 +20,7 @@ from jobs import export, service, work
 from jobs.cli import cli
 from jobs.exceptions import InputFileError
 from jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
+from tests import export_reference
 from tests.support import write_jsonl
 
 N = 10_000
@@ -111,7 +112,7 @@ def _export(db, job, fmt, only=None) -> tuple[int, str]:
 def _reference(db, job, fmt, only=None) -> str:
     """The export as the ORM-based renderer writes it: the fast path must write exactly this."""
     with db.read() as s:
-        return "".join(export.render(export.iter_items(s, job.id, only), fmt, job))
+        return "".join(export_reference.render(export_reference.iter_items(s, job.id, only), fmt, job))
 
 
 def test_submit_stores_10k_lines_with_counters_equal_to_the_items(big):

@@ -1,6 +1,5 @@
 """Submitting, cancelling and retrying jobs against real SQLite and PostgreSQL."""
 
-import io
 
 import pytest
 from sqlalchemy import func, select
