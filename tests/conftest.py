@@ -36,12 +36,11 @@ def redis_url(db: int) -> str:
     return f"{REDIS_URL.rstrip('/')}/{db}"
 
 
-@pytest.fixture
-def broker_url():
+def _redis_db(db: int):
     """A Redis database of its own, emptied first. Fails (never skips) when Redis is down."""
     import redis
 
-    url = redis_url(9)
+    url = redis_url(db)
     client = redis.Redis.from_url(url)
     try:
         client.ping()
@@ -50,6 +49,18 @@ def broker_url():
     client.flushdb()
     yield url
     client.flushdb()
+
+
+@pytest.fixture
+def broker_url():
+    """The broker for tests that start workers."""
+    yield from _redis_db(9)
+
+
+@pytest.fixture
+def quiet_broker_url():
+    """A broker no test worker ever listens on, for tests that count queued messages."""
+    yield from _redis_db(10)
 
 
 @pytest.fixture

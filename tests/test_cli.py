@@ -17,6 +17,11 @@ STATUS_FIELDS = {"id", "status", "model", "total", "pending", "running", "succee
 
 
 @pytest.fixture
+def broker_url(quiet_broker_url):
+    return quiet_broker_url
+
+
+@pytest.fixture
 def invoke(db_url, broker_url):
     runner = CliRunner()
 
