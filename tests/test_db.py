@@ -61,3 +61,12 @@ def test_db_upgrade_command(sqlite_url):
     result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "db", "upgrade"])
     assert result.exit_code == 0, result.output
     assert Database(sqlite_url).schema_is_current()
+
+
+def test_schema_head_constant_is_the_newest_migration():
+    from alembic.script import ScriptDirectory
+
+    from jobs.db import SCHEMA_HEAD
+
+    db = Database("sqlite://")
+    assert ScriptDirectory.from_config(db.alembic_config).get_heads() == [SCHEMA_HEAD]
