@@ -321,8 +321,7 @@ def markdown(rows: list[dict], command: str, lines: int, size_mb: float) -> str:
            "Wall time is the whole command, Python start included; peak RSS is that process's ru_maxrss. "
            "Status is the read itself (median, warm connection); the whole command's time is in the notes.", "",
            f"- Machine: {machine}. Date: {date}.",
-           f"- Services: PostgreSQL and Redis on the same machine. Load average when the run began: {load} "
-           "(other work shared the 2 cores).",
+           f"- Services: PostgreSQL and Redis on the same machine. Load average when the run began: {load}.",
            f"- Command: `{command}`", "",
            "| backend | step | wall | peak RSS | target | met | notes |",
            "|---|---|---|---|---|---|---|"]
