@@ -1,0 +1,86 @@
+"""run_chunk, the code shared by the Celery task and `llmbatch run`, with the echo engine."""
+
+from sqlalchemy import select
+
+from jobs import service, work
+from jobs.models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus
+from tests.support import write_jsonl
+from worker.echo import EchoEngine
+from worker.runner import run_chunk
+
+
+def _submit(db, settings, tmp_path, n):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"word {i} more words", "max_tokens": 2} for i in range(n)])
+    with db.write() as s, open(path, "rb") as fp:
+        return service.submit(s, fp, settings)
+
+
+def test_a_chunk_runs_to_done_and_completes_its_job(db, settings, tmp_path):
+    out = _submit(db, settings, tmp_path, 4)
+    outcome = run_chunk(db, EchoEngine(), out.chunk_ids[0], "w", 30)
+    assert outcome.claimed and outcome.done == 4 and not outcome.lost
+    with db.read() as s:
+        assert s.get(Chunk, out.chunk_ids[0]).status is ChunkStatus.done
+        job = s.get(Job, out.job.id)
+        outputs = s.scalars(select(Item.output).where(Item.job_id == job.id).order_by(Item.line)).all()
+    assert job.status is JobStatus.completed and job.succeeded == 4
+    assert outputs == ["word 0", "word 1", "word 2", "word 3"]  # max_tokens=2 words
+
+
+def test_a_chunk_held_by_a_live_worker_is_skipped(db, settings, tmp_path):
+    out = _submit(db, settings, tmp_path, 4)
+    with db.write() as s:
+        work.claim_chunk(s, out.chunk_ids[0], "other", 30)
+    assert not run_chunk(db, EchoEngine(), out.chunk_ids[0], "w", 30).claimed
+
+
+class CancelAfterFirstBatch(EchoEngine):
+    """Cancels the job while its first micro-batch is being written."""
+
+    batch_size = 2
+
+    def __init__(self, db, job_id):
+        self.db, self.job_id = db, job_id
+
+    def generate(self, requests):
+        for i, batch in enumerate(super().generate(requests)):
+            if i == 0:
+                with self.db.write() as s:
+                    service.cancel(s, self.job_id)
+            yield batch
+
+
+def test_cancel_stops_the_chunk_after_the_micro_batch_in_flight(db, settings, tmp_path):
+    out = _submit(db, settings, tmp_path, 4)  # one chunk of 4 (chunk_size=4), micro-batches of 2
+    outcome = run_chunk(db, CancelAfterFirstBatch(db, out.job.id), out.chunk_ids[0], "w", 30)
+    assert outcome.done == 2
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+        states = s.scalars(select(Item.status).where(Item.job_id == job.id).order_by(Item.line)).all()
+    assert states == [ItemStatus.succeeded] * 2 + [ItemStatus.cancelled] * 2
+    assert job.status is JobStatus.cancelled and (job.succeeded, job.cancelled, job.running) == (2, 2, 0)
+
+
+class LoseLeaseAfterFirstBatch(EchoEngine):
+    """Another worker takes the chunk over (our lease lapsed) while the first micro-batch runs."""
+
+    batch_size = 2
+
+    def __init__(self, db, chunk_id):
+        self.db, self.chunk_id = db, chunk_id
+
+    def generate(self, requests):
+        for i, batch in enumerate(super().generate(requests)):
+            if i == 1:
+                with self.db.write() as s:
+                    s.execute(Chunk.__table__.update().where(Chunk.id == self.chunk_id).values(worker="thief"))
+            yield batch
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing_more(db, settings, tmp_path):
+    out = _submit(db, settings, tmp_path, 4)
+    outcome = run_chunk(db, LoseLeaseAfterFirstBatch(db, out.chunk_ids[0]), out.chunk_ids[0], "w", 30)
+    assert outcome.lost and outcome.done == 2
+    with db.read() as s:
+        states = s.scalars(select(Item.status).where(Item.job_id == out.job.id).order_by(Item.line)).all()
+    assert states == [ItemStatus.succeeded] * 2 + [ItemStatus.running] * 2  # left for the new holder
