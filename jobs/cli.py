@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from .exceptions import BrokerUnavailable, LLMBatchError
+from .inputs import PARAM_NAMES
 from .settings import Settings, redact_url
 
 FINAL_JOB_STATES = ("completed", "cancelled")
@@ -70,7 +71,7 @@ def generation_options(fn):
 
 
 def collect_params(kw: dict) -> dict:
-    params = {k: kw.pop(k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
+    params = {k: kw.pop(k) for k in PARAM_NAMES}
     params["stop"] = list(params["stop"]) or None
     return {k: v for k, v in params.items() if v is not None}
 
@@ -91,7 +92,7 @@ def cli(ctx, database_url, broker_url):
 def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> None:
     from worker import app as celery_app
 
-    from . import service
+    from . import work
 
     try:
         celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids], ctx.settings.broker_url)
@@ -101,18 +102,18 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
             f"{redact_url(ctx.settings.broker_url)} ({type(exc).__name__}: {exc}); "
             f"start the broker and run `llmbatch retry {job_id}`") from exc
     with ctx.db.write() as s:
-        service.mark_enqueued(s, chunk_ids)
+        work.mark_enqueued(s, chunk_ids)
 
 
 PROGRESS_MIN_BYTES = 16 * 1024**2  # files larger than this show a progress bar on stderr while they are stored
 
 
-def _store(ctx: Context, file: Path, *, model, name, params, strict, quiet=False):
+def _store(ctx: Context, file: Path, *, model, name, params, strict):
     from . import service
     from .progress import Progress
 
     size = file.stat().st_size
-    progress = Progress(size, "bytes") if size > PROGRESS_MIN_BYTES and not quiet else None
+    progress = Progress(size, "bytes") if size > PROGRESS_MIN_BYTES else None
     # A large read buffer: the parser reads line by line, so fewer system calls for a big file.
     with open(file, "rb", buffering=1 << 20) as fp:
         on_line = (lambda _n: progress.update(fp.tell() - progress.done)) if progress else None

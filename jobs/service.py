@@ -225,11 +225,6 @@ def list_jobs(session: Session, limit: int = 20) -> list[Job]:
     return list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
 
 
-def mark_enqueued(session: Session, chunk_ids: list[int]) -> None:
-    for i in range(0, len(chunk_ids), 1000):
-        session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids[i:i + 1000])).values(enqueued_at=utcnow()))
-
-
 def cancel(session: Session, job_id: str) -> Job:
     """Cancel pending work now; running micro-batches finish and their results are kept."""
     job = get_job(session, job_id)

@@ -175,35 +175,41 @@ def finish_job_if_done(session: Session, job_id: str) -> None:
         )
 
 
-def release_stale_chunks(session: Session) -> list[tuple[str, int]]:
-    """Hand back chunks whose lease lapsed (their worker died); returns (job_id, chunk_id) to requeue."""
-    stale = session.execute(
-        update(Chunk).where(Chunk.status == ChunkStatus.running, Chunk.lease_until < utcnow())
-        .values(status=ChunkStatus.pending, worker=None, enqueued_at=utcnow())
-        .returning(Chunk.job_id, Chunk.id)
-    ).all()
-    return [(job_id, chunk_id) for job_id, chunk_id in stale]
+Requeue = dict[str, list[tuple[str, int]]]  # model -> [(job_id, chunk_id)]: what to publish, on which queue
 
 
-def unstarted_chunks(session: Session, queued_before: datetime) -> dict[str, list[tuple[str, int]]]:
-    """Pending chunks queued before `queued_before`, by model: their messages may be lost."""
-    rows = session.execute(
-        select(Job.model, Chunk.job_id, Chunk.id).join(Job, Job.id == Chunk.job_id)
-        .where(Chunk.status == ChunkStatus.pending, Chunk.enqueued_at < queued_before,
-               Job.status.in_([JobStatus.queued, JobStatus.running]))
-        .order_by(Chunk.id)
-    ).all()
-    by_model: dict[str, list[tuple[str, int]]] = {}
+def _by_model(rows) -> Requeue:
+    by_model: Requeue = {}
     for model, job_id, chunk_id in rows:
         by_model.setdefault(model, []).append((job_id, chunk_id))
     return by_model
 
 
-def mark_requeued(session: Session, chunk_ids: list[int]) -> None:
+def release_stale_chunks(session: Session) -> Requeue:
+    """Hand back chunks whose lease lapsed (their worker died), to be queued again."""
+    stale = session.execute(
+        update(Chunk).where(Chunk.status == ChunkStatus.running, Chunk.lease_until < utcnow())
+        .values(status=ChunkStatus.pending, worker=None, enqueued_at=utcnow())
+        .returning(Chunk.job_id, Chunk.id)
+    ).all()
+    if not stale:
+        return {}
+    models = dict(session.execute(select(Job.id, Job.model).where(Job.id.in_({job_id for job_id, _ in stale}))).all())
+    return _by_model((models[job_id], job_id, chunk_id) for job_id, chunk_id in sorted(stale, key=lambda r: r[1]))
+
+
+def unstarted_chunks(session: Session, queued_before: datetime) -> Requeue:
+    """Pending chunks queued before `queued_before`: their messages may be lost."""
+    return _by_model(session.execute(
+        select(Job.model, Chunk.job_id, Chunk.id).join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.status == ChunkStatus.pending, Chunk.enqueued_at < queued_before,
+               Job.status.in_([JobStatus.queued, JobStatus.running]))
+        .order_by(Chunk.id)
+    ).all())
+
+
+def mark_enqueued(session: Session, chunk_ids: list[int]) -> None:
+    """Stamp when these chunks' messages were published (a chunk already taken keeps its stamp)."""
     for i in range(0, len(chunk_ids), 1000):
         session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids[i:i + 1000]), Chunk.status == ChunkStatus.pending)
                         .values(enqueued_at=utcnow()))
-
-
-def job_model(session: Session, job_id: str) -> str:
-    return session.scalar(select(Job.model).where(Job.id == job_id))

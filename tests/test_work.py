@@ -63,7 +63,7 @@ def test_lapsed_lease_is_taken_over_and_the_old_worker_writes_nothing(db, settin
     with db.write() as s:  # the old worker stops renewing; time passes
         s.execute(update(Chunk).values(lease_until=utcnow() - timedelta(seconds=1)))
     with db.write() as s:
-        assert work.release_stale_chunks(s) == [(out.job.id, old.id)]
+        assert work.release_stale_chunks(s) == {out.job.model: [(out.job.id, old.id)]}
     with db.write() as s:
         new = work.claim_chunk(s, old.id, "alive", 30)
     assert new is not None
@@ -101,7 +101,7 @@ def test_release_leaves_live_chunks_alone(db, settings, tmp_path):
     with db.write() as s:
         work.claim_chunk(s, out.chunk_ids[0], "w1", 30)
     with db.write() as s:
-        assert work.release_stale_chunks(s) == []
+        assert work.release_stale_chunks(s) == {}
         assert s.get(Chunk, out.chunk_ids[0]).status is ChunkStatus.running
 
 

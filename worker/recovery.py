@@ -34,30 +34,22 @@ def messages_held(model: str) -> int:
         return channel.client.llen(queue_name(model)) + channel.client.hlen(channel.unacked_key)
 
 
+def _requeue(db: Database, chunks_by_model: work.Requeue, why: str) -> int:
+    for model, chunks in chunks_by_model.items():
+        log.warning("requeueing %d chunk(s) of %s: %s", len(chunks), model, why)
+        enqueue_chunks(model, chunks)
+        db.retrying(lambda s: work.mark_enqueued(s, [c for _, c in chunks]))
+    return sum(map(len, chunks_by_model.values()))
+
+
 def sweep(db: Database, lease_seconds: int) -> int:
     """Requeue chunks of dead workers and chunks whose messages were lost; returns how many."""
-    requeued = 0
-    stale = db.retrying(work.release_stale_chunks)
-    if stale:
-        by_model: dict[str, list[tuple[str, int]]] = {}
-        with db.read() as s:
-            for job_id, chunk_id in stale:
-                by_model.setdefault(work.job_model(s, job_id), []).append((job_id, chunk_id))
-        for model, chunks in by_model.items():
-            log.warning("requeueing %d chunk(s) of %s whose worker stopped renewing its lease", len(chunks), model)
-            enqueue_chunks(model, chunks)
-            requeued += len(chunks)
+    requeued = _requeue(db, db.retrying(work.release_stale_chunks), "their worker stopped renewing its lease")
     with db.read() as s:
         waiting = work.unstarted_chunks(s, utcnow() - timedelta(seconds=lease_seconds))
-    for model, chunks in waiting.items():
-        if messages_held(model) >= len(chunks):
-            continue  # the messages may simply be waiting their turn
-        log.warning("queue %s holds fewer messages than its %d pending chunk(s); requeueing them",
-                    queue_name(model), len(chunks))
-        enqueue_chunks(model, chunks)
-        db.retrying(lambda s: work.mark_requeued(s, [c for _, c in chunks]))
-        requeued += len(chunks)
-    return requeued
+    # A queue that holds as many messages as it has chunks waiting may simply be busy.
+    lost = {model: chunks for model, chunks in waiting.items() if messages_held(model) < len(chunks)}
+    return requeued + _requeue(db, lost, "the broker holds fewer messages than there are chunks waiting")
 
 
 def start_recovery_thread(db: Database, lease_seconds: int) -> threading.Thread:
