@@ -18,7 +18,7 @@ from .exceptions import InputFileError, InvalidState, JobNotFound
 from .inputs import iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
 from .settings import Settings
-from .work import _bump, finish_job_if_done
+from .work import bump_counters, finish_job_if_done
 
 # Good lines are stored a batch at a time: this many chunks' worth of rows per round of inserts.
 # Large enough that round trips and statement overhead vanish, small enough to stay flat in memory.
@@ -192,7 +192,7 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
         writer.close()
     if on_line:
         on_line(total)
-    _bump(session, job_id, total=total, pending=total - n_bad, failed=n_bad)
+    bump_counters(session, job_id, total=total, pending=total - n_bad, failed=n_bad)
     finish_job_if_done(session, job_id)  # a file of only bad lines is complete at once
     session.refresh(job)
     out.bad_lines = n_bad
@@ -235,7 +235,7 @@ def cancel(session: Session, job_id: str) -> Job:
         update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.pending)
         .values(status=ItemStatus.cancelled, finished_at=utcnow())
     ).rowcount
-    _bump(session, job_id, pending=-n, cancelled=n)
+    bump_counters(session, job_id, pending=-n, cancelled=n)
     finish_job_if_done(session, job_id)
     session.refresh(job)
     return job
@@ -255,7 +255,7 @@ def retry(session: Session, job_id: str) -> list[int]:
             status=ItemStatus.pending, output=None, finish_reason=None, error_code=None, error_message=None,
             prompt_tokens=None, completion_tokens=None, finished_at=None, latency_ms=None, queued_at=utcnow())
     ).rowcount
-    _bump(session, job_id, failed=-n, pending=n)
+    bump_counters(session, job_id, failed=-n, pending=n)
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
     session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids)).values(status=ChunkStatus.pending, worker=None))
     return chunk_ids

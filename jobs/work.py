@@ -35,7 +35,7 @@ class ItemResult:
     error_message: str | None = None
 
 
-def _bump(session: Session, job_id: str, **deltas: int) -> None:
+def bump_counters(session: Session, job_id: str, **deltas: int) -> None:
     """Add to the job's counters in one statement (`x = x + n`), safe under concurrent writers."""
     deltas = {k: v for k, v in deltas.items() if v}
     if deltas:
@@ -66,7 +66,7 @@ def claim_chunk(session: Session, chunk_id: int, worker: str, lease_seconds: int
         update(Item).where(Item.chunk_id == chunk_id, Item.status == ItemStatus.running)
         .values(worker=worker, started_at=now, attempts=Item.attempts + 1)
     )
-    _bump(session, chunk.job_id, pending=-started, running=started)
+    bump_counters(session, chunk.job_id, pending=-started, running=started)
     session.execute(
         update(Job).where(Job.id == chunk.job_id, Job.status == JobStatus.queued)
         .values(status=JobStatus.running, started_at=now)
@@ -121,7 +121,7 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
     written = session.execute(_WRITE_RESULT, rows).rowcount
     if written == len(rows):
         ok = sum(r.status is ItemStatus.succeeded for r in results)
-        _bump(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
+        bump_counters(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
               prompt_tokens=sum(r.prompt_tokens for r in results),
               completion_tokens=sum(r.completion_tokens for r in results))
     else:  # some were final already (the guard kept them): count from the rows instead
@@ -152,7 +152,7 @@ def cancel_running(session: Session, chunk: Chunk) -> int:
         update(Item).where(Item.chunk_id == chunk.id, Item.status == ItemStatus.running)
         .values(status=ItemStatus.cancelled, finished_at=utcnow())
     ).rowcount
-    _bump(session, chunk.job_id, running=-n, cancelled=n)
+    bump_counters(session, chunk.job_id, running=-n, cancelled=n)
     finish_job_if_done(session, chunk.job_id)
     return n
 
