@@ -42,7 +42,7 @@ def standalone(args) -> dict:
     """Run in its own process: load, warm up, time engine.generate on the whole workload."""
     import torch
 
-    from worker.engine import EngineConfig, Request, SamplingParams, load_engine
+    from llmbatch.worker.engine import EngineConfig, Request, SamplingParams, load_engine
 
     engine = load_engine(EngineConfig(model=args.model, cache_dir=args.cache_dir))
     texts = workload(args, engine.tokenizer)
@@ -70,7 +70,7 @@ def standalone(args) -> dict:
 
 def fp32_match(args) -> float:
     from benchmarks.throughput import make_workload, match_rate, run_engine, run_generate
-    from worker.engine import EngineConfig, load_engine
+    from llmbatch.worker.engine import EngineConfig, load_engine
 
     engine = load_engine(EngineConfig(model=args.model, cache_dir=args.cache_dir, compute_dtype="float32"))
     items = make_workload("fixed", 64, args.min_len, args.max_len, 32, engine.tokenizer, args.seed + 1, words=True)
@@ -104,8 +104,8 @@ def start_redis(workdir: Path) -> tuple[str, subprocess.Popen | None]:
 def through_worker(args, workdir: Path) -> dict:
     from sqlalchemy import func, select
 
-    from jobs.db import Database
-    from jobs.models import Item
+    from llmbatch.jobs.db import Database
+    from llmbatch.jobs.models import Item
 
     broker, redis_proc = start_redis(workdir)
     db_url = f"sqlite:///{workdir / 'e2e.db'}"
@@ -115,13 +115,13 @@ def through_worker(args, workdir: Path) -> dict:
         env["LLMBATCH_MODEL_CACHE"] = args.cache_dir
 
     def cli(*a):
-        return subprocess.run([sys.executable, "-m", "jobs.cli", *a], env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "llmbatch.jobs.cli", *a], env=env, capture_output=True, text=True,
                               check=True).stdout.strip()
 
     from transformers import AutoTokenizer
 
-    from worker.engine.loading import resolve_checkpoint
-    from worker.engine import EngineConfig
+    from llmbatch.worker.engine.loading import resolve_checkpoint
+    from llmbatch.worker.engine import EngineConfig
 
     tok = AutoTokenizer.from_pretrained(resolve_checkpoint(EngineConfig(model=args.model, cache_dir=args.cache_dir)))
     texts = workload(args, tok)
@@ -133,7 +133,7 @@ def through_worker(args, workdir: Path) -> dict:
         return path
 
     log = open(workdir / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--loglevel", "WARNING"], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "llmbatch.jobs.cli", "worker", "--loglevel", "WARNING"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(job_id, timeout):

@@ -32,7 +32,7 @@ def write_file(path: Path, n: int, prefix: str) -> Path:
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "llmbatch.jobs.cli", *args], env=env, capture_output=True, text=True,
                           check=True)
 
 
@@ -48,7 +48,7 @@ def run_load(db_url: str, broker_url: str, workdir: Path, *, items: int = 100_00
     files = [write_file(workdir / "big.jsonl", items, "big")]
     files += [write_file(workdir / f"small-{j}.jsonl", small_size, f"s{j}") for j in range(small_jobs)]
     logs = [open(workdir / f"worker-{i}.log", "wb") for i in range(workers)]
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--engine", "echo", "-n", f"load{i}@%h",
+    procs = [subprocess.Popen([sys.executable, "-m", "llmbatch.jobs.cli", "worker", "--engine", "echo", "-n", f"load{i}@%h",
                                "--loglevel", "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True) for i, log in enumerate(logs)]
     try:

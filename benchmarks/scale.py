@@ -141,7 +141,7 @@ def run_measured(argv: list[str], env: dict, stdout=subprocess.PIPE) -> dict:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", *args]
+    return [sys.executable, "-m", "llmbatch.jobs.cli", *args]
 
 
 # -- helpers that run in their own process (`scale.py _status URL JOB`, `scale.py _finish URL JOB`) ----
@@ -149,8 +149,8 @@ def cli(*args: str) -> list[str]:
 
 def _status_probe(url: str, job_id: str, repeats: int) -> None:
     """Time the status read itself: what `status JOB --json` does once the process is up."""
-    from jobs import service
-    from jobs.db import Database
+    from llmbatch.jobs import service
+    from llmbatch.jobs.db import Database
 
     t0 = time.perf_counter()
     db = Database(url)
@@ -173,8 +173,8 @@ def _finish_all(url: str, job_id: str) -> None:
     from sqlalchemy import String, case, cast, literal, select, update
     from sqlalchemy.sql import func
 
-    from jobs.db import Database
-    from jobs.models import Item, ItemStatus, Job, JobStatus, utcnow
+    from llmbatch.jobs.db import Database
+    from llmbatch.jobs.models import Item, ItemStatus, Job, JobStatus, utcnow
 
     db = Database(url)
     pg = not db.is_sqlite

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from worker.engine import EngineConfig, Request, SamplingParams, load_engine  # noqa: E402
-from worker.engine.engine import Engine  # noqa: E402
-from worker.engine.scheduler import Stats  # noqa: E402
+from llmbatch.worker.engine import EngineConfig, Request, SamplingParams, load_engine  # noqa: E402
+from llmbatch.worker.engine.engine import Engine  # noqa: E402
+from llmbatch.worker.engine.scheduler import Stats  # noqa: E402
 
 WORD_VOCAB = 128000  # prompt words t0..t127999; ids from 128000 up are Llama 3's special tokens
 

@@ -90,7 +90,7 @@ def cli(ctx, database_url, broker_url):
 
 
 def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> None:
-    from worker import app as celery_app
+    from llmbatch.worker import app as celery_app
 
     from . import work
 
@@ -287,8 +287,8 @@ def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
                       LLMBATCH_DATABASE_URL=ctx.settings.database_url, LLMBATCH_BROKER_URL=ctx.settings.broker_url)
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     ctx.db  # create or upgrade the schema once, before any child races to
-    from worker import app as celery_app
-    from worker import tasks  # noqa: F401  (registers the task)
+    from llmbatch.worker import app as celery_app
+    from llmbatch.worker import tasks  # noqa: F401  (registers the task)
 
     app = celery_app.configure(ctx.settings.broker_url)
     queue = celery_app.queue_name(model)
@@ -312,8 +312,8 @@ def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
 @handle_errors
 def run(ctx, file, output, fmt, model, name, strict, engine_kind, **kw):
     """Submit FILE, generate every line in this process, and export: no services needed."""
-    from worker.engines import make_engine
-    from worker.runner import run_chunk
+    from llmbatch.worker.engines import make_engine
+    from llmbatch.worker.runner import run_chunk
 
     from .progress import Progress
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# llmbatch.migrations, wherever it is installed (a wheel, or this repository in editable mode).
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration's revision. A new migration moves it; tests/test_db.py holds the two equal.
 SCHEMA_HEAD = "0001"

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from jobs.exceptions import InputFileError
-from jobs.settings import Limits
+from llmbatch.jobs.exceptions import InputFileError
+from llmbatch.jobs.settings import Limits
 
 PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 

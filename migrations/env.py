@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import pool
 
-from jobs.models import Base
+from llmbatch.jobs.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -15,7 +15,7 @@ def _engine():
         return engine
     from sqlalchemy import create_engine
 
-    from jobs.settings import Settings
+    from llmbatch.jobs.settings import Settings
 
     url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
     return create_engine(url, poolclass=pool.NullPool)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.settings import DEFAULT_MODEL, Settings
+from llmbatch.jobs.settings import DEFAULT_MODEL, Settings
 
 REDIS_URL = os.environ.get("LLMBATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 POSTGRES_URL = os.environ.get("LLMBATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -94,7 +94,7 @@ def db_url(request):
 
 @pytest.fixture
 def db(db_url):
-    from jobs.db import Database
+    from llmbatch.jobs.db import Database
 
     database = Database(db_url)
     database.ensure_schema()
@@ -110,6 +110,6 @@ def settings(db_url):
 @pytest.fixture(scope="session")
 def engine():
     """The bundled SmolLM2-135M in NF4 on the CPU, loaded once for the session."""
-    from worker.engine import EngineConfig, load_engine
+    from llmbatch.worker.engine import EngineConfig, load_engine
 
     return load_engine(EngineConfig(model=DEFAULT_MODEL, cache_dir=os.environ["LLMBATCH_MODEL_CACHE"]))

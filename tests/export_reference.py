@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs.export import COLUMNS, FORMATS, escape_cell
-from jobs.models import Item, ItemStatus, Job
+from llmbatch.jobs.export import COLUMNS, FORMATS, escape_cell
+from llmbatch.jobs.models import Item, ItemStatus, Job
 
 STREAM_BATCH = 2000
 

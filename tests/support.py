@@ -43,7 +43,7 @@ def start_worker(db_url, broker_url, log_path, *extra, env=None):
     full_env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker_url,
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--loglevel", "INFO", *extra],
+    return subprocess.Popen([sys.executable, "-m", "llmbatch.jobs.cli", "worker", "--loglevel", "INFO", *extra],
                             env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -1,6 +1,6 @@
 """The Celery app's reliability settings, and how work is routed."""
 
-from worker.app import TASK_RUN_CHUNK, app, make_app, queue_name
+from llmbatch.worker.app import TASK_RUN_CHUNK, app, make_app, queue_name
 
 
 def test_json_only_late_acks_prefetch_one():
@@ -20,7 +20,7 @@ def test_queue_is_named_after_the_model():
 
 
 def test_task_is_registered_under_a_stable_name():
-    import worker.tasks  # noqa: F401
+    import llmbatch.worker.tasks  # noqa: F401
 
     assert TASK_RUN_CHUNK in app.tasks
     assert app.tasks[TASK_RUN_CHUNK].acks_late is True

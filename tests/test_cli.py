@@ -8,7 +8,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from llmbatch.jobs.cli import cli
 from tests.support import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,8 +22,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from jobs.cli import cli
-from worker.app import queue_name
+from llmbatch.jobs.cli import cli
+from llmbatch.worker.app import queue_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -268,7 +268,7 @@ def test_dockerfile_builds_this_project(services):
     copied = {Path(src).as_posix().rstrip("/") for i, a in steps if i == "COPY"
               for src in shlex.split(a)[:-1] if not src.startswith("--")}
     needed = {"pyproject.toml", PYPROJECT["project"]["readme"]}
-    needed |= {pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed |= set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())  # the folders installed as llmbatch.*
     assert "." in copied or needed <= copied, f"the image misses {sorted(needed - copied)}"
     runs = " ".join(a for i, a in steps if i == "RUN")
     assert re.search(r"pip install [^&;]*['\"]?\.(\[postgres\])?['\"]?(\s|$)", runs), "the image must pip install ."

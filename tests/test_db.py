@@ -4,8 +4,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from jobs.db import Database
-from jobs.models import Base
+from llmbatch.jobs.db import Database
+from llmbatch.jobs.models import Base
 
 
 def test_upgrade_blank_database_matches_models(db_url):
@@ -56,7 +56,7 @@ def test_sqlite_write_transactions_take_the_lock_up_front(sqlite_url):
 def test_db_upgrade_command(sqlite_url):
     from click.testing import CliRunner
 
-    from jobs.cli import cli
+    from llmbatch.jobs.cli import cli
 
     result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "db", "upgrade"])
     assert result.exit_code == 0, result.output
@@ -66,7 +66,7 @@ def test_db_upgrade_command(sqlite_url):
 def test_schema_head_constant_is_the_newest_migration():
     from alembic.script import ScriptDirectory
 
-    from jobs.db import SCHEMA_HEAD
+    from llmbatch.jobs.db import SCHEMA_HEAD
 
     db = Database("sqlite://")
     assert ScriptDirectory.from_config(db.alembic_config).get_heads() == [SCHEMA_HEAD]

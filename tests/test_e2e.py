@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from llmbatch.jobs.cli import cli
 from tests.support import MIXED_BAD_LINES, MIXED_LINES, start_worker, stop_worker, wait_for_status, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import dataclasses
 
 import torch
 
-from worker.engine import Request, SamplingParams
-from worker.engine.engine import Engine
-from worker.engine.runner import Runner
+from llmbatch.worker.engine import Request, SamplingParams
+from llmbatch.worker.engine.engine import Engine
+from llmbatch.worker.engine.runner import Runner
 
 PROMPTS = [
     "Hi",

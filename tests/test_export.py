@@ -4,8 +4,8 @@ import csv
 import io
 import json
 
-from jobs import export, service, work
-from jobs.models import ItemStatus, Job
+from llmbatch.jobs import export, service, work
+from llmbatch.jobs.models import ItemStatus, Job
 from tests.support import write_jsonl
 
 LINES = [

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from jobs.exceptions import InputFileError
-from jobs.inputs import PARAM_NAMES, ParsedLine, iter_parsed, parse_line, validate_params
-from jobs.settings import Limits
+from llmbatch.jobs.exceptions import InputFileError
+from llmbatch.jobs.inputs import PARAM_NAMES, ParsedLine, iter_parsed, parse_line, validate_params
+from llmbatch.jobs.settings import Limits
 
 LIMITS = Limits(max_file_bytes=10**9, max_line_bytes=4096, max_items_per_job=1000, max_tokens_per_item=1024)
 

@@ -21,7 +21,7 @@ def test_100k_items_and_20_small_jobs_through_two_workers_lose_nothing(sqlite_ur
     assert sum(s["total"] for s in result["statuses"].values()) == 101_000
     big = max(result["statuses"].values(), key=lambda s: s["total"])
     # The rows themselves, not just the counters: one per line, each with its echo.
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--database-url", sqlite_url, "export", big["id"]],
+    out = subprocess.run([sys.executable, "-m", "llmbatch.jobs.cli", "--database-url", sqlite_url, "export", big["id"]],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(out) == 100_000
     lines = [json.loads(line) for line in out[:3]] + [json.loads(out[-1])]

@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from jobs.cli import cli
-from jobs.db import Database
-from jobs.models import Chunk, ChunkStatus
+from llmbatch.jobs.cli import cli
+from llmbatch.jobs.db import Database
+from llmbatch.jobs.models import Chunk, ChunkStatus
 from tests.support import (RedisServer, assert_every_line_has_one_final_result, export_rows, start_worker,
                            stop_worker, wait_for_status, write_jsonl)
 
@@ -133,7 +133,7 @@ def test_redis_restarted_mid_job(sqlite_url, tmp_path):
 
 
 def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path):
-    from worker.app import enqueue_chunks
+    from llmbatch.worker.app import enqueue_chunks
 
     invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=3)
     n = 12
@@ -155,7 +155,7 @@ def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path
     assert all(r["status"] == "succeeded" for r in rows)
     db = Database(db_url)
     with db.read() as s:
-        from jobs.models import Item
+        from llmbatch.jobs.models import Item
 
         attempts = s.scalars(select(Item.attempts).where(Item.job_id == job_id)).all()
     db.dispose()

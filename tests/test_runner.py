@@ -2,11 +2,11 @@
 
 from sqlalchemy import select
 
-from jobs import service, work
-from jobs.models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus
+from llmbatch.jobs import service, work
+from llmbatch.jobs.models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus
 from tests.support import write_jsonl
-from worker.echo import EchoEngine
-from worker.runner import run_chunk
+from llmbatch.worker.echo import EchoEngine
+from llmbatch.worker.runner import run_chunk
 
 
 def _submit(db, settings, tmp_path, n):

@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine, event, func, select, update
 
-from jobs import cli as cli_module
-from jobs import export, service, work
-from jobs.cli import cli
-from jobs.exceptions import InputFileError
-from jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
+from llmbatch.jobs import cli as cli_module
+from llmbatch.jobs import export, service, work
+from llmbatch.jobs.cli import cli
+from llmbatch.jobs.exceptions import InputFileError
+from llmbatch.jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
 from tests import export_reference
 from tests.support import write_jsonl
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import cli
+from llmbatch.jobs.cli import cli
 from tests.support import RedisServer, start_worker, stop_worker, wait_for_status, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_unreachable_broker_error_hides_the_password(sqlite_url, tmp_path):
 
 
 def test_redact_url():
-    from jobs.settings import redact_url
+    from llmbatch.jobs.settings import redact_url
 
     assert REDIS_SECRET not in redact_url(f"rediss://:{REDIS_SECRET}@h:6379/0?ssl_cert_reqs=required")
     assert PG_SECRET not in redact_url(f"postgresql+psycopg://u:{PG_SECRET}@h/db")

@@ -4,9 +4,9 @@
 import pytest
 from sqlalchemy import func, select
 
-from jobs import service, work
-from jobs.exceptions import InputFileError, InvalidState
-from jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
+from llmbatch.jobs import service, work
+from llmbatch.jobs.exceptions import InputFileError, InvalidState
+from llmbatch.jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
 from tests.support import MIXED_BAD_LINES, MIXED_LINES, write_jsonl
 
 

@@ -4,8 +4,8 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from jobs import service, work
-from jobs.models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
+from llmbatch.jobs import service, work
+from llmbatch.jobs.models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
 from tests.support import write_jsonl
 
 

@@ -9,7 +9,7 @@ import re
 
 from celery import Celery
 
-from jobs.settings import Settings
+from llmbatch.jobs.settings import Settings
 
 TASK_RUN_CHUNK = "llmbatch.run_chunk"
 
@@ -20,7 +20,7 @@ def queue_name(model: str) -> str:
 
 
 def make_app(broker_url: str) -> Celery:
-    app = Celery("llmbatch", broker=broker_url, include=["worker.tasks"])
+    app = Celery("llmbatch", broker=broker_url, include=["llmbatch.worker.tasks"])
     app.conf.update(
         # JSON only: a pickled message is refused, never executed.
         task_serializer="json",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Iterator
 
-from worker.engine.types import Request, Result, Usage
+from llmbatch.worker.engine.types import Request, Result, Usage
 
 
 class EchoEngine:

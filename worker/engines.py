@@ -6,12 +6,12 @@ import logging
 import os
 import warnings
 
-from jobs.settings import Settings
+from llmbatch.jobs.settings import Settings
 
 
 def make_engine(model: str, settings: Settings):
     if settings.engine == "echo":
-        from worker.echo import EchoEngine
+        from llmbatch.worker.echo import EchoEngine
 
         return EchoEngine()
     # Progress bars of weight loading, a deprecation notice per forward pass and bitsandbytes'
@@ -21,7 +21,7 @@ def make_engine(model: str, settings: Settings):
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
-    from worker.engine import EngineConfig, load_engine
+    from llmbatch.worker.engine import EngineConfig, load_engine
 
     hf_logging.disable_progress_bar()
     config = EngineConfig(model=model, cache_dir=str(settings.model_cache), double_quant=settings.double_quant)

@@ -18,10 +18,10 @@ import logging
 import threading
 from datetime import timedelta
 
-from jobs import work
-from jobs.db import Database
-from jobs.models import utcnow
-from worker.app import app, enqueue_chunks, queue_name
+from llmbatch.jobs import work
+from llmbatch.jobs.db import Database
+from llmbatch.jobs.models import utcnow
+from llmbatch.worker.app import app, enqueue_chunks, queue_name
 
 log = logging.getLogger(__name__)
 

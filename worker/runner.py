@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from jobs import work
-from jobs.db import Database
-from jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
-from worker.engine import Request, Result, SamplingParams
+from llmbatch.jobs import work
+from llmbatch.jobs.db import Database
+from llmbatch.jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
+from llmbatch.worker.engine import Request, Result, SamplingParams
 
 log = logging.getLogger(__name__)
 

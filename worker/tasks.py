@@ -9,9 +9,9 @@ from functools import lru_cache
 
 from celery import signals
 
-from jobs.db import Database
-from jobs.settings import Settings
-from worker.app import TASK_RUN_CHUNK, app
+from llmbatch.jobs.db import Database
+from llmbatch.jobs.settings import Settings
+from llmbatch.worker.app import TASK_RUN_CHUNK, app
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def database() -> Database:
 @lru_cache(maxsize=1)
 def engine():
     """The model, loaded once per worker process on its first task."""
-    from worker.engines import make_engine
+    from llmbatch.worker.engines import make_engine
 
     return make_engine(settings().model, settings())
 
@@ -40,7 +40,7 @@ def worker_name() -> str:
 
 @app.task(name=TASK_RUN_CHUNK, acks_late=True, reject_on_worker_lost=True)
 def run_chunk(job_id: str, chunk_id: int) -> None:
-    from worker.runner import run_chunk as run
+    from llmbatch.worker.runner import run_chunk as run
 
     eng = engine()  # load before claiming, so the lease is not spent on loading
     outcome = run(database(), eng, chunk_id, worker_name(), settings().lease_seconds)
@@ -56,6 +56,6 @@ def _fresh_connections(**_):
 
 @signals.worker_ready.connect
 def _start_recovery(sender=None, **_):
-    from worker.recovery import start_recovery_thread
+    from llmbatch.worker.recovery import start_recovery_thread
 
     start_recovery_thread(database(), settings().lease_seconds)
