@@ -1,6 +1,7 @@
 """End to end on one GPU: a real `llmbatch worker` (Celery, Redis, SQLite) against the engine alone.
 
-The same 1,000 prompts (16-512 tokens, 128 new, greedy) run twice with the same NF4 model:
+The same prompts (default: the `varied` workload, 8,192 lines of 16-512 tokens, greedy, max_tokens 16-256
+per line, so a job of 8 chunks at the default chunk size) run twice with the same NF4 model:
   standalone  engine.generate(requests) in a process of its own, after a warm-up
   worker      `llmbatch submit` + `llmbatch worker`; timed from the job's first item started to its
               last item finished (from the database), after a warm-up job has loaded the model
@@ -30,12 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def workload(args, tokenizer) -> list[str]:
+def workload(args, tokenizer):
     from benchmarks.throughput import make_workload
 
-    items = make_workload("varied", args.prompts, args.min_len, args.max_len, args.new_tokens, tokenizer, args.seed,
-                          words=not args.smoke)
-    return [it.text for it in items]
+    return make_workload(args.workload, args.prompts, args.min_len, args.max_len, args.new_tokens, tokenizer,
+                         args.seed, words=not args.smoke)
 
 
 def standalone(args) -> dict:
@@ -45,15 +45,15 @@ def standalone(args) -> dict:
     from llmbatch.worker.engine import EngineConfig, Request, SamplingParams, load_engine
 
     engine = load_engine(EngineConfig(model=args.model, cache_dir=args.cache_dir))
-    texts = workload(args, engine.tokenizer)
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
-    for _ in engine.generate([Request(id=i, prompt=t, params=params) for i, t in enumerate(texts[:64])]):
+    items = workload(args, engine.tokenizer)
+    warm = SamplingParams(max_tokens=8, temperature=0.0)
+    for _ in engine.generate([Request(id=i, prompt=it.text, params=warm) for i, it in enumerate(items[:64])]):
         pass
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = tokens = 0
-    for results in engine.generate([Request(id=i, prompt=t, params=params) for i, t in enumerate(texts)]):
+    for results in engine.generate([Request(id=i, prompt=it.text, params=it.params) for i, it in enumerate(items)]):
         out += len(results)
         tokens += sum(r.usage.completion_tokens for r in results)
     if engine.device.type == "cuda":
@@ -110,7 +110,7 @@ def through_worker(args, workdir: Path) -> dict:
     broker, redis_proc = start_redis(workdir)
     db_url = f"sqlite:///{workdir / 'e2e.db'}"
     env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker, "LLMBATCH_MODEL": args.model,
-           "LLMBATCH_CHUNK_SIZE": str(args.prompts), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "LLMBATCH_CHUNK_SIZE": str(args.chunk_size), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.cache_dir:
         env["LLMBATCH_MODEL_CACHE"] = args.cache_dir
 
@@ -124,12 +124,12 @@ def through_worker(args, workdir: Path) -> dict:
     from llmbatch.worker.engine import EngineConfig
 
     tok = AutoTokenizer.from_pretrained(resolve_checkpoint(EngineConfig(model=args.model, cache_dir=args.cache_dir)))
-    texts = workload(args, tok)
+    items = workload(args, tok)
 
-    def job_file(name, lines):
+    def job_file(name, lines, max_tokens=None):
         path = workdir / name
-        path.write_text("".join(json.dumps({"prompt": t, "max_tokens": args.new_tokens, "temperature": 0}) + "\n"
-                                for t in lines))
+        path.write_text("".join(json.dumps({"prompt": it.text, "max_tokens": max_tokens or it.params.max_tokens,
+                                            "temperature": 0}) + "\n" for it in lines))
         return path
 
     log = open(workdir / "worker.log", "wb")
@@ -148,8 +148,8 @@ def through_worker(args, workdir: Path) -> dict:
         raise RuntimeError(f"job {job_id} unfinished: {s}")
 
     try:
-        wait(cli("submit", str(job_file("warmup.jsonl", texts[:64]))), args.timeout)  # loads the model
-        job_id = cli("submit", str(job_file("job.jsonl", texts)))
+        wait(cli("submit", str(job_file("warmup.jsonl", items[:64], 8))), args.timeout)  # loads the model
+        job_id = cli("submit", str(job_file("job.jsonl", items)))
         status = wait(job_id, args.timeout)
     finally:
         worker.terminate()
@@ -173,12 +173,14 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint (default: the random Llama-3.1-8B, built if missing)")
     ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b")
     ap.add_argument("--cache-dir")
-    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--prompts", type=int, default=8192)
+    ap.add_argument("--workload", default="varied", help="a benchmarks/throughput.py workload")
+    ap.add_argument("--chunk-size", type=int, default=1024, help="the job's chunk size (1024 is the default)")
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--timeout", type=float, default=420)
     ap.add_argument("--smoke", action="store_true", help="CPU, bundled model, 8 prompts")
     ap.add_argument("--fp32-match", action="store_true")
     ap.add_argument("--json-out")
@@ -186,6 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.model, args.prompts, args.min_len, args.max_len, args.new_tokens = "smollm2-135m-instruct", 8, 8, 32, 8
+        args.chunk_size = 3
     if args.standalone_only:
         print(json.dumps(standalone(args)))
         return
@@ -195,6 +198,7 @@ def main() -> None:
         build_random_model(Path(args.model_dir), 0.002)
         args.model = args.model_dir
     passthrough = [a for a in sys.argv[1:] if a != "--smoke"] + ["--model", args.model, "--prompts", str(args.prompts),
+                   "--workload", args.workload,
                    "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--new-tokens", str(args.new_tokens)]
     out = subprocess.run([sys.executable, __file__, "--standalone-only", *passthrough], capture_output=True, text=True)
     if out.returncode:

@@ -103,9 +103,15 @@ class Item:
     params: SamplingParams
 
 
+STOPS = ("<never-a-stop>", "qq zz")  # two stop strings that never match: their cost is checking for them
+LONG_TOKENS = 1024  # mixed: the long lines' max_tokens
+
+
 def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int, tokenizer, seed: int,
                   words: bool) -> list[Item]:
-    """fixed: every row makes exactly new_tokens (EOS ignored). varied: EOS allowed, max_tokens in 16..2*new_tokens."""
+    """fixed: every row makes exactly new_tokens (EOS ignored). varied: EOS allowed, max_tokens in 16..2*new_tokens.
+    sampled: fixed's prompts at temperature 0.7, top_p 0.9, a seed per line, two stop strings.
+    mixed: fixed with every 50th line (2%) at max_tokens 1,024."""
     rng = random.Random(seed)
     items = []
     for _ in range(n):
@@ -116,6 +122,13 @@ def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int
             text = tokenizer.decode([rng.randrange(1000, tokenizer.vocab_size - 1000) for _ in range(length)])
         if kind == "fixed":
             params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        elif kind == "sampled":
+            params = SamplingParams(max_tokens=new_tokens, temperature=0.7, top_p=0.9, seed=len(items), stop=STOPS,
+                                    ignore_eos=True)
+        elif kind == "mixed":  # 2% long lines; a small run gets one, its last
+            long = len(items) % 50 == 49 or (n < 50 and len(items) == n - 1)
+            params = SamplingParams(max_tokens=min(LONG_TOKENS, 8 * new_tokens) if long else new_tokens,
+                                    temperature=0.0, ignore_eos=True)
         else:
             params = SamplingParams(max_tokens=rng.randint(16, 2 * new_tokens), temperature=0.0)
         items.append(Item(text, params))
@@ -161,6 +174,18 @@ def useful(row: list[int], max_tokens: int, eos_ids: set[int], ignore_eos: bool)
     return row
 
 
+class TailStops:
+    """What a `generate` user without StopStringCriteria writes: decode each row's tail, look for the stops."""
+
+    def __init__(self, tokenizer, stops):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.window = max(map(len, stops)) + 2
+
+    def __call__(self, input_ids, scores, **kw):
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.window:].tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
+
+
 @torch.inference_mode()
 def run_generate(model, tokenizer, items: list[Item], batch: int, eos_ids: set[int]) -> tuple[dict, list[list[int]]]:
     """Naive: `model.generate` on fixed batches in file order, left-padded, to the batch's largest max_tokens."""
@@ -171,7 +196,14 @@ def run_generate(model, tokenizer, items: list[Item], batch: int, eos_ids: set[i
         chunk = items[i:i + batch]
         enc = tokenizer([it.text for it in chunk], padding=True, return_tensors="pt").to(device)
         ignore = chunk[0].params.ignore_eos
-        seq = model.generate(**enc, do_sample=False, max_new_tokens=max(it.params.max_tokens for it in chunk),
+        p = chunk[0].params
+        sampling = dict(do_sample=True, temperature=p.temperature, top_p=p.top_p) if p.temperature > 0 else \
+            dict(do_sample=False)
+        if p.stop:  # transformers' StopStringCriteria cannot read the word-level tokenizer: the plain way
+            from transformers import StoppingCriteriaList
+
+            sampling["stopping_criteria"] = StoppingCriteriaList([TailStops(tokenizer, p.stop)])
+        seq = model.generate(**enc, **sampling, max_new_tokens=max(it.params.max_tokens for it in chunk),
                              eos_token_id=None if ignore else sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
         width = enc["input_ids"].shape[1]
         gen = seq[:, width:].tolist()
@@ -205,7 +237,7 @@ def run_engine(engine: Engine, items: list[Item]) -> tuple[dict, list[list[int]]
 
 def _slots(engine: Engine):
     r = engine.runner
-    return None if r is None or r.kv is None else {"slots": r.slots, "columns": r.columns}
+    return None if r is None or r.kv is None else {"slots": r.slots, "blocks": r.blocks, "block_tokens": r.blocks * 16}
 
 
 def match_rate(a: list[list[int]], b: list[list[int]], n: int = 32) -> float:
@@ -227,9 +259,14 @@ def common_prefix(a: list[list[int]], b: list[list[int]], n: int = 32) -> float:
 
 @torch.inference_mode()
 def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
-    """ms per decode step, eager vs CUDA graph, at several batch sizes; and prefill tok/s."""
+    """ms per decode step, eager vs CUDA graph, at several batch sizes (each row `columns` tokens deep);
+    prefill tok/s; and the paged kernel against the gather reference on this GPU."""
+    from llmbatch.worker.engine import paged
+
     r, dev = engine.runner, engine.device
-    r.allocate(max(sizes), columns)
+    r.allocate(max(sizes), max(sizes) * (-(-columns // 16)) + 64, columns)
+    for slot in range(max(sizes)):
+        r.reserve(slot, columns)
     rows = []
     ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
 
@@ -243,6 +280,7 @@ def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
         torch.cuda.synchronize()
         return a.elapsed_time(b) / reps
 
+    r.kv.normal_()
     for B in sizes:
         r.tokens[:B] = torch.randint(0, WORD_VOCAB, (B,), device=dev)
         r.pos[:B] = torch.randint(columns // 4, columns - 1, (B,), device=dev)
@@ -252,8 +290,25 @@ def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
         rows.append({"batch": B, "columns": columns, "eager_ms": round(eager, 2), "graph_ms": round(graph, 2),
                      "graph_tok_s": round(B / graph * 1000)})
         print(rows[-1], flush=True)
+    d = r.dims
+    for B in (1, 16, 512):
+        q = torch.randn(B, d.q_heads, d.head_dim, device=dev, dtype=engine.dtype)
+        lens = torch.randint(1, columns, (B,), device=dev)
+        ref, ref_lse = paged.attend_gather(q, r.kv[0, 0], r.kv[0, 1], r.block_table[:B], lens, 0.088, columns)
+        got, lse = paged.attend_triton(q, r.kv[0, 0], r.kv[0, 1], r.block_table[:B], lens, 0.088,
+                                       paged.splits_for(B, d.kv_heads))
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        ms = timed(lambda: paged.attend_triton(q, r.kv[0, 0], r.kv[0, 1], r.block_table[:B], lens, 0.088,
+                                               paged.splits_for(B, d.kv_heads)), 10)
+        kv_bytes = int(lens.sum()) * 2 * d.kv_heads * d.head_dim * r.kv.element_size()
+        rows.append({"kernel_rows": B, "rel_err_vs_gather": round(err, 5),
+                     "lse_max_abs_err": round((lse - ref_lse).abs().max().item(), 5), "ms": round(ms, 3),
+                     "kv_gb_s": round(kv_bytes / ms / 1e6)})
+        print(rows[-1], flush=True)
     r.release()
-    r.allocate(64, columns)
+    r.allocate(64, 64 * 512 // 16 + 64, 512)
+    for slot in range(64):
+        r.reserve(slot, 512)
     for k, T in ((16, 512), (32, 512), (64, 512)):
         ids = torch.randint(0, WORD_VOCAB, (k, T), device=dev)
         ms = timed(lambda: r.prefill(0, ids, torch.full((k,), T, device=dev)), 3)
@@ -261,6 +316,28 @@ def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
         print(rows[-1], flush=True)
     r.release()
     return rows
+
+
+def check_kernel(engine: Engine) -> dict:
+    """The paged kernel against the gather reference on this GPU, bf16 and fp32; stops the run if off."""
+    from llmbatch.worker.engine import paged
+
+    d, dev, out = engine.runner.dims, engine.device, {}
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        k_pool = torch.randn(600, d.kv_heads, 16, d.head_dim, device=dev, dtype=dtype)
+        v_pool = torch.randn_like(k_pool)
+        for B in (1, 7, 300):
+            table = torch.randint(0, 600, (B, 40), device=dev, dtype=torch.int32)  # rows may share blocks
+            lens = torch.randint(1, 640, (B,), device=dev)
+            q = torch.randn(B, d.q_heads, d.head_dim, device=dev, dtype=dtype)
+            ref, ref_lse = paged.attend_gather(q, k_pool, v_pool, table, lens, 0.088, 640)
+            got, lse = paged.attend_triton(q, k_pool, v_pool, table, lens, 0.088, paged.splits_for(B, d.kv_heads))
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            out[f"{str(dtype)[6:]}_rows{B}"] = round(err, 7)
+            if not err < tol or not torch.allclose(lse, ref_lse, atol=tol * 10):
+                raise SystemExit(f"paged kernel disagrees with the reference: {dtype} rows {B} rel err {err}")
+    print("kernel check (relative error vs gather):", out, flush=True)
+    return out
 
 
 # -- main -----------------------------------------------------------------------
@@ -298,11 +375,14 @@ def env_info(engine: Engine) -> dict:
 
 def md_row(res: dict, workload: str) -> str:
     w, e = res["workloads"][workload], res["env"]
-    b, g, s = w["baseline"], w["engine"], w.get("single") or {}
-    return (f"| {res['date']} | {e['gpu']} | {res['model']} | {workload} | {w['prompts']} | {b['output_tok_s']} | "
-            f"{s.get('output_tok_s', '-')} | {g['output_tok_s']} | **{w['ratio']}x** | {g['total_tok_s']} | "
-            f"{b['wall_s']} / {g['wall_s']} | {b['peak_reserved_gb']} / {g['peak_reserved_gb']} | "
-            f"{b['padding_fraction']} / {g['padding_fraction']} | {w['match32']} | "
+    b, g, s = w.get("baseline") or {}, w["engine"], w.get("single") or {}
+    ratio = f"**{w['ratio']}x**" if "ratio" in w else "-"
+    if "vs_fixed" in w:
+        ratio += f" ({w['vs_fixed']}x fixed's engine)"
+    return (f"| {res['date']} | {e['gpu']} | {res['model']} | {workload} | {w['prompts']} | {b.get('output_tok_s', '-')} | "
+            f"{s.get('output_tok_s', '-')} | {g['output_tok_s']} | {ratio} | {g['total_tok_s']} | "
+            f"{b.get('wall_s', '-')} / {g['wall_s']} | {b.get('peak_reserved_gb', '-')} / {g['peak_reserved_gb']} | "
+            f"{b.get('padding_fraction', '-')} / {g['padding_fraction']} | {w.get('match32', '-')} | "
             f"torch {e['torch']}, transformers {e['transformers']}, bnb {e['bitsandbytes']} | `{res['command']}` |")
 
 
@@ -324,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64, help="baseline batch size")
+    ap.add_argument("--baseline-prompts", type=int, help="time the baseline on the first N prompts only (its rate is "
+                                                          "what is compared; default all)")
     ap.add_argument("--single", type=int, default=16, help="prompts for one-at-a-time (0: skip)")
     ap.add_argument("--workloads", default="fixed,varied")
     ap.add_argument("--variants", nargs="*", default=[], help="engine ablations, name=key:value,key:value")
@@ -355,14 +437,21 @@ def main(argv: list[str] | None = None) -> dict:
            "env": env_info(engine), "workloads": {}, "variants": {}}
     model, tok, eos = engine.model, engine.tokenizer, engine.eos_ids
 
+    if engine.device.type == "cuda" and engine.runner is not None:
+        res["kernel_check"] = check_kernel(engine)
+    # Warm-up, untimed: Triton compiles the attention kernel, the first row buckets get their graphs.
+    warm = make_workload("fixed", min(64, args.prompts), args.min_len, args.max_len, 4, tok, args.seed + 99, words)
+    run_engine(engine, warm)
     for wl in [w for w in args.workloads.split(",") if w]:
         items = make_workload(wl, args.prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
         out: dict = {"prompts": len(items)}
         print(f"== {wl}: {len(items)} prompts", flush=True)
-        if engine.runner is not None:
-            engine.runner.release()  # the engine keeps its cache between calls; not during others' runs
-        out["baseline"], base_rows = run_generate(model, tok, items, args.batch, eos)
-        print("baseline", out["baseline"], flush=True)
+        base_rows = None
+        if wl != "mixed" and args.batch:  # mixed is judged against the engine on fixed, in the same run
+            if engine.runner is not None:
+                engine.runner.release()  # the engine keeps its cache between calls; not during others' runs
+            out["baseline"], base_rows = run_generate(model, tok, items[:args.baseline_prompts], args.batch, eos)
+            print("baseline", out["baseline"], flush=True)
         if args.single and wl == "fixed":
             out["single"], single_rows = run_generate(model, tok, items[:args.single], 1, eos)
             out["single"]["match32_vs_baseline"] = match_rate(single_rows, base_rows)
@@ -370,9 +459,14 @@ def main(argv: list[str] | None = None) -> dict:
             print("single", out["single"], flush=True)
         out["engine"], eng_rows = run_engine(engine, items)
         print("engine", out["engine"], flush=True)
-        out["ratio"] = round(out["engine"]["output_tok_s"] / out["baseline"]["output_tok_s"], 2)
-        out["match32"] = match_rate(eng_rows, base_rows)
-        out["prefix32"] = common_prefix(eng_rows, base_rows)  # mean leading tokens in agreement
+        if base_rows is not None:
+            out["ratio"] = round(out["engine"]["output_tok_s"] / out["baseline"]["output_tok_s"], 2)
+            if wl != "sampled":  # sampled draws differ from the baseline's by design
+                out["match32"] = match_rate(eng_rows, base_rows)
+                out["prefix32"] = common_prefix(eng_rows, base_rows)  # mean leading tokens in agreement
+        fixed = res["workloads"].get("fixed", {}).get("engine")
+        if fixed and wl != "fixed":
+            out["vs_fixed"] = round(out["engine"]["output_tok_s"] / fixed["output_tok_s"], 3)
         if "single" in out:
             out["engine_match32_first_single"] = match_rate(eng_rows[:args.single], base_rows[:args.single])
         res["workloads"][wl] = out
@@ -395,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
             print("variant", name, stats, flush=True)
 
     if args.micro and engine.runner is not None and engine.device.type == "cuda":
-        res["micro"] = micro(engine, [64, 128, 256, 384, 512], -(-(args.max_len + args.new_tokens) // 128) * 128)
+        res["micro"] = micro(engine, [64, 128, 256, 384, 512], args.max_len + args.new_tokens)
 
     # The table, last, so it is what a log's tail shows.
     print(f"\n{res['env']}\n{command}")
@@ -406,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
                 c = w[name]
                 print(f"{wl:8} {name:10} {c['output_tok_s']:>10} {c['total_tok_s']:>11} {c['wall_s']:>8} "
                       f"{c['peak_reserved_gb']!s:>8} {c['padding_fraction']:>6}")
-        print(f"{wl:8} engine/baseline {w['ratio']}x   match@32 {w['match32']}  mean agreeing prefix {w['prefix32']}"
+        print(f"{wl:8} engine/baseline {w.get('ratio', '-')}x  vs fixed's engine {w.get('vs_fixed', '-')}x  "
+              f"match@32 {w.get('match32', '-')}  mean agreeing prefix {w.get('prefix32', '-')}"
               + (f"   (generate alone vs batched: match@32 {w['single']['match32_vs_baseline']})" if "single" in w else ""))
     for name, v in res["variants"].items():
         print(f"variant {name:14} {v['output_tok_s']:>10} out tok/s  {v['wall_s']} s  peak {v['peak_reserved_gb']} GB")

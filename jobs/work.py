@@ -74,6 +74,12 @@ def claim_chunk(session: Session, chunk_id: int, worker: str, lease_seconds: int
     return chunk
 
 
+def next_pending_chunk(session: Session, job_id: str) -> int | None:
+    """The job's first chunk still waiting for a worker, for a worker that can take more now."""
+    return session.scalar(select(Chunk.id).where(Chunk.job_id == job_id, Chunk.status == ChunkStatus.pending)
+                          .order_by(Chunk.seq).limit(1))
+
+
 def running_items(session: Session, chunk_id: int) -> list[Item]:
     """The chunk's unfinished items, in one query."""
     return list(session.scalars(

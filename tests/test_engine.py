@@ -30,8 +30,11 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 
 def test_mixed_lengths_in_one_batch_equal_each_alone(engine):
-    together = engine.generate_all([Request(id=i, prompt=p, params=greedy(8)) for i, p in enumerate(PROMPTS)])
-    assert engine.stats.prefills >= 1
+    e = variant(engine)  # fresh counters
+    together = e.generate_all([Request(id=i, prompt=p, params=greedy(8)) for i, p in enumerate(PROMPTS)])
+    # One prefill chunk for the five prompts, each prompt token computed once.
+    assert e.stats.prefills == 1
+    assert e.stats.prefill_tokens == sum(r.usage.prompt_tokens for r in together)
     for i, p in enumerate(PROMPTS):
         alone = engine.generate_all([Request(id=0, prompt=p, params=greedy(8))])[0]
         assert together[i].token_ids[:8] == alone.token_ids[:8], p
@@ -55,14 +58,60 @@ def test_usage_and_length(engine):
 
 
 def test_stop_string(engine):
-    free = engine.generate_all([Request(id=0, prompt=PROMPTS[3], params=greedy(12))])[0]
+    free = engine.generate_all([Request(id=0, prompt=PROMPTS[3], params=greedy(12, ignore_eos=True))])[0]
     words = free.output.split()
-    assert len(words) >= 2, free.output
+    assert len(words) >= 3, free.output
     stop = words[1]
     r = engine.generate_all([Request(id=0, prompt=PROMPTS[3], params=greedy(12, stop=(stop,)))])[0]
     assert r.finish_reason == "stop"
-    assert stop not in r.output
-    assert r.usage.completion_tokens < free.usage.completion_tokens or free.finish_reason == "stop"
+    assert r.output == free.output[:free.output.find(stop)] and stop not in r.output
+    assert r.usage.completion_tokens < free.usage.completion_tokens
+
+
+def test_stop_string_spanning_tokens_cuts_at_its_first_match(engine):
+    tok = engine.tokenizer
+    free = engine.generate_all([Request(id=0, prompt=PROMPTS[2], params=greedy(16, ignore_eos=True))])[0]
+    pieces = [tok.decode(free.token_ids[:n], skip_special_tokens=True) for n in range(len(free.token_ids) + 1)]
+    # A stop string made of the end of one token and the start of the next: it spans a boundary.
+    n = next(n for n in range(2, len(pieces) - 1) if len(pieces[n]) - len(pieces[n - 1]) >= 2
+             and len(pieces[n + 1]) - len(pieces[n]) >= 2)
+    stop = pieces[n][-2:] + pieces[n + 1][len(pieces[n]):len(pieces[n]) + 2]
+    first = free.output.find(stop)
+    r = engine.generate_all([Request(id=0, prompt=PROMPTS[2], params=greedy(16, stop=("zzqx-never", stop)))])[0]
+    assert r.finish_reason == "stop"
+    assert r.output == free.output[:first]
+    # It stopped at the token that completed the match, not later.
+    done_at = next(k for k in range(len(pieces)) if stop in pieces[k])
+    assert r.usage.completion_tokens == done_at
+
+
+def test_a_long_line_does_not_narrow_the_batch(engine):
+    # A cache of 2,048 tokens (128 blocks): twenty short rows need 1-2 blocks each; one line, with a prompt
+    # of about 1,300 tokens, 82 blocks.
+    e = variant(engine, max_batch_tokens=2048)
+    short = [Request(id=i, prompt=PROMPTS[i % 5], params=greedy(12, ignore_eos=True)) for i in range(20)]
+    long = Request(id="long", prompt=" ".join(["word"] * 1300), params=greedy(12, ignore_eos=True))
+    peak = 0
+    real_decode = e.runner.decode
+
+    def decode(B, max_pos):
+        nonlocal peak
+        peak = max(peak, B)
+        return real_decode(B, max_pos)
+
+    e.runner.decode = decode
+    res = e.generate_all(short + [long])
+    assert all(r.ok for r in res), [r.error_message for r in res]
+    # With a dense cache as wide as the longest line, 2048 // 1312 = 1 row would decode at a time.
+    assert peak == 21
+
+
+def test_a_line_bigger_than_the_whole_cache_fails_alone(engine):
+    e = variant(engine, max_batch_tokens=256)
+    res = e.generate_all([Request(id="big", prompt=PROMPTS[2], params=greedy(400)),
+                          Request(id="ok", prompt=PROMPTS[1], params=greedy(3))])
+    assert res[0].error_code == "context_length_exceeded" and "KV cache" in res[0].error_message
+    assert res[1].ok
 
 
 def test_seeded_rows_reproducible_whatever_the_batch(engine):
@@ -78,11 +127,17 @@ def test_seeded_rows_reproducible_whatever_the_batch(engine):
     assert other.token_ids != run(0)
 
 
-def test_oom_hook_halves_until_it_fits(engine):
-    e = variant(engine, oom_above_batch=2)
+def test_oom_hook_halves_until_it_fits_then_grows_back(engine):
+    e = variant(engine, oom_above_batch=2, max_batch_size=16)
     res = e.generate_all([Request(id=i, prompt=p, params=greedy(4)) for i, p in enumerate(PROMPTS)])
     assert all(r.ok for r in res), [r.error_message for r in res]
-    assert e.max_batch_size <= 2
+    assert e.max_batch_size == 4  # halved to 2 to fit, then one step back up after the batch succeeded
+    e.config.oom_above_batch = None  # memory is there again
+    sizes = []
+    for _ in range(3):
+        e.generate_all([Request(id=i, prompt=p, params=greedy(2)) for i, p in enumerate(PROMPTS)])
+        sizes.append(e.max_batch_size)
+    assert sizes == [8, 16, 16]  # back to the configured size, step by step, and no further
 
 
 def test_single_item_oom_fails_alone(engine, monkeypatch):
@@ -110,7 +165,7 @@ def test_context_length_exceeded(engine):
 
 def test_every_request_gets_one_result_across_refills(engine):
     # Fewer slots than requests: finished rows are replaced by waiting prompts (continuous batching).
-    e = variant(engine, max_batch_tokens=3 * 64)
+    e = variant(engine, max_batch_tokens=64)  # 4 blocks: two or three rows at a time
     reqs = [Request(id=i, prompt=PROMPTS[i % 5], params=greedy(2 + i % 7)) for i in range(12)]
     batches = list(e.generate(reqs))
     ids = [r.id for b in batches for r in b]

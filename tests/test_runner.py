@@ -6,6 +6,7 @@ from llmbatch.jobs import service, work
 from llmbatch.jobs.models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus
 from tests.support import write_jsonl
 from llmbatch.worker.echo import EchoEngine
+from llmbatch.worker.engine import EngineConfig
 from llmbatch.worker.runner import run_chunk
 
 
@@ -42,8 +43,8 @@ class CancelAfterFirstBatch(EchoEngine):
     def __init__(self, db, job_id):
         self.db, self.job_id = db, job_id
 
-    def generate(self, requests):
-        for i, batch in enumerate(super().generate(requests)):
+    def generate(self, requests, more=None):
+        for i, batch in enumerate(super().generate(requests, more)):
             if i == 0:
                 with self.db.write() as s:
                     service.cancel(s, self.job_id)
@@ -69,8 +70,8 @@ class LoseLeaseAfterFirstBatch(EchoEngine):
     def __init__(self, db, chunk_id):
         self.db, self.chunk_id = db, chunk_id
 
-    def generate(self, requests):
-        for i, batch in enumerate(super().generate(requests)):
+    def generate(self, requests, more=None):
+        for i, batch in enumerate(super().generate(requests, more)):
             if i == 1:
                 with self.db.write() as s:
                     s.execute(Chunk.__table__.update().where(Chunk.id == self.chunk_id).values(worker="thief"))
@@ -84,3 +85,29 @@ def test_a_worker_that_lost_its_lease_writes_nothing_more(db, settings, tmp_path
     with db.read() as s:
         states = s.scalars(select(Item.status).where(Item.job_id == out.job.id).order_by(Item.line)).all()
     assert states == [ItemStatus.succeeded] * 2 + [ItemStatus.running] * 2  # left for the new holder
+
+
+def test_the_next_chunk_starts_before_the_last_item_of_the_previous_one_finishes(db, settings, tmp_path, engine):
+    """Chunk pipelining, with the real model: chunk 2 is claimed and fed in while chunk 1's long
+    item still decodes; its own message later finds it done."""
+    from llmbatch.worker.engine.engine import Engine
+
+    lines = [{"prompt": "1, 2, 3, 4, 5,", "max_tokens": 40}] + [{"prompt": f"Item {i}:", "max_tokens": 3}
+                                                                 for i in range(1, 8)]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    with db.write() as s, open(path, "rb") as fp:
+        out = service.submit(s, fp, settings)  # chunk_size=4: two chunks
+    assert len(out.chunk_ids) == 2
+    eng = Engine(EngineConfig(model=engine.config.model, flush_seconds=0.0),
+                 loaded=(engine.model, engine.tokenizer, engine.device, engine.dtype))
+    outcome = run_chunk(db, eng, out.chunk_ids[0], "w", 30)
+    assert outcome.claimed and outcome.done == 8
+    with db.read() as s:
+        items = s.scalars(select(Item).where(Item.job_id == out.job.id).order_by(Item.line)).all()
+        chunks = [s.get(Chunk, c).status for c in out.chunk_ids]
+    assert chunks == [ChunkStatus.done, ChunkStatus.done]
+    assert all(i.status is ItemStatus.succeeded for i in items)
+    first, second = items[:4], items[4:]
+    assert first[0].completion_tokens > max(i.completion_tokens for i in second)  # the long item
+    assert min(i.started_at for i in second) < max(i.finished_at for i in first)
+    assert not run_chunk(db, eng, out.chunk_ids[1], "w2", 30).claimed  # its message is a no-op now

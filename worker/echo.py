@@ -15,11 +15,19 @@ from llmbatch.worker.engine.types import Request, Result, Usage
 class EchoEngine:
     batch_size = 64
 
-    def generate(self, requests: list[Request]) -> Iterator[list[Result]]:
-        for i in range(0, len(requests), self.batch_size):
+    def generate(self, requests: list[Request], more=None) -> Iterator[list[Result]]:
+        queue = list(requests)
+        while queue or more is not None:
+            if more is not None and len(queue) < self.batch_size:
+                fresh = more()
+                queue += fresh
+                more = more if fresh else None
+            batch, queue = queue[:self.batch_size], queue[self.batch_size:]
+            if not batch:
+                return
             started = time.time()
             out = []
-            for r in requests[i:i + self.batch_size]:
+            for r in batch:
                 text = r.prompt if r.prompt is not None else (r.messages or [{}])[-1].get("content", "")
                 words = text.split()[: r.params.max_tokens]
                 out.append(Result(id=r.id, output=" ".join(words),

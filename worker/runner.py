@@ -1,8 +1,12 @@
-"""Run one chunk: claim it, generate its items, write results per micro-batch, release it.
+"""Run a chunk: claim it, generate its items, write results per micro-batch, release it.
 
 The same code runs inside the Celery task and in `llmbatch run`'s in-process drain. It holds
-the chunk under a lease that a heartbeat thread keeps renewing; a worker that dies stops
+each chunk under a lease that a heartbeat thread keeps renewing; a worker that dies stops
 renewing, and the chunk is taken up again once the lease lapses.
+
+While a chunk's tail decodes, the engine asks for more work, and the next pending chunk of the
+same job is claimed from the database and fed in, so the GPU never idles between chunks. That
+chunk's own message, when it arrives, finds it taken or done and is skipped.
 """
 
 from __future__ import annotations
@@ -48,56 +52,115 @@ def to_item_result(r: Result) -> work.ItemResult:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the chunk's lease every third of its length while a long micro-batch runs."""
+    """Renews the leases of the chunks held, every third of a lease, while long micro-batches run."""
 
-    def __init__(self, db: Database, chunk_id: int, worker: str, lease_seconds: int):
-        super().__init__(daemon=True, name=f"lease-{chunk_id}")
-        self.db, self.chunk_id, self.worker, self.lease_seconds = db, chunk_id, worker, lease_seconds
+    def __init__(self, db: Database, worker: str, lease_seconds: int):
+        super().__init__(daemon=True, name=f"lease-{worker}")
+        self.db, self.worker, self.lease_seconds = db, worker, lease_seconds
+        self.chunks: set[int] = set()
         self.stopped = threading.Event()
-        self.lost = False
 
     def run(self) -> None:
         while not self.stopped.wait(self.lease_seconds / 3):
-            try:
-                if not self.db.retrying(lambda s: work.renew_lease(s, self.chunk_id, self.worker, self.lease_seconds)):
-                    self.lost = True
-                    return
-            except Exception:  # the database is down: keep trying, the lease has slack
-                log.warning("could not renew the lease on chunk %s", self.chunk_id, exc_info=True)
+            for chunk_id in list(self.chunks):
+                try:
+                    if not self.db.retrying(lambda s: work.renew_lease(s, chunk_id, self.worker, self.lease_seconds)):
+                        self.chunks.discard(chunk_id)  # taken over; record_results will say so too
+                except Exception:  # the database is down: keep trying, the lease has slack
+                    log.warning("could not renew the lease on chunk %s", chunk_id, exc_info=True)
 
     def stop(self) -> None:
         self.stopped.set()
 
 
-def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: int,
-              on_results: Callable[[list[Result]], None] | None = None) -> ChunkOutcome:
-    chunk: Chunk | None = db.retrying(lambda s: work.claim_chunk(s, chunk_id, worker, lease_seconds))
+@dataclass
+class Held:
+    """A chunk this worker holds, and its items still without a result."""
+
+    chunk: Chunk
+    waiting: set[int]
+
+
+def _take(db: Database, chunk_id: int, worker: str, lease_seconds: int):
+    """Claim a chunk and read its job and unfinished items; None if it is done or held elsewhere."""
+    chunk = db.retrying(lambda s: work.claim_chunk(s, chunk_id, worker, lease_seconds))
     if chunk is None:
+        return None
+    job, items = db.retrying(lambda s: (s.get(Job, chunk.job_id), work.running_items(s, chunk_id)), write=False)
+    return chunk, job, items
+
+
+def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: int,
+              on_results: Callable[[list[Result]], None] | None = None, prefetch: bool = True) -> ChunkOutcome:
+    """Run the chunk and, with prefetch, the job's next pending chunks as the engine asks for more."""
+    taken = _take(db, chunk_id, worker, lease_seconds)
+    if taken is None:
         log.info("chunk %s is done or held by a live worker; skipping", chunk_id)
         return ChunkOutcome(claimed=False)
+    chunk, job, items = taken
     outcome = ChunkOutcome(claimed=True)
-    job, items = db.retrying(lambda s: (s.get(Job, chunk.job_id), work.running_items(s, chunk_id)), write=False)
     if job.status in (JobStatus.cancelling, JobStatus.cancelled):
         db.retrying(lambda s: (work.cancel_running(s, chunk), work.finish_chunk(s, chunk, worker)))
         return outcome
-    heartbeat = Heartbeat(db, chunk_id, worker, lease_seconds)
+    held: dict[int, Held] = {}
+    owner: dict[int, int] = {}  # item id -> chunk id
+    heartbeat = Heartbeat(db, worker, lease_seconds)
+
+    def hold(c: Chunk, its_items: list[Item]) -> list[Request]:
+        held[c.id] = Held(c, {i.id for i in its_items})
+        owner.update((i.id, c.id) for i in its_items)
+        heartbeat.chunks.add(c.id)
+        return [to_request(i, job) for i in its_items]
+
+    def more() -> list[Request]:
+        """The job's next pending chunk, claimed now; none when the job has no more."""
+        while prefetch:
+            next_id = db.retrying(lambda s: work.next_pending_chunk(s, job.id), write=False)
+            if next_id is None:
+                return []
+            nxt = _take(db, next_id, worker, lease_seconds)
+            if nxt is not None:  # else another worker took it first: look again
+                log.info("job %s: feeding chunk %s while chunk(s) %s finish", job.id, next_id, sorted(held))
+                return hold(nxt[0], nxt[2])
+        return []
+
+    requests = hold(chunk, items)
     heartbeat.start()
     try:
-        for results in engine.generate([to_request(item, job) for item in items]):
-            rows = [to_item_result(r) for r in results]
-            if not db.retrying(lambda s: work.record_results(s, chunk, worker, rows, lease_seconds)):
-                log.warning("lost the lease on chunk %s; another worker has it", chunk_id)
-                outcome.lost = True
-                return outcome
-            outcome.done += len(results)
-            outcome.completion_tokens += sum(r.usage.completion_tokens for r in results)
+        for results in engine.generate(requests, more=more):
+            by_chunk: dict[int, list[Result]] = {}
+            for r in results:
+                by_chunk.setdefault(owner[r.id], []).append(r)
+            for cid, rs in by_chunk.items():
+                h = held.get(cid)
+                if h is None:
+                    continue  # lost earlier: another worker has it
+                rows = [to_item_result(r) for r in rs]
+                if not db.retrying(lambda s: work.record_results(s, h.chunk, worker, rows, lease_seconds)):
+                    log.warning("lost the lease on chunk %s; another worker has it", cid)
+                    outcome.lost = True
+                    heartbeat.chunks.discard(cid)
+                    del held[cid]
+                    continue
+                h.waiting -= {r.id for r in rs}
+                outcome.done += len(rs)
+                outcome.completion_tokens += sum(r.usage.completion_tokens for r in rs)
+                if not h.waiting:
+                    db.retrying(lambda s: work.finish_chunk(s, h.chunk, worker))
+                    heartbeat.chunks.discard(cid)
+                    del held[cid]
             if on_results:
                 on_results(results)
+            if not held:
+                break  # everything held is written or lost
             if _cancelling(db, job.id):
-                # Stop within one micro-batch: the rest of this chunk is cancelled, results kept.
-                db.retrying(lambda s: work.cancel_running(s, chunk))
+                # Stop within one micro-batch: the rest of the held chunks is cancelled, results kept.
+                for h in held.values():
+                    db.retrying(lambda s: (work.cancel_running(s, h.chunk), work.finish_chunk(s, h.chunk, worker)))
+                held.clear()
                 break
-        db.retrying(lambda s: work.finish_chunk(s, chunk, worker))
+        for h in held.values():  # the engine ended without a result for some items
+            db.retrying(lambda s: work.finish_chunk(s, h.chunk, worker))
         return outcome
     finally:
         heartbeat.stop()

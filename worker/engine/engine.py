@@ -1,8 +1,10 @@
 """The engine: requests in, results out, as rows finish.
 
-It tokenizes (applying the chat template to `messages`), sizes a KV cache of slots from a token
-budget, runs continuous batching over it (scheduler.py, runner.py), halves the slots when memory
-runs out, and isolates an item that makes generation fail so the others still succeed.
+It tokenizes (applying the chat template to `messages`), sizes a paged KV cache from a token
+budget, runs continuous batching over it (scheduler.py, runner.py), halves the rows when memory
+runs out and grows them back once batches succeed, and isolates an item that makes generation
+fail so the others still succeed. `generate` can be fed more requests while it runs, so the
+tail of one chunk decodes together with the head of the next.
 Architectures the slot runner does not know fall back to length-sorted padded batches.
 """
 
@@ -11,14 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from . import loading
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
-from .runner import COLUMN_BUCKET, Dims, Runner, supports
+from .runner import BLOCK, Dims, Runner, supports
 from .scheduler import InFlight, Item, Stats, run_slots
 from .types import Request, Result, SamplingParams, Usage
 
@@ -30,6 +32,10 @@ class Prepared:
     request: Request
     ids: list[int]
     params: SamplingParams  # max_tokens clamped to the context left
+
+    @property
+    def need(self) -> int:
+        return len(self.ids) + self.params.max_tokens
 
 
 class Engine:
@@ -74,16 +80,26 @@ class Engine:
 
     # -- public ---------------------------------------------------------------
 
-    def generate(self, requests: list[Request]) -> Iterator[list[Result]]:
-        """Yield results as rows finish (grouped, at least every flush_seconds); each request gets one."""
+    def generate(self, requests: list[Request],
+                 more: Callable[[], list[Request]] | None = None) -> Iterator[list[Result]]:
+        """Yield results as rows finish (grouped, at least every flush_seconds); each request gets one.
+
+        more: called when the engine could take more work; returns further requests (or none).
+        """
         prepared, failed = self._prepare(requests)
         if failed:
             yield failed
-        if prepared:
-            columns = max(len(p.ids) + p.params.max_tokens for p in prepared)
-            slots = max(1, min(self.max_batch_size, len(prepared), self.token_budget() // columns))
-            yield from self._run(prepared, slots)
+        late_failures: list[Result] = []
 
+        def feed() -> list[Prepared]:
+            fresh, bad = self._prepare(more())
+            late_failures.extend(bad)
+            return fresh
+
+        if prepared or more is not None:
+            yield from self._run(prepared, self.max_batch_size, feed if more is not None else None, late_failures)
+        if late_failures:
+            yield late_failures
     def generate_all(self, requests: list[Request]) -> list[Result]:
         by_id = {r.id: r for batch in self.generate(requests) for r in batch}
         return [by_id[r.id] for r in requests]
@@ -128,29 +144,40 @@ class Engine:
                 prepared.append(Prepared(r, ids, params))
         return prepared, failed
 
-    def _run(self, batch: list[Prepared], slots: int) -> Iterator[list[Result]]:
-        """Generate the batch with at most `slots` rows at once; on failure, back off and retry the rest."""
+    def _run(self, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,
+             late_failures: list[Result] | None = None) -> Iterator[list[Result]]:
+        """Generate the batch with at most `slots` rows at once; on failure, back off and retry the rest.
+
+        `feed` appends to `batch` while it runs; failures it met in preparing are yielded as they come.
+        """
         initial = slots
-        while batch:
+        while batch or feed is not None:
             started = time.time()
             done: set[int] = set()
             try:
                 if self.config.oom_above_batch is not None and slots > self.config.oom_above_batch:
                     raise torch.OutOfMemoryError(f"test hook: batch {slots} > {self.config.oom_above_batch}")
-                for rows in self._loop(batch, slots):
+                for rows in self._loop(batch, slots, feed):
                     done.update(i for i, _ in rows)
-                    yield [self._result(batch[i], row, started) for i, row in rows]
+                    out = [self._result(batch[i], row, started) for i, row in rows]
+                    if late_failures:
+                        out += late_failures
+                        late_failures.clear()
+                    yield out
+                if self.max_batch_size < self.config.max_batch_size:  # it fits again: grow back a step
+                    self.max_batch_size = min(self.config.max_batch_size, 2 * self.max_batch_size)
                 return
             except Exception as exc:
                 cause = exc.__cause__ if isinstance(exc, InFlight) else exc
                 in_flight = exc.indices if isinstance(exc, InFlight) else []
+            feed = None  # what was fed is in `batch` now; a retry takes no more
             rest = [i for i in range(len(batch)) if i not in done]
             if isinstance(cause, torch.OutOfMemoryError):
                 self._free_memory()
                 if min(slots, len(rest)) > 1:
                     slots = min(slots, len(rest)) // 2
                     self.max_batch_size = min(self.max_batch_size, slots)  # later calls start at what fits
-                    log.warning("out of memory; retrying %d items with %d slots", len(rest), slots)
+                    log.warning("out of memory; retrying %d items with %d rows", len(rest), slots)
                     batch = [batch[i] for i in rest]
                     continue
                 bad = ([i for i in in_flight if i in rest] or rest)[:1]
@@ -158,6 +185,8 @@ class Engine:
                                       "out of memory generating this item alone", started) for i in bad]
                 batch, slots = [batch[i] for i in rest if i not in bad], initial
                 continue
+            if not rest:
+                return
             if len(rest) == 1:
                 log.error("item %s failed", batch[rest[0]].request.id, exc_info=cause)
                 yield [Result.failure(batch[rest[0]].request.id, "engine_error",
@@ -169,22 +198,43 @@ class Engine:
             yield from self._run([batch[i] for i in rest[half:]], slots)
             return
 
-    def _finished(self, row: RowOutput, params: SamplingParams) -> bool:
-        return check_finished(self.tokenizer, row, params, self.eos_ids)
+    def _check(self, rows: list[tuple[RowOutput, SamplingParams]]) -> None:
+        check_finished(self.tokenizer, rows, self.eos_ids)
 
-    def _loop(self, batch: list[Prepared], slots: int) -> Iterator[list[tuple[int, RowOutput]]]:
-        """(index into batch, row) lists as rows finish."""
+    def _ensure_pool(self, batch: list[Prepared], slots: int) -> int:
+        """Size the block pool and the slots; returns the rows to run with.
+
+        On GPUs the pool takes the memory budget and is kept across calls (graphs with it). On the
+        CPU it is as large as this batch needs (at least 4,096 tokens, so fed chunks fit too).
+        """
+        r = self.runner
+        budget = max(1, self.token_budget() // BLOCK)
+        if self.device.type == "cuda":
+            want, rows = budget, self.config.max_batch_size
+        else:
+            want = min(budget, max(sum(Runner.blocks_for(p.need) for p in batch), 4096 // BLOCK))
+            rows = min(self.config.max_batch_size, max(len(batch), 64))
+        if r.kv is None or r.slots < min(rows, slots) or r.blocks < want:
+            r.allocate(max(rows, min(slots, self.config.max_batch_size)), want, self.context_length)
+        return min(slots, r.slots)
+
+    def _loop(self, batch: list[Prepared], slots: int,
+              feed: Callable[[], list[Prepared]] | None = None) -> Iterator[list[tuple[int, RowOutput]]]:
+        """(index into batch, row) lists as rows finish; `feed`'s requests are appended to batch."""
         if self.runner is None:
             yield from self._loop_padded(batch, slots)
             return
-        need = max(len(p.ids) + p.params.max_tokens for p in batch)
-        columns = -(-need // COLUMN_BUCKET) * COLUMN_BUCKET if self.device.type == "cuda" else need
-        r = self.runner
-        # Keep the cache (and its captured graphs) across calls when it fits without much waste.
-        if r.kv is None or r.slots < slots or not need <= r.columns <= 2 * columns:
-            r.allocate(slots, columns)
-        yield from run_slots(r, [Item(p.ids, p.params) for p in batch], slots, self.config.prefill_tokens,
-                             self._finished, self.stats, self.config.refill_fraction, self.config.flush_seconds)
+        slots = self._ensure_pool(batch, slots)
+        items = [Item(p.ids, p.params) for p in batch]
+
+        def more() -> list[Item]:
+            fresh = feed()
+            batch.extend(fresh)
+            return [Item(p.ids, p.params) for p in fresh]
+
+        yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
+                             self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,
+                             more if feed is not None else None)
 
     def _loop_padded(self, batch: list[Prepared], rows: int) -> Iterator[list[tuple[int, RowOutput]]]:
         order = sorted(range(len(batch)), key=lambda i: -len(batch[i].ids))
@@ -204,7 +254,11 @@ class Engine:
             yield list(zip(idx, out))
 
     def _result(self, p: Prepared, row: RowOutput, started: float) -> Result:
-        return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids),
+        if row.finish_reason == "too_long":
+            return Result.failure(p.request.id, "context_length_exceeded",
+                                  f"prompt and max_tokens need {p.need} tokens of KV cache; this worker holds "
+                                  f"{self.runner.blocks * BLOCK}", started)
+        return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids, p.params.stop),
                       finish_reason=row.finish_reason,
                       usage=Usage(prompt_tokens=len(p.ids), completion_tokens=len(row.tokens)),
                       started_at=row.started_at or started, finished_at=row.finished_at, token_ids=row.tokens)

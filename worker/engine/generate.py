@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .sampling import RowSampling, sample
+from .sampling import RowSampling, row_seed, sample
 from .types import SamplingParams
 
 
@@ -47,66 +47,76 @@ def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor, pos: 
     return out.logits[:, -1, :]
 
 
-def check_finished(tokenizer, row: RowOutput, p: SamplingParams, eos_ids: set[int]) -> bool:
-    """After appending a token: mark the row stop/length if it is done. The stop token counts."""
-    t = row.tokens[-1]
-    if t in eos_ids and not p.ignore_eos:
-        row.finish_reason = "stop"
-    elif p.stop and (hit := _hit_stop(tokenizer, row, p.stop)):
-        row.finish_reason, row.stop_text = "stop", hit
-    elif len(row.tokens) >= p.max_tokens:
-        row.finish_reason = "length"
-    if row.finish_reason:
-        row.finished_at = time.time()
-        return True
-    return False
+def check_finished(tokenizer, rows: list[tuple[RowOutput, SamplingParams]], eos_ids: set[int]) -> None:
+    """After appending one token to each row: mark the rows that are done stop/length. The stop token counts.
 
-
-def _hit_stop(tokenizer, row: RowOutput, stops: tuple[str, ...]) -> str | None:
-    # A stop string can only be completed by the newest token, so decoding a short tail suffices.
-    window = max(len(s) for s in stops) + 2
-    tail = tokenizer.decode(row.tokens[-window:], skip_special_tokens=True)
-    for s in stops:
-        if s in tail:
-            return s
-    return None
+    Stop strings are looked for only in rows that have them, only in the text of their last few
+    tokens (a stop string can only be completed by the newest token; an earlier match would have
+    stopped the row then), decoded for all such rows in one call.
+    """
+    tails, tail_rows = [], []
+    for row, p in rows:
+        t = row.tokens[-1]
+        if t in eos_ids and not p.ignore_eos:
+            row.finish_reason = "stop"
+        elif p.stop:
+            window = max(map(len, p.stop)) + 2  # tokens: each holds at least one character, or is special
+            tails.append(row.tokens[-window:])
+            tail_rows.append((row, p))
+        elif len(row.tokens) >= p.max_tokens:
+            row.finish_reason = "length"
+    if tails:
+        for (row, p), tail in zip(tail_rows, tokenizer.batch_decode(tails, skip_special_tokens=True)):
+            hit = next((s for s in p.stop if s in tail), None)
+            if hit is not None:
+                row.finish_reason, row.stop_text = "stop", hit
+            elif len(row.tokens) >= p.max_tokens:
+                row.finish_reason = "length"
+    now = time.time()
+    for row, _ in rows:
+        if row.finish_reason and not row.finished_at:
+            row.finished_at = now
 
 
 @torch.inference_mode()
 def generate_padded(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             params: list[SamplingParams], eos_ids: set[int]) -> list[RowOutput]:
+                    params: list[SamplingParams], eos_ids: set[int]) -> list[RowOutput]:
     """Generate for a left-padded batch until every row hits EOS, a stop string or its max_tokens."""
     device = input_ids.device
     rows = [RowOutput(started_at=time.time()) for _ in params]
     active = list(range(len(params)))  # batch row -> original row
-    sampling = RowSampling.build(params, device)
+    seeds = [row_seed(p) for p in params]
+    sampling = RowSampling.build(params, seeds, device)
     cache = DynamicCache(config=model.config)
     mask = attention_mask
-    pos = positions(mask)[:, -1] + 1
+    pos = positions(mask)[:, -1] + 1  # [B] position of the token chosen next
     logits = prefill(model, input_ids, mask, cache)
     while True:
-        tokens = sample(logits, sampling)
-        finished = []
-        for j, (r, t) in enumerate(zip(active, tokens.tolist())):
+        tokens = sample(logits, sampling, pos)
+        for r, t in zip(active, tokens.tolist()):
             rows[r].tokens.append(t)
-            if check_finished(tokenizer, rows[r], params[r], eos_ids):
-                finished.append(j)
-        if len(finished) == len(active):
+        check_finished(tokenizer, [(rows[r], params[r]) for r in active], eos_ids)
+        keep = [j for j, r in enumerate(active) if not rows[r].finish_reason]
+        if not keep:
             return rows
-        if finished:
-            keep = torch.tensor([j for j in range(len(active)) if j not in set(finished)], device=device)
-            cache.batch_select_indices(keep)
-            mask, tokens, pos, sampling = mask[keep], tokens[keep], pos[keep], sampling.select(keep)
-            active = [active[j] for j in keep.tolist()]
+        if len(keep) < len(active):
+            active = [active[j] for j in keep]
+            idx = torch.tensor(keep, device=device)
+            cache.batch_select_indices(idx)
+            mask, tokens, pos = mask[idx], tokens[idx], pos[idx]
+            sampling = RowSampling.build([params[r] for r in active], [seeds[r] for r in active], device)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        logits = decode_step(model, tokens, mask, pos, cache)
+        logits = decode_step(model, tokens, mask, pos, cache)  # the chosen token sits at `pos`
         pos = pos + 1
 
 
-def decode_output(tokenizer, row: RowOutput, eos_ids: set[int]) -> str:
+def decode_output(tokenizer, row: RowOutput, eos_ids: set[int], stops: tuple[str, ...] = ()) -> str:
     ended_by_eos = row.finish_reason == "stop" and row.stop_text is None
     tokens = row.tokens[:-1] if ended_by_eos and row.tokens and row.tokens[-1] in eos_ids else row.tokens
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if row.stop_text:
-        text = text[: text.find(row.stop_text)] if row.stop_text in text else text
+        # Cut at the earliest match of any stop string: the one that ended the row, or another that
+        # the same token completed further left.
+        cuts = [i for i in (text.find(s) for s in (stops or (row.stop_text,))) if i >= 0]
+        text = text[:min(cuts)] if cuts else text
     return text

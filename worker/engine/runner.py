@@ -1,10 +1,12 @@
-"""A Llama-family forward over the model's own modules, with a slot KV cache and CUDA graphs.
+"""A Llama-family forward over the model's own modules, with a paged KV cache and CUDA graphs.
 
-The cache holds S sequences, one per row ("slot"); row b's tokens fill columns [0, n_b). No
-padding is stored: a decode step writes row b's new K/V at column n_b, its own position, and
-attends to columns <= n_b. Rows of any prompt length decode together, a finished row is
-replaced by a new prompt (continuous batching), and for a given (rows, columns) bucket the
-decode step has static shapes, so on CUDA it is captured once as a graph and replayed.
+The cache is a pool of blocks of BLOCK tokens (paged.py). Each live row sits in a slot and owns
+the blocks its block table lists, reserved for its prompt plus its max_tokens when it is
+admitted, so a long line holds only what it may use and does not narrow everybody else. No
+padding is stored: a decode step writes row b's new K/V at its own position and attends to its
+first pos+1 tokens. A finished row is replaced by a new prompt (continuous batching); moving a
+row between slots moves its block table, not its cache. For a given row bucket the decode step
+has static shapes, so on CUDA it is captured once as a graph and replayed.
 
 The linear layers are the model's own (bitsandbytes NF4), as are the norms and the rotary
 embedding, so the numbers match the transformers forward; only attention and the cache are ours.
@@ -18,10 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import paged
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
-COLUMN_BUCKET = 128  # decode attends to the first ceil((max n_b + 1) / 128) * 128 columns
+BLOCK = 16  # tokens per cache block
 
 
 def supports(model) -> bool:
@@ -88,7 +92,7 @@ def _qkv(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: 
 
 
 class Runner:
-    """Prefill into slots and decode all slots one step; owns the KV cache and the graphs."""
+    """Prefill into slots and decode all slots one step; owns the paged KV cache and the graphs."""
 
     def __init__(self, model, dtype: torch.dtype, use_graphs: bool = True):
         self.model, self.dtype = model, dtype
@@ -97,20 +101,29 @@ class Runner:
         self.device = self.base.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.kv: torch.Tensor | None = None
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.seen: set[tuple[int, int]] = set()
-        self.stats = {"graphs_captured": 0, "graph_steps": 0, "eager_steps": 0}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.seen: set[int] = set()
+        self.graph_retry_at = 0  # after a failed capture, eager steps until this step count
+        self.steps = 0
+        self.stats = {"graphs_captured": 0, "graph_steps": 0, "eager_steps": 0, "capture_failures": 0}
 
     # -- cache ----------------------------------------------------------------
 
-    def allocate(self, slots: int, columns: int) -> None:
-        """KV cache [layers, 2, S, Hkv, L, D] plus the decode step's static inputs and output."""
+    def allocate(self, slots: int, blocks: int, max_len: int) -> None:
+        """A pool of `blocks` blocks, `slots` rows, rows up to max_len tokens; plus the step's static tensors."""
         self.release()
         d = self.dims
-        # Zeros, not empty: masked columns still meet V in the product (0 * NaN garbage = NaN).
-        self.kv = torch.zeros(d.layers, 2, slots, d.kv_heads, columns, d.head_dim, dtype=self.dtype, device=self.device)
+        # Zeros, not empty: a masked key still meets V in the product (0 * NaN garbage = NaN).
+        # One block more than asked: the last is scratch that free slots and padding point at.
+        self.kv = torch.zeros(d.layers, 2, blocks + 1, d.kv_heads, BLOCK, d.head_dim, dtype=self.dtype,
+                              device=self.device)
+        self.scratch = blocks
+        self.width = -(-max_len // BLOCK)
+        self.block_table = torch.full((slots, self.width), blocks, dtype=torch.int32, device=self.device)
+        self.free_blocks = list(range(blocks - 1, -1, -1))  # a stack: pop() takes the lowest id
+        self.owned: list[list[int]] = [[] for _ in range(slots)]  # host copy of each slot's blocks
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] token fed to each row
-        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] its position = write column
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] its position
         self.logits = torch.empty(slots, d.vocab, dtype=self.dtype, device=self.device)  # [S, V]
         if self.use_graphs:
             self.pool = torch.cuda.graph_pool_handle()
@@ -125,34 +138,76 @@ class Runner:
 
     @property
     def slots(self) -> int:
-        return self.kv.shape[2]
+        return self.block_table.shape[0]
 
     @property
-    def columns(self) -> int:
-        return self.kv.shape[4]
+    def blocks(self) -> int:
+        return self.scratch
+
+    @property
+    def max_len(self) -> int:
+        return self.width * BLOCK
+
+    @staticmethod
+    def blocks_for(tokens: int) -> int:
+        return -(-tokens // BLOCK)
+
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Give slot the blocks for `tokens` positions; False (nothing taken) if the pool lacks them."""
+        n = self.blocks_for(tokens)
+        if n > len(self.free_blocks) or n > self.width:
+            return False
+        ids = [self.free_blocks.pop() for _ in range(n)]
+        self.owned[slot] = ids
+        self.block_table[slot, :n] = torch.tensor(ids, dtype=torch.int32, device=self.device)
+        return True
+
+    def free(self, slot: int) -> None:
+        self.free_blocks.extend(reversed(self.owned[slot]))
+        self.owned[slot] = []
+        self.block_table[slot].fill_(self.scratch)
+        self.pos[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
-        """Copy slot src's cache row into slot dst (keeps live rows packed at the front)."""
-        self.kv[:, :, dst].copy_(self.kv[:, :, src])
+        """Move slot src's row into the free slot dst (keeps live rows packed at the front)."""
+        self.owned[dst], self.owned[src] = self.owned[src], []
+        self.block_table[dst].copy_(self.block_table[src])
+        self.tokens[dst] = self.tokens[src]
+        self.pos[dst] = self.pos[src]
+        self.block_table[src].fill_(self.scratch)
+        self.pos[src] = 0
 
     # -- forward --------------------------------------------------------------
+
+    def _write(self, layer: int, block: torch.Tensor, offset: torch.Tensor, key: torch.Tensor,
+               val: torch.Tensor) -> None:
+        """K/V [n, Hkv, D] into cache block ids `block` [n] at token offsets `offset` [n]."""
+        self.kv[layer, 0, block, :, offset] = key
+        self.kv[layer, 1, block, :, offset] = val
 
     @torch.inference_mode()
     def prefill(self, first_slot: int, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Prompts ids [k, T], right-padded, into slots first_slot.. -> last real position's logits [k, V].
 
         With right padding a real query never sees a pad key under the causal mask, so the
-        attention is plain causal (flash kernel, GQA without repeating K/V).
+        attention is plain causal (flash kernel, GQA without repeating K/V). Pad positions are
+        written to the scratch block.
         """
         k, T = ids.shape
-        rows = slice(first_slot, first_slot + k)
         x = self.base.embed_tokens(ids)
-        cos, sin = self.base.rotary_emb(x, torch.arange(T, device=ids.device)[None].expand(k, T))
+        positions = torch.arange(T, device=ids.device)[None].expand(k, T)
+        cos, sin = self.base.rotary_emb(x, positions)
+        real = positions < lengths[:, None]  # [k, T]
+        table = self.block_table[first_slot:first_slot + k].long()  # [k, W]
+        # Pad positions of a short row may lie past its blocks: they go to the scratch block.
+        block = torch.where(real, table.gather(1, (positions // BLOCK).clamp(max=self.width - 1)),
+                            self.scratch).reshape(-1)
+        offset = (positions % BLOCK).reshape(-1)
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, self.dims.head_dim)
-            self.kv[i, 0, rows, :, :T] = key
-            self.kv[i, 1, rows, :, :T] = val
+            self._write(i, block, offset, key.transpose(1, 2).reshape(k * T, self.dims.kv_heads, -1),
+                        val.transpose(1, 2).reshape(k * T, self.dims.kv_heads, -1))
             o = F.scaled_dot_product_attention(q, key, val, is_causal=True, scale=attn.scaling,
                                                enable_gqa=self.dims.q_heads != self.dims.kv_heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(k, T, -1))
@@ -160,24 +215,22 @@ class Runner:
         last = x[torch.arange(k, device=x.device), lengths - 1]  # [k, hidden]
         return self.model.lm_head(rms_norm(self.base.norm, last))
 
-    def _decode(self, B: int, columns: int) -> torch.Tensor:
-        """One token for rows [0, B): self.tokens/pos [B] -> logits [B, V]. Static shapes for (B, columns)."""
+    def _decode(self, B: int, max_len: int) -> torch.Tensor:
+        """One token for rows [0, B): self.tokens/pos [B] -> logits [B, V]. Static shapes for B on CUDA."""
         d = self.dims
         tokens, pos = self.tokens[:B], self.pos[:B]
-        rows = torch.arange(B, device=self.device)
+        block = self.block_table[:B].long().gather(1, (pos // BLOCK)[:, None])[:, 0]  # [B]
+        offset = pos % BLOCK
         x = self.base.embed_tokens(tokens[:, None])  # [B, 1, hidden]
         cos, sin = self.base.rotary_emb(x, pos[:, None])
-        mask = (torch.arange(columns, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # [B,1,1,L]
+        lens = pos + 1
+        splits = paged.splits_for(B, d.kv_heads)
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, d.head_dim)
-            cache_k, cache_v = self.kv[i, 0], self.kv[i, 1]  # [S, Hkv, L, D]
-            cache_k[rows, :, pos] = key[:, :, 0]
-            cache_v[rows, :, pos] = val[:, :, 0]
-            # GQA without repeating K/V: the G query heads sharing a KV head act as G query rows.
-            q = q.reshape(B, d.kv_heads, d.q_heads // d.kv_heads, d.head_dim)
-            o = F.scaled_dot_product_attention(q, cache_k[:B, :, :columns], cache_v[:B, :, :columns],
-                                               attn_mask=mask, scale=attn.scaling)  # [B, Hkv, G, D]
+            self._write(i, block, offset, key[:, :, 0], val[:, :, 0])
+            o, _ = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
+                                attn.scaling, max_len, splits)  # [B, Hq, D]
             x = x + attn.o_proj(o.reshape(B, 1, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         return self.model.lm_head(rms_norm(self.base.norm, x))[:, 0]
@@ -186,36 +239,49 @@ class Runner:
     def decode(self, B: int, max_pos: int) -> torch.Tensor:
         """Rows [0, B) bucketed up; returns logits [B, V] (a view into a buffer the next call overwrites)."""
         rb = next(b for b in row_buckets(self.slots) if b >= B)
-        cols = min(self.columns, -(-(max_pos + 1) // COLUMN_BUCKET) * COLUMN_BUCKET)
-        key = (rb, cols)
         self.last_rows = rb
-        if key in self.graphs:
-            self.graphs[key].replay()
+        self.steps += 1
+        if not self.use_graphs:
+            self.logits[:B].copy_(self._decode(B, max_pos + 1))  # eager: exactly the live rows
+            self.last_rows = B
+            self.stats["eager_steps"] += 1
+            return self.logits[:B]
+        if rb in self.graphs:
+            self.graphs[rb].replay()
             self.stats["graph_steps"] += 1
-        elif not self.use_graphs or key not in self.seen:
+        elif rb not in self.seen or self.steps < self.graph_retry_at:
             # The first step of a shape runs eagerly: it is real work and the warm-up for capture.
-            self.logits[:rb].copy_(self._decode(rb, cols))
-            self.seen.add(key)
+            self.logits[:rb].copy_(self._decode(rb, self.max_len))
+            self.seen.add(rb)
             self.stats["eager_steps"] += 1
         else:
-            # Capture on a side stream by hand: torch.cuda.graph() also runs gc.collect() and
-            # empty_cache() each time, which costs more than a big-batch step gains from a graph.
-            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            try:
-                with torch.cuda.stream(stream):
-                    graph.capture_begin(pool=self.pool)
-                    try:
-                        self.logits[:rb].copy_(self._decode(rb, cols))
-                    finally:
-                        graph.capture_end()
-            except RuntimeError:
-                log.exception("CUDA graph capture failed; decoding eagerly from now on")
-                self.use_graphs = False
-                return self.decode(B, max_pos)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self.graphs[key] = graph
-            graph.replay()
-            self.stats["graphs_captured"] += 1
-            self.stats["graph_steps"] += 1
+            self._capture(rb)
         return self.logits[:B]
+
+    def _capture(self, rb: int) -> None:
+        # Capture on a side stream by hand: torch.cuda.graph() also runs gc.collect() and
+        # empty_cache() each time, which costs more than a big-batch step gains from a graph.
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=self.pool)
+                try:
+                    self.logits[:rb].copy_(self._decode(rb, self.max_len))
+                finally:
+                    graph.capture_end()
+        except RuntimeError:
+            # Often memory: decode eagerly for a while, then try again rather than never.
+            self.stats["capture_failures"] += 1
+            self.graph_retry_at = self.steps + 256 * self.stats["capture_failures"]
+            log.warning("CUDA graph capture for %d rows failed; eager until step %d", rb, self.graph_retry_at,
+                        exc_info=True)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.logits[:rb].copy_(self._decode(rb, self.max_len))
+            self.stats["eager_steps"] += 1
+            return
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graphs[rb] = graph
+        graph.replay()
+        self.stats["graphs_captured"] += 1
+        self.stats["graph_steps"] += 1

@@ -1,77 +1,102 @@
-"""Next-token choice, per row: each row of a batch carries its own temperature, top-p, top-k, seed."""
+"""Next-token choice for a whole batch on the device, with no per-row Python and no host sync.
+
+Every row carries its own temperature, top-k, top-p and seed. Random draws come from a
+counter-based generator keyed on (seed, position): a row's draw at a position depends only on
+its own seed and that position, never on its slot, its batch-mates or what ran before, so a
+seeded line gives the same tokens alone or in any batch. Unseeded rows get a random seed when
+they are admitted.
+
+Sampling is exact for the distribution it claims: temperature-scaled softmax, truncated to the
+top_k most likely tokens and to the smallest set whose mass reaches top_p (tokens tied with the
+last one kept are kept too), then one inverse-CDF draw.
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
 from .types import SamplingParams
 
+# splitmix64 constants, as signed 64-bit integers (torch has no uint64 arithmetic).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+_SEEDS = random.SystemRandom()
+
+
+def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """[B] int64 seeds and positions -> [B] float64 in (0, 1): splitmix64 of seed * golden + position."""
+    x = seed * _GOLDEN + position  # wraps mod 2^64, as intended
+    x = (x ^ _srl(x, 30)) * _M1
+    x = (x ^ _srl(x, 27)) * _M2
+    x = x ^ _srl(x, 31)
+    return (_srl(x, 11).double() + 0.5) * 2.0 ** -53
+
+
+def row_seed(p: SamplingParams) -> int:
+    """The seed a row samples with: its own, else a fresh random one (63 bits, so it stays positive)."""
+    return p.seed if p.seed is not None else _SEEDS.getrandbits(63)
+
 
 @dataclass
 class RowSampling:
-    """The sampling settings of a batch as tensors: [B] each, on the logits' device."""
+    """The sampling settings of a batch as tensors [B] on the logits' device, plus host-side flags."""
 
-    temperature: torch.Tensor
-    top_p: torch.Tensor
-    top_k: torch.Tensor
-    greedy: torch.Tensor  # bool [B]
-    # A seeded row draws from its own generator, so its output does not depend on its batch-mates.
-    generators: list[torch.Generator | None]
-    all_greedy: bool  # host-side, so the greedy fast path needs no device sync
-
-    @staticmethod
-    def generator(p: SamplingParams, device: torch.device) -> torch.Generator | None:
-        if p.temperature > 0 and p.seed is not None:
-            g = torch.Generator(device=device)
-            g.manual_seed(p.seed)
-            return g
-        return None
+    temperature: torch.Tensor  # float32, 1 for greedy rows (unused there)
+    top_p: torch.Tensor  # float32
+    top_k: torch.Tensor  # int64, 0 = off
+    seed: torch.Tensor  # int64
+    greedy: torch.Tensor  # bool
+    all_greedy: bool  # host-side, so the greedy fast path needs no device work
+    max_top_k: int  # largest top_k among sampled rows; 0 = no row truncates by rank
+    any_top_p: bool  # some sampled row has top_p < 1: needs the sorted probabilities
 
     @classmethod
-    def build(cls, params: list[SamplingParams], device: torch.device,
-              generators: list[torch.Generator | None] | None = None) -> "RowSampling":
-        """generators: each row's own (kept across steps by the caller); fresh ones when None."""
-        gens = generators if generators is not None else [cls.generator(p, device) for p in params]
+    def build(cls, params: list[SamplingParams], seeds: list[int], device: torch.device) -> "RowSampling":
+        sampled = [p for p in params if p.temperature > 0]
         return cls(
-            temperature=torch.tensor([max(p.temperature, 1e-5) for p in params], device=device),
-            top_p=torch.tensor([p.top_p for p in params], device=device),
-            top_k=torch.tensor([p.top_k for p in params], device=device, dtype=torch.long),
+            temperature=torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                     dtype=torch.float32, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            seed=torch.tensor(seeds, dtype=torch.long, device=device),
             greedy=torch.tensor([p.temperature <= 0 for p in params], device=device),
-            generators=gens,
-            all_greedy=all(p.temperature <= 0 for p in params),
+            all_greedy=not sampled,
+            max_top_k=max([p.top_k for p in sampled if p.top_k > 0], default=0),
+            any_top_p=any(p.top_p < 1 for p in sampled),
         )
 
-    def select(self, keep: torch.Tensor) -> "RowSampling":
-        idx = keep.tolist()
-        return RowSampling(self.temperature[keep], self.top_p[keep], self.top_k[keep], self.greedy[keep],
-                           [self.generators[i] for i in idx], self.all_greedy)
 
-
-def sample(logits: torch.Tensor, s: RowSampling) -> torch.Tensor:
-    """logits [B, V] -> next token ids [B]."""
+def sample(logits: torch.Tensor, s: RowSampling, position: torch.Tensor) -> torch.Tensor:
+    """logits [B, V], position [B] (of the token being chosen) -> next token ids [B]."""
     greedy_ids = logits.argmax(dim=-1)
     if s.all_greedy:
         return greedy_ids
-    logits = logits.float() / s.temperature[:, None]
-    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(s.top_k > 0, s.top_k, vocab)[:, None]
-    drop = rank >= k
-    probs = sorted_logits.softmax(dim=-1)
-    # Drop a token once the mass before it already reaches top_p; the first token always stays.
-    drop |= (probs.cumsum(dim=-1) - probs) >= s.top_p[:, None]
-    drop[:, 0] = False  # even top_p=0 or top_k=1 keeps the most likely token
-    probs = probs.masked_fill(drop, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    choice = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    unseeded = [i for i, g in enumerate(s.generators) if g is None]
-    if unseeded:
-        choice[unseeded] = torch.multinomial(probs[unseeded], 1).squeeze(-1)
-    for i, g in enumerate(s.generators):
-        if g is not None:
-            choice[i] = torch.multinomial(probs[i], 1, generator=g).squeeze(-1)
-    sampled = sorted_ids.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.where(s.greedy, greedy_ids, sampled)
+    x = logits.float() / s.temperature[:, None]  # [B, V]
+    vocab = x.shape[-1]
+    if s.max_top_k:
+        k = min(s.max_top_k, vocab)
+        kth = x.topk(k, dim=-1).values  # [B, k], descending
+        rank = (s.top_k.clamp(1, k) - 1)[:, None]
+        floor = torch.where(s.top_k[:, None] > 0, kth.gather(1, rank), torch.full_like(rank, float("-inf"), dtype=x.dtype))
+        x = x.masked_fill(x < floor, float("-inf"))
+    probs = x.softmax(dim=-1)
+    if s.any_top_p:
+        desc = probs.sort(dim=-1, descending=True).values  # [B, V]
+        # Keep a token while the mass strictly before it is under top_p; the first always stays.
+        before = desc.cumsum(dim=-1) - desc
+        kept = (before < s.top_p[:, None]).sum(dim=-1).clamp(min=1)  # [B]
+        floor = desc.gather(1, (kept - 1)[:, None])  # the smallest kept probability
+        probs = probs.masked_fill(probs < floor, 0.0)
+    cdf = probs.cumsum(dim=-1)  # [B, V], in vocabulary order: any fixed order samples exactly
+    u = (uniform(s.seed, position) * cdf[:, -1].double()).float()
+    choice = torch.searchsorted(cdf, u[:, None]).squeeze(-1).clamp(max=vocab - 1)
+    return torch.where(s.greedy, greedy_ids, choice)

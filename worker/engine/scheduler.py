@@ -1,9 +1,15 @@
-"""Continuous batching over a Runner's slots.
+"""Continuous batching over a Runner's slots and paged cache.
 
-Waiting prompts (longest first) are prefilled in chunks into free slots; every step decodes all
-live rows; a finished row leaves at once and the last live row moves into its slot, so live
-rows stay packed in slots [0, n) and a step costs what the live rows need. Free slots are
-refilled once enough of them open (or none is live), so a prefill chunk is big enough to be cheap.
+Waiting prompts (largest prompt + max_tokens first, so long lines start early and their tail
+overlaps the rest) are prefilled in chunks into free slots, each reserving the blocks it may
+use; every step decodes all live rows; a finished row leaves, frees its blocks, and the last
+live row moves into its slot, so live rows stay packed in slots [0, n). Free slots are refilled
+once enough of them open (or none is live), so a prefill chunk is big enough to be cheap.
+
+The host never waits for the step it just launched: step t+1 is queued on the device before the
+host reads step t's tokens back (copied asynchronously) and does its bookkeeping, so that work
+overlaps the GPU. A row found finished at step t has computed one token too many at t+1, which
+is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import torch
 
 from .generate import RowOutput
 from .runner import Runner
-from .sampling import RowSampling, sample
+from .sampling import RowSampling, row_seed, sample
 from .types import SamplingParams
 
 MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its padding: smaller ones run slowly
+MORE_EVERY_S = 0.5  # how often to ask `more` for prompts while it has none
 
 
 @dataclass
@@ -28,14 +35,43 @@ class Item:
     ids: list[int]
     params: SamplingParams
 
+    @property
+    def need(self) -> int:
+        """Cache positions the row may fill: its prompt and its new tokens."""
+        return len(self.ids) + self.params.max_tokens
+
 
 @dataclass
 class Seq:
     index: int  # into the items list
     params: SamplingParams
-    generator: torch.Generator | None  # a seeded row's own random stream, kept for its whole life
-    pos: int  # position (= cache column) of the token fed next: prompt length + generated - 1
+    seed: int  # drawn once: its draws depend only on (seed, position)
+    pos: int  # position of the token fed next: prompt length + generated - 1
     row: RowOutput = field(default_factory=lambda: RowOutput(started_at=time.time()))
+
+
+@dataclass
+class Launch:
+    """Tokens chosen on the device for `seqs` (in slot order at launch), being copied to the host."""
+
+    seqs: list[Seq]
+    tokens: torch.Tensor  # [len(seqs)] on the host (pinned on CUDA)
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def of(cls, seqs: list[Seq], tokens: torch.Tensor) -> "Launch":
+        if tokens.device.type != "cuda":
+            return cls(seqs, tokens.clone(), None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(seqs, host, event)
+
+    def values(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist()
 
 
 @dataclass
@@ -48,8 +84,8 @@ class Stats:
     decode_slots: int = 0  # rows computed (live rows bucketed up) summed over steps
     steps: int = 0
     prefills: int = 0
-    prefill_s: float = 0.0  # host wall time in prefill chunks (each ends in a sync)
-    decode_s: float = 0.0  # host wall time in decode steps, bookkeeping included
+    prefill_s: float = 0.0  # host wall time launching and waiting on prefill chunks
+    decode_s: float = 0.0  # host wall time in the decode loop outside prefill, bookkeeping included
 
     def add(self, other: "Stats") -> None:
         for k in self.__dataclass_fields__:
@@ -64,94 +100,141 @@ class InFlight(Exception):
         self.indices = indices
 
 
-def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int,
-              finished: Callable[[RowOutput, SamplingParams], bool], stats: Stats,
-              refill_fraction: float = 0.125, flush_seconds: float = 1.0) -> Iterator[list[tuple[int, RowOutput]]]:
-    """Generate every item; yield (item index, row) lists as rows finish, at most every flush_seconds."""
-    device = runner.device
-    waiting = deque(sorted(range(len(items)), key=lambda i: -len(items[i].ids)))
+Check = Callable[[list[tuple[RowOutput, SamplingParams]]], None]
+
+
+def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int, check: Check, stats: Stats,
+              refill_fraction: float = 0.125, flush_seconds: float = 1.0,
+              more: Callable[[], list[Item]] | None = None) -> Iterator[list[tuple[int, RowOutput]]]:
+    """Generate every item (and those `more` hands over, appended to `items`); yield (item index, row)
+    lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens."""
+    waiting = deque(sorted(range(len(items)), key=lambda i: -items[i].need))
     active: list[Seq] = []  # active[j] lives in slot j
+    inflight: list[Launch] = []
     done: list[tuple[int, RowOutput]] = []
     refill_at = max(1, int(slots * refill_fraction))
     last_flush = time.monotonic()
+    asked = 0.0
     sampling, dirty = None, True
     try:
-        while waiting or active:
-            free = slots - len(active)
-            if waiting and free and (not active or free >= refill_at):
-                _admit(runner, items, waiting, active, free, prefill_tokens, finished, stats)
-                dirty = True
-            if any(s.row.finish_reason for s in active):
-                done += _retire(runner, active)
-                dirty = True
-            if active:
-                t_step = time.perf_counter()
+        while True:
+            t_loop = time.perf_counter()
+            launch = None
+            if active:  # 1. queue step t+1 before looking at step t
                 B = len(active)
-                if dirty:  # the live set changed: reload the step's inputs from the host
-                    runner.tokens[:B] = torch.tensor([s.row.tokens[-1] for s in active], device=device)
-                    runner.pos[:B] = torch.tensor([s.pos for s in active], device=device)
-                    sampling = RowSampling.build([s.params for s in active], device, [s.generator for s in active])
+                if dirty:  # the live set changed: rebuild its sampling tensors
+                    sampling = RowSampling.build([s.params for s in active], [s.seed for s in active], runner.device)
                     dirty = False
                 logits = runner.decode(B, max(s.pos for s in active))
-                nxt = sample(logits, sampling)  # [B]
-                runner.tokens[:B] = nxt  # stays on the device for the next step
+                nxt = sample(logits, sampling, runner.pos[:B] + 1)  # [B], stays on the device
+                runner.tokens[:B] = nxt
                 runner.pos[:B] += 1
-                for s, t in zip(active, nxt.tolist()):
-                    s.row.tokens.append(t)
+                launch = Launch.of(list(active), nxt)
+                for s in active:
                     s.pos += 1
-                    finished(s.row, s.params)
                 stats.steps += 1
-                stats.decode_s += time.perf_counter() - t_step
                 stats.decode_tokens += B
                 stats.decode_slots += runner.last_rows
-                if any(s.row.finish_reason for s in active):
-                    done += _retire(runner, active)
+            for earlier in inflight:  # 2. the host catches up while the device works
+                _absorb(earlier, check)
+            inflight = [launch] if launch else []
+            if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
+                done += _retire(runner, active)
+                dirty = True
+            if more is not None and len(waiting) < slots and (
+                    not (waiting or active or inflight) or time.monotonic() - asked >= MORE_EVERY_S):
+                asked = time.monotonic()
+                fresh = more()
+                if fresh:
+                    first = len(items)
+                    items.extend(fresh)
+                    waiting = deque(sorted([*waiting, *range(first, len(items))], key=lambda i: -items[i].need))
+            stats.decode_s += time.perf_counter() - t_loop
+            free = slots - len(active)
+            if waiting and free and (not active or free >= refill_at):  # 4. refill
+                t0 = time.perf_counter()
+                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats)
+                if admitted:
+                    inflight += admitted
                     dirty = True
-            if done and (not (waiting or active) or time.monotonic() - last_flush >= flush_seconds):
+                elif not active and not inflight:
+                    i = waiting.popleft()  # alone in an empty pool and still too big: it can never run
+                    row = RowOutput(finish_reason="too_long", started_at=time.time(), finished_at=time.time())
+                    done.append((i, row))
+                stats.prefill_s += time.perf_counter() - t0
+            idle = not (waiting or active or inflight)  # and `more`, asked just now, had nothing
+            if done and (idle or time.monotonic() - last_flush >= flush_seconds):
                 yield done
                 done, last_flush = [], time.monotonic()
+            if idle:
+                return
+    except GeneratorExit:
+        raise
     except Exception as exc:
         raise InFlight([s.index for s in active]) from exc
-    if done:
-        yield done
+
+
+def _absorb(launch: Launch, check: Check) -> None:
+    """Append a launch's tokens to rows still running, then mark the finished ones."""
+    rows = []
+    for s, t in zip(launch.seqs, launch.values()):
+        if s.row.finish_reason:
+            continue  # finished at the step before: this token was computed in flight, and is dropped
+        s.row.tokens.append(t)
+        rows.append((s.row, s.params))
+    if rows:
+        check(rows)
 
 
 def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq], free: int,
-           prefill_tokens: int, finished, stats: Stats) -> None:
-    """Prefill waiting prompts into the free slots, in chunks of at most prefill_tokens padded tokens."""
+           prefill_tokens: int, stats: Stats) -> list[Launch]:
+    """Prefill waiting prompts into free slots and free blocks, in chunks of at most prefill_tokens
+    padded tokens; their first tokens are chosen on the device. Returns the launches to absorb."""
     device = runner.device
+    launches = []
     while free and waiting:
-        width = len(items[waiting[0]].ids)  # the longest waiting prompt: they are sorted
-        chunk, real = [waiting.popleft()], width
-        while waiting and len(chunk) < free and (len(chunk) + 1) * width <= prefill_tokens:
-            # Right padding to `width` is wasted compute: past a small chunk, keep it under 10%.
-            nxt = len(items[waiting[0]].ids)
-            if (len(chunk) + 1) * width > MIN_PREFILL and real + nxt < 0.9 * (len(chunk) + 1) * width:
+        chunk: list[int] = []
+        width = 0
+        while waiting and len(chunk) < free:
+            i = waiting[0]
+            w = max(width, len(items[i].ids))
+            if chunk and (len(chunk) + 1) * w > prefill_tokens:
                 break
+            # Right padding to the widest prompt is wasted compute: past a small chunk, keep it under 10%.
+            real = sum(len(items[j].ids) for j in chunk) + len(items[i].ids)
+            if chunk and (len(chunk) + 1) * w > MIN_PREFILL and real < 0.9 * (len(chunk) + 1) * w:
+                break
+            if not runner.reserve(len(active) + len(chunk), items[i].need):
+                break  # the pool is full until rows finish
             chunk.append(waiting.popleft())
-            real += nxt
+            width = w
+        if not chunk:
+            break
         ids = torch.tensor([items[i].ids + [0] * (width - len(items[i].ids)) for i in chunk], device=device)
         lengths = torch.tensor([len(items[i].ids) for i in chunk], device=device)
-        seqs = [Seq(i, items[i].params, RowSampling.generator(items[i].params, device), len(items[i].ids))
-                for i in chunk]
-        t0 = time.perf_counter()
+        seqs = [Seq(i, items[i].params, row_seed(items[i].params), len(items[i].ids)) for i in chunk]
         first_slot = len(active)
         active += seqs  # in flight from here, should the prefill fail
         logits = runner.prefill(first_slot, ids, lengths)  # [k, V]
-        first = sample(logits, RowSampling.build([s.params for s in seqs], device, [s.generator for s in seqs]))
-        for s, t in zip(seqs, first.tolist()):
-            s.row.tokens.append(t)
-            finished(s.row, s.params)
-        free -= len(chunk)
+        sampling = RowSampling.build([s.params for s in seqs], [s.seed for s in seqs], device)
+        first = sample(logits, sampling, lengths)  # the first new token sits at position len(prompt)
+        k = len(chunk)
+        runner.tokens[first_slot:first_slot + k] = first
+        runner.pos[first_slot:first_slot + k] = lengths
+        launches.append(Launch.of(seqs, first))
+        free -= k
         stats.prefills += 1
-        stats.prefill_s += time.perf_counter() - t0
         stats.prefill_tokens += int(sum(len(items[i].ids) for i in chunk))
-        stats.prefill_slots += len(chunk) * width
+        stats.prefill_slots += k * width
+    return launches
 
 
 def _retire(runner: Runner, active: list[Seq]) -> list[tuple[int, RowOutput]]:
-    """Drop finished rows; move the last live rows into their slots so live rows stay packed."""
+    """Drop finished rows and free their blocks; move the last live rows into their slots."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
+    for j, s in enumerate(active):
+        if s.row.finish_reason:
+            runner.free(j)
     n = len(active) - len(out)
     holes = [j for j in range(n) if active[j].row.finish_reason]
     movers = [j for j in range(n, len(active)) if not active[j].row.finish_reason]
