@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -20,7 +20,8 @@ from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .runner import COLUMN_BUCKET, Dims, Runner, supports
 from .scheduler import InFlight, Item, Stats, run_slots
-from .types import Request, Result, SamplingParams, Usage
+from .controls import needs_controls
+from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Prepared:
     request: Request
     ids: list[int]
     params: SamplingParams  # max_tokens clamped to the context left
+    grammar: Any = None  # issue 10: compiled grammar for json_object / json_schema
 
 
 class Engine:
@@ -45,6 +47,8 @@ class Engine:
         if self.runner is None:
             log.warning("%s: no slot runner for this architecture; using padded batches", cfg.model_type)
         self.stats = Stats()
+        self._grammars = None  # issue 10: made on the first structured request (imports xgrammar)
+        self._token_text: dict[int, str] = {}  # issue 10: token id -> text, for logprobs
 
     # -- set-up ---------------------------------------------------------------
 
@@ -81,7 +85,9 @@ class Engine:
             yield failed
         if prepared:
             columns = max(len(p.ids) + p.params.max_tokens for p in prepared)
-            slots = max(1, min(self.max_batch_size, len(prepared), self.token_budget() // columns))
+            rows = sum(p.params.n for p in prepared)  # issue 10: every choice takes a slot
+            slots = max(1, min(self.max_batch_size, rows, self.token_budget() // columns))
+            slots = max(slots, max(p.params.n for p in prepared))  # an n-choice item needs n slots at once
             yield from self._run(prepared, slots)
 
     def generate_all(self, requests: list[Request]) -> list[Result]:
@@ -125,8 +131,35 @@ class Engine:
                 params = r.params
                 if params.max_tokens > room:
                     params = SamplingParams(**{**params.__dict__, "max_tokens": room})
-                prepared.append(Prepared(r, ids, params))
+                try:  # issue 10
+                    grammar = self._grammar(params)
+                except ValueError as exc:
+                    failed.append(Result.failure(r.id, "invalid_request", str(exc)))
+                    continue
+                prepared.append(Prepared(r, ids, params, grammar))
         return prepared, failed
+
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            from .grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, Dims.of(self.model).vocab, self.eos_ids)
+        return self._grammars
+
+    def _grammar(self, params: SamplingParams):
+        """issue 10: the request's compiled grammar (cached per schema), or None; ValueError if not usable."""
+        if self.runner is None and (needs_controls(params) or params.n > 1):
+            raise ValueError(f"{self.model.config.model_type}: response_format, logprobs, n, penalties and "
+                             "logit_bias need the slot runner, which this architecture lacks")
+        if params.response_format == "text":
+            return None
+        from .grammar import GrammarError
+
+        try:
+            return self.grammars.compile(params.response_format, params.json_schema)
+        except GrammarError as exc:
+            raise ValueError(f"response_format: the schema cannot be compiled: {exc}") from None
 
     def _run(self, batch: list[Prepared], slots: int) -> Iterator[list[Result]]:
         """Generate the batch with at most `slots` rows at once; on failure, back off and retry the rest."""
@@ -134,12 +167,19 @@ class Engine:
         while batch:
             started = time.time()
             done: set[int] = set()
+            partial: dict[int, list[RowOutput]] = {}  # issue 10: choices of n > 1 items finished so far
             try:
                 if self.config.oom_above_batch is not None and slots > self.config.oom_above_batch:
                     raise torch.OutOfMemoryError(f"test hook: batch {slots} > {self.config.oom_above_batch}")
                 for rows in self._loop(batch, slots):
-                    done.update(i for i, _ in rows)
-                    yield [self._result(batch[i], row, started) for i, row in rows]
+                    complete = []
+                    for i, row in rows:  # issue 10: an item is done once all its n choices are
+                        partial.setdefault(i, []).append(row)
+                        if len(partial[i]) == batch[i].params.n:
+                            complete.append((i, sorted(partial.pop(i), key=lambda r: r.choice)))
+                    done.update(i for i, _ in complete)
+                    if complete:
+                        yield [self._result(batch[i], rs[0], started, rs[1:]) for i, rs in complete]
                 return
             except Exception as exc:
                 cause = exc.__cause__ if isinstance(exc, InFlight) else exc
@@ -183,8 +223,9 @@ class Engine:
         # Keep the cache (and its captured graphs) across calls when it fits without much waste.
         if r.kv is None or r.slots < slots or not need <= r.columns <= 2 * columns:
             r.allocate(slots, columns)
-        yield from run_slots(r, [Item(p.ids, p.params) for p in batch], slots, self.config.prefill_tokens,
-                             self._finished, self.stats, self.config.refill_fraction, self.config.flush_seconds)
+        yield from run_slots(r, [Item(p.ids, p.params, p.grammar) for p in batch], slots, self.config.prefill_tokens,
+                             self._finished, self.stats, self.config.refill_fraction, self.config.flush_seconds,
+                             grammars=self._grammars)
 
     def _loop_padded(self, batch: list[Prepared], rows: int) -> Iterator[list[tuple[int, RowOutput]]]:
         order = sorted(range(len(batch)), key=lambda i: -len(batch[i].ids))
@@ -203,11 +244,31 @@ class Engine:
                 raise InFlight(idx) from exc
             yield list(zip(idx, out))
 
-    def _result(self, p: Prepared, row: RowOutput, started: float) -> Result:
+    def _result(self, p: Prepared, row: RowOutput, started: float, more: list[RowOutput] = ()) -> Result:
+        """more: choices 1..n-1 of an n > 1 request (issue 10); completion_tokens counts them all."""
+        choices = [Choice(decode_output(self.tokenizer, c, self.eos_ids), c.finish_reason, len(c.tokens),
+                          self._logprobs(c), c.tokens) for c in more]
         return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids),
                       finish_reason=row.finish_reason,
-                      usage=Usage(prompt_tokens=len(p.ids), completion_tokens=len(row.tokens)),
-                      started_at=row.started_at or started, finished_at=row.finished_at, token_ids=row.tokens)
+                      usage=Usage(prompt_tokens=len(p.ids),
+                                  completion_tokens=len(row.tokens) + sum(c.completion_tokens for c in choices)),
+                      started_at=row.started_at or started, finished_at=max([row.finished_at, *(c.finished_at for c in more)]),
+                      token_ids=row.tokens, logprobs=self._logprobs(row), choices=choices)
+
+    def _text(self, token: int) -> str:
+        if token not in self._token_text:
+            self._token_text[token] = self.tokenizer.decode([token])
+        return self._token_text[token]
+
+    def _logprobs(self, row: RowOutput) -> list[dict] | None:
+        """issue 10: the row's (id, logprob, top) triples as OpenAI-shaped entries with token text."""
+        if row.logprobs is None:
+            return None
+        # A token the grammar forbids has logprob -inf, which JSON cannot hold: it is left out of the
+        # alternatives; OpenAI's floor, -9999.0, stands for it anywhere else.
+        return [{"token": self._text(t), "logprob": max(lp, -9999.0),
+                 "top_logprobs": [{"token": self._text(a), "logprob": alp} for a, alp in top if alp > -1e30]}
+                for t, lp, top in row.logprobs]
 
     def _free_memory(self) -> None:
         if self.runner is not None:

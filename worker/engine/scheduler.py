@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .controls import StepControls, needs_controls
 from .generate import RowOutput
 from .runner import Runner
 from .sampling import RowSampling, sample
@@ -27,6 +28,7 @@ MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its paddin
 class Item:
     ids: list[int]
     params: SamplingParams
+    grammar: Any = None  # issue 10: the compiled grammar of a json_object / json_schema request
 
 
 @dataclass
@@ -66,9 +68,16 @@ class InFlight(Exception):
 
 def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int,
               finished: Callable[[RowOutput, SamplingParams], bool], stats: Stats,
-              refill_fraction: float = 0.125, flush_seconds: float = 1.0) -> Iterator[list[tuple[int, RowOutput]]]:
-    """Generate every item; yield (item index, row) lists as rows finish, at most every flush_seconds."""
+              refill_fraction: float = 0.125, flush_seconds: float = 1.0,
+              grammars=None) -> Iterator[list[tuple[int, RowOutput]]]:
+    """Generate every item; yield (item index, row) lists as rows finish, at most every flush_seconds.
+
+    An item with n > 1 yields n rows (row.choice 0..n-1) and needs n free slots to start.
+    """
     device = runner.device
+    # issue 10: per-row grammar masks, penalties, bias, logprobs; None when no item uses them.
+    ctl = StepControls(slots, runner.dims.vocab, device, grammars) if any(
+        needs_controls(it.params) for it in items) else None
     waiting = deque(sorted(range(len(items)), key=lambda i: -len(items[i].ids)))
     active: list[Seq] = []  # active[j] lives in slot j
     done: list[tuple[int, RowOutput]] = []
@@ -79,10 +88,10 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
         while waiting or active:
             free = slots - len(active)
             if waiting and free and (not active or free >= refill_at):
-                _admit(runner, items, waiting, active, free, prefill_tokens, finished, stats)
+                _admit(runner, items, waiting, active, free, prefill_tokens, finished, stats, ctl)
                 dirty = True
             if any(s.row.finish_reason for s in active):
-                done += _retire(runner, active)
+                done += _retire(runner, active, ctl)
                 dirty = True
             if active:
                 t_step = time.perf_counter()
@@ -93,10 +102,15 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                     sampling = RowSampling.build([s.params for s in active], device, [s.generator for s in active])
                     dirty = False
                 logits = runner.decode(B, max(s.pos for s in active))
+                if ctl is not None:  # issue 10: masks filled on the CPU while the step runs, applied on the GPU
+                    logits = ctl.process(0, logits)
                 nxt = sample(logits, sampling)  # [B]
                 runner.tokens[:B] = nxt  # stays on the device for the next step
                 runner.pos[:B] += 1
-                for s, t in zip(active, nxt.tolist()):
+                toks = nxt.tolist()
+                if ctl is not None:  # issue 10: penalty counts, logprobs, grammar state
+                    ctl.after(0, logits, nxt, toks)
+                for s, t in zip(active, toks):
                     s.row.tokens.append(t)
                     s.pos += 1
                     finished(s.row, s.params)
@@ -105,7 +119,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 stats.decode_tokens += B
                 stats.decode_slots += runner.last_rows
                 if any(s.row.finish_reason for s in active):
-                    done += _retire(runner, active)
+                    done += _retire(runner, active, ctl)
                     dirty = True
             if done and (not (waiting or active) or time.monotonic() - last_flush >= flush_seconds):
                 yield done
@@ -117,18 +131,23 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
 
 
 def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq], free: int,
-           prefill_tokens: int, finished, stats: Stats) -> None:
-    """Prefill waiting prompts into the free slots, in chunks of at most prefill_tokens padded tokens."""
+           prefill_tokens: int, finished, stats: Stats, ctl: StepControls | None = None) -> None:
+    """Prefill waiting prompts into the free slots, in chunks of at most prefill_tokens padded tokens.
+
+    An item with n > 1 takes n slots: its prompt is prefilled once and the cache row copied.
+    """
     device = runner.device
-    while free and waiting:
+    while waiting and free >= items[waiting[0]].params.n:  # issue 10: was `free and waiting` (n = 1)
         width = len(items[waiting[0]].ids)  # the longest waiting prompt: they are sorted
         chunk, real = [waiting.popleft()], width
-        while waiting and len(chunk) < free and (len(chunk) + 1) * width <= prefill_tokens:
+        used = items[chunk[0]].params.n  # issue 10: slots the chunk takes, every choice counted
+        while waiting and used + items[waiting[0]].params.n <= free and (len(chunk) + 1) * width <= prefill_tokens:
             # Right padding to `width` is wasted compute: past a small chunk, keep it under 10%.
             nxt = len(items[waiting[0]].ids)
             if (len(chunk) + 1) * width > MIN_PREFILL and real + nxt < 0.9 * (len(chunk) + 1) * width:
                 break
             chunk.append(waiting.popleft())
+            used += items[chunk[-1]].params.n
             real += nxt
         ids = torch.tensor([items[i].ids + [0] * (width - len(items[i].ids)) for i in chunk], device=device)
         lengths = torch.tensor([len(items[i].ids) for i in chunk], device=device)
@@ -138,18 +157,50 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
         first_slot = len(active)
         active += seqs  # in flight from here, should the prefill fail
         logits = runner.prefill(first_slot, ids, lengths)  # [k, V]
+        if used > len(chunk) or ctl is not None:  # issue 10: n > 1 choices, and per-row controls
+            seqs, logits = _choices(runner, items, active, first_slot, len(chunk), logits)
+            if ctl is not None:
+                for j, s in enumerate(seqs):
+                    ctl.admit(first_slot + j, s.params, items[s.index].grammar, s.row, items[s.index].ids)
+                logits = ctl.process(first_slot, logits)
         first = sample(logits, RowSampling.build([s.params for s in seqs], device, [s.generator for s in seqs]))
-        for s, t in zip(seqs, first.tolist()):
+        toks = first.tolist()
+        if ctl is not None:  # issue 10
+            ctl.after(first_slot, logits, first, toks)
+        for s, t in zip(seqs, toks):
             s.row.tokens.append(t)
             finished(s.row, s.params)
-        free -= len(chunk)
+        free -= used
         stats.prefills += 1
         stats.prefill_s += time.perf_counter() - t0
         stats.prefill_tokens += int(sum(len(items[i].ids) for i in chunk))
         stats.prefill_slots += len(chunk) * width
 
 
-def _retire(runner: Runner, active: list[Seq]) -> list[tuple[int, RowOutput]]:
+def _choices(runner: Runner, items: list[Item], active: list[Seq], first_slot: int, k: int,
+             logits: torch.Tensor) -> tuple[list[Seq], torch.Tensor]:
+    """issue 10: after a prefill of k prompts into slots [first_slot, first_slot + k), give each item's
+    choices 1..n-1 a slot of their own at the end of `active`, with a copy of the prompt's KV row
+    (no second prefill). Returns the chunk's rows (prompts first, then the extra choices) and their
+    first-token logits [rows, V]."""
+    seqs = active[first_slot:first_slot + k]
+    src = list(range(k))
+    for j, s in enumerate(list(seqs)):
+        p = items[s.index].params
+        s.params = p.for_choice(0)
+        for c in range(1, p.n):
+            dst = len(active)
+            runner.move(first_slot + j, dst)
+            pc = p.for_choice(c)
+            extra = Seq(s.index, pc, RowSampling.generator(pc, runner.device), s.pos,
+                        RowOutput(started_at=s.row.started_at, choice=c))
+            active.append(extra)
+            seqs.append(extra)
+            src.append(j)
+    return seqs, (logits if len(src) == k else logits[torch.tensor(src, device=logits.device)])
+
+
+def _retire(runner: Runner, active: list[Seq], ctl: StepControls | None = None) -> list[tuple[int, RowOutput]]:
     """Drop finished rows; move the last live rows into their slots so live rows stay packed."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
     n = len(active) - len(out)
@@ -157,6 +208,8 @@ def _retire(runner: Runner, active: list[Seq]) -> list[tuple[int, RowOutput]]:
     movers = [j for j in range(n, len(active)) if not active[j].row.finish_reason]
     for h, m in zip(holes, movers):
         runner.move(m, h)
+        if ctl is not None:  # issue 10: the row's controls follow it
+            ctl.move(m, h)
         active[h] = active[m]
     del active[n:]
     return out
