@@ -78,7 +78,8 @@ def generation_options(fn):
 def collect_params(kw: dict) -> dict:
     params = {k: kw.pop(k, None) for k in PARAM_NAMES}
     params["stop"] = list(params["stop"]) or None
-    params["response_format"] = _response_format_flags(kw.pop("response_format"), kw.pop("json_schema"))
+    # --response-format (popped above under the parameter's name) and --json-schema make one response_format
+    params["response_format"] = _response_format_flags(params["response_format"], kw.pop("json_schema"))
     params = {k: v for k, v in params.items() if v is not None}
     try:  # the same checks as a line's, so flags and lines share their ranges
         validate_params(params, "job parameters")

@@ -81,7 +81,7 @@ def test_csv_escapes_formula_cells_in_ids_and_outputs(db, settings, tmp_path):
     job = _done_job(db, settings, tmp_path)
     n, text = _export(db, job, "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert n == len(rows) == 5 and list(rows[0]) == list(export.COLUMNS)
+    assert n == len(rows) == 5 and list(rows[0]) == list(export.CSV_COLUMNS)
     assert rows[0]["custom_id"] == "'=cmd|' /C calc'!A0"
     assert [r["output"] for r in rows[:4]] == ["'+SUM(A1:A2)", "'-1", "'@here", "plain"]
     for row in rows:
