@@ -53,6 +53,7 @@ class StepControls:
 
     # -- slot bookkeeping -------------------------------------------------------
 
+    @torch.inference_mode()
     def admit(self, slot: int, params: SamplingParams, grammar, out, prompt_ids: list[int]) -> None:
         if not needs_controls(params):
             self.rows[slot] = None
@@ -110,6 +111,7 @@ class StepControls:
         self._batch, self._batch_key = b, (lo, B)
         return b
 
+    @torch.inference_mode()  # the runner's logits are inference tensors; in-place edits need the mode
     def process(self, lo: int, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] for slots [lo, lo + B) -> the logits to sample from (float32 when changed)."""
         B = logits.shape[0]
@@ -135,6 +137,7 @@ class StepControls:
             L.apply_bitmask(logits, mask, b["grammar_rows"])
         return logits
 
+    @torch.inference_mode()
     def after(self, lo: int, logits: torch.Tensor, chosen: torch.Tensor, tokens: list[int]) -> None:
         """Record the chosen tokens [B] (tensor and host list) of slots [lo, lo + B)."""
         B = len(tokens)
