@@ -101,3 +101,49 @@ def test_fill_allows_only_what_the_grammar_can_take_next(engine):
     allowed = bits.reshape(-1)[:vocab].nonzero().flatten().tolist()
     assert allowed, "the grammar must allow something"
     assert all(engine.tokenizer.decode([t]).startswith("{") for t in allowed)
+
+
+def test_a_job_end_to_end_through_run_chunk_and_the_openai_export(engine, sqlite_url, tmp_path):
+    import io
+
+    from openai.types.chat import ChatCompletion
+
+    from llmbatch.jobs import export, service
+    from llmbatch.jobs.db import Database
+    from llmbatch.jobs.models import Item, Job
+    from llmbatch.jobs.settings import Settings
+    from llmbatch.worker.runner import run_chunk
+    from tests.support import write_jsonl
+
+    enum = _schema_format("enum")
+    broken = {"type": "json_schema", "json_schema": {"name": "b", "schema": {"$ref": "#/definitions/missing"}}}
+    lines = [
+        {"custom_id": "ok", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": ASK, "max_tokens": 30, "response_format": enum, "n": 2,
+                  "temperature": 1.0, "seed": 1, "logprobs": True, "top_logprobs": 2}},
+        {"custom_id": "broken", "messages": ASK, "max_tokens": 30, "response_format": broken},
+        {"custom_id": "plain", "prompt": "Hi", "max_tokens": 3},
+    ]
+    db = Database(sqlite_url)
+    db.ensure_schema()
+    settings = Settings.from_env(database_url=sqlite_url, broker_url="redis://127.0.0.1:1/0", chunk_size=8)
+    with db.write() as s, open(write_jsonl(tmp_path / "in.jsonl", lines), "rb") as fp:
+        out = service.submit(s, fp, settings)
+    assert run_chunk(db, engine, out.chunk_ids[0], "w", 30).done == 3
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+        items = {i.custom_id: i for i in s.query(Item).filter_by(job_id=job.id)}
+        buf = io.StringIO()
+        export.export(s, job, buf, "openai")
+    assert items["broken"].error_code == "invalid_request" and "missing" in items["broken"].error_message
+    assert items["plain"].status.value == "succeeded"
+    ok = items["ok"]
+    assert job.completion_tokens == sum(i.completion_tokens or 0 for i in items.values())
+    body = ChatCompletion.model_validate(json.loads(buf.getvalue().splitlines()[0])["response"]["body"])
+    assert len(body.choices) == 2 and body.usage.completion_tokens == ok.completion_tokens
+    for choice in body.choices:
+        if choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content), SCHEMAS["enum"])
+        assert len(choice.logprobs.content) > 0
+        assert all(len(t.top_logprobs) <= 2 for t in choice.logprobs.content)
+    db.dispose()
