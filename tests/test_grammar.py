@@ -147,3 +147,29 @@ def test_a_job_end_to_end_through_run_chunk_and_the_openai_export(engine, sqlite
         assert len(choice.logprobs.content) > 0
         assert all(len(t.top_logprobs) <= 2 for t in choice.logprobs.content)
     db.dispose()
+
+
+def test_properties_come_in_the_schemas_order_and_padded_ids_are_never_allowed(engine):
+    from llmbatch.worker.engine.grammar import Grammars
+
+    tok = engine.tokenizer
+    padded = len(tok) + 100  # a model whose logits are wider than its tokenizer
+    grammars = Grammars(tok, padded, engine.eos_ids)
+    schema = SamplingParams.from_dict({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "o", "schema": {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "integer"}},
+                                "required": ["zeta", "alpha"], "additionalProperties": False}}}}).json_schema
+    compiled = grammars.compile("json_schema", schema)
+
+    def accepts(doc: str) -> bool:
+        m = grammars.matcher(compiled)
+        bitmask = torch.zeros(1, (padded + 31) // 32, dtype=torch.int32)
+        for t in tok(doc, add_special_tokens=False)["input_ids"]:
+            grammars.fill([m], [0], bitmask)
+            bits = ((bitmask[0][:, None] >> torch.arange(32)) & 1).reshape(-1)
+            assert not bits[len(tok):].any()
+            if not bits[t] or not m.accept_token(t):
+                return False
+        return True
+
+    assert accepts('{"zeta":1,"alpha":2}')
+    assert not accepts('{"alpha":2,"zeta":1}')

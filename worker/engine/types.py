@@ -19,7 +19,7 @@ class SamplingParams:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
     # issue 10: the rest of the OpenAI request. Plain hashable values, so params stay a frozen value.
     response_format: str = "text"  # text | json_object | json_schema
-    json_schema: str | None = None  # the schema as canonical JSON text (sorted keys): its cache key
+    json_schema: str | None = None  # the schema as JSON text, keys in the user's order: properties come out in it
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, 0-20
     n: int = 1  # choices for this request, all decoded from one prefill
@@ -38,7 +38,7 @@ class SamplingParams:
         if isinstance(rf, dict):
             d["response_format"] = rf.get("type", "text")
             if rf.get("type") == "json_schema":
-                d["json_schema"] = json.dumps(rf["json_schema"].get("schema", {}), sort_keys=True)
+                d["json_schema"] = json.dumps(rf["json_schema"].get("schema", {}))
         if isinstance(d.get("logit_bias"), dict):
             d["logit_bias"] = tuple(sorted((int(k), float(v)) for k, v in d["logit_bias"].items()))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and v is not None})
