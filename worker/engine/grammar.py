@@ -1,11 +1,14 @@
 """Structured outputs (response_format json_object / json_schema) through xgrammar's token masks.
 
-Why xgrammar rather than llguidance: measured on the 2-core CI machine with the bundled model's
-tokenizer (SmolLM2, 49,152 tokens) and the benchmark's five-field schema, filling one row's mask
-and accepting its token took 8.8 us per token with xgrammar 0.2.8 against 18.9 us with
-llguidance 1.9.1, and 64 rows 0.32 ms against 1.3 ms (benchmarks/grammar_overhead.py).
-llguidance imports without torch, but submit checks schemas with `jsonschema` (jobs/inputs.py),
-so the worker is the only place a grammar library is needed.
+Why xgrammar rather than llguidance: per-token mask overhead, measured on the 2-core dev machine
+with the bundled model's tokenizer (SmolLM2, 49,152 tokens) and the throughput benchmark's
+five-field schema (benchmarks/grammar_overhead.py: fill a row's mask and accept its token).
+Quiet machine: one row 8.8 us per token with xgrammar 0.2.8 against 18.9 us with llguidance
+1.9.1; 64 rows 0.32 ms against 1.3 ms per step. Under a load average of 16: 186 against 324 us,
+and 10.7 against 20.4 ms. llguidance compiles faster (13 ms against 2.9 s under that load), which
+matters only for many distinct schemas: compiles are cached. llguidance imports without torch,
+but submit checks schemas with `jsonschema` (jobs/inputs.py), so only the worker needs a grammar
+library.
 
 I/O-free: a compiled grammar per schema, cached per process; one matcher per row; masks filled
 into a CPU int32 bitmask [B, ceil(V / 32)] (bit t of a row set = token t allowed).
