@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .exceptions import BrokerUnavailable, LLMBatchError
-from .inputs import PARAM_NAMES
+from .inputs import PARAM_NAMES, validate_params
 from .settings import Settings, redact_url
 
 FINAL_JOB_STATES = ("completed", "cancelled")
@@ -64,6 +64,11 @@ def generation_options(fn):
         click.option("--top-k", type=int),
         click.option("--seed", type=int),
         click.option("--stop", multiple=True, help="Stop string; repeat for several."),
+        # issue 10: job-wide structured output; a line's own response_format overrides it.
+        click.option("--response-format", type=click.Choice(["text", "json"]),
+                     help="json: every output is one JSON object."),
+        click.option("--json-schema", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Every output is JSON valid against the schema in this file."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -71,9 +76,30 @@ def generation_options(fn):
 
 
 def collect_params(kw: dict) -> dict:
-    params = {k: kw.pop(k) for k in PARAM_NAMES}
+    params = {k: kw.pop(k, None) for k in PARAM_NAMES}
     params["stop"] = list(params["stop"]) or None
-    return {k: v for k, v in params.items() if v is not None}
+    # --response-format (popped above under the parameter's name) and --json-schema make one response_format
+    params["response_format"] = _response_format_flags(params["response_format"], kw.pop("json_schema"))
+    params = {k: v for k, v in params.items() if v is not None}
+    try:  # the same checks as a line's, so flags and lines share their ranges
+        validate_params(params, "job parameters")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return params
+
+
+def _response_format_flags(kind: str | None, schema_file: Path | None) -> dict | None:
+    if schema_file is not None:
+        if kind is not None:
+            raise click.UsageError("give only one of --response-format and --json-schema")
+        try:
+            schema = json.loads(schema_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise click.BadParameter(f"{schema_file}: not a JSON file ({e})", param_hint="--json-schema") from None
+        # OpenAI's name pattern; the file's stem is the natural name, cleaned to fit it.
+        name = "".join(c if c.isalnum() or c in "_-" else "_" for c in schema_file.stem)[:64] or "schema"
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    return {"type": "json_object"} if kind == "json" else {"type": "text"} if kind == "text" else None
 
 
 pass_ctx = click.make_pass_decorator(Context)

@@ -18,6 +18,10 @@ from .models import Item, ItemStatus, Job
 FORMATS = ("jsonl", "openai", "csv")
 COLUMNS = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens",
            "queued_at", "started_at", "finished_at", "latency_ms", "worker", "error")
+# issue 10: native lines carry these only when the line asked for them (n > 1, logprobs); CSV always
+# has the columns, as JSON text, empty when absent.
+OPTIONAL_COLUMNS = ("outputs", "logprobs")
+CSV_COLUMNS = COLUMNS + OPTIONAL_COLUMNS
 # A spreadsheet runs a cell that starts with one of these as a formula.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 STREAM_BATCH = 2000
@@ -39,9 +43,9 @@ def escape_cell(value) -> str:
 
 # Row positions: the native columns, then (openai only) what openai_row needs from `request`.
 (_CID, _LINE, _STATUS, _OUTPUT, _FINISH, _PT, _CT, _QUEUED, _STARTED, _FINISHED, _LATENCY, _WORKER, _CODE,
- _MESSAGE, _URL, _BODY_MODEL, _HAS_PROMPT) = range(17)
+ _MESSAGE, _LOGPROBS, _CHOICES, _URL, _BODY_MODEL, _HAS_PROMPT) = range(19)
 _NATIVE = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "queued_at",
-           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message")
+           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message", "logprobs", "choices")
 _encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode  # json.dumps(x, ensure_ascii=False)
 _encode_ascii = json.JSONEncoder().encode  # json.dumps(x)
 
@@ -121,16 +125,77 @@ class _Iso:
         return text
 
 
+def json_value(raw):
+    """A JSON column as read by the driver: text on SQLite, already parsed on PostgreSQL."""
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def optional_fields(output: str | None, logprobs, choices) -> dict:
+    """issue 10: `outputs` (every choice, when n > 1) and `logprobs` (first choice), when present."""
+    extra = {}
+    if choices:
+        extra["outputs"] = [output] + [c["output"] for c in choices]
+    if logprobs is not None:
+        extra["logprobs"] = logprobs
+    return extra
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """Native logprobs -> a chat choice's `logprobs` ({"content": [...], "refusal": None})."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": _token_bytes(e["token"]),
+                         "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                                           "bytes": _token_bytes(t["token"])} for t in e["top_logprobs"]]}
+                        for e in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: list[dict] | None) -> dict | None:
+    """Native logprobs -> the legacy /v1/completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+def openai_choices(completions: bool, output, finish, logprobs, choices) -> list[dict]:
+    """choices[i] of an OpenAI body: the first from the item's own columns, then its extra choices."""
+    everyone = [(output, finish, logprobs)] + [(c["output"], c["finish_reason"], c["logprobs"]) for c in choices or ()]
+    out = []
+    for i, (text, fin, lps) in enumerate(everyone):
+        if completions:
+            out.append({"index": i, "text": text, "finish_reason": fin, "logprobs": completion_logprobs(lps)})
+        else:
+            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": fin}
+            if lps is not None:
+                choice["logprobs"] = chat_logprobs(lps)
+            out.append(choice)
+    return out
+
+
 def _native_dicts(rows: list[tuple], iso: _Iso) -> Iterator[dict]:
     for r in rows:
         code = r[_CODE]
-        yield {
+        d = {
             "custom_id": r[_CID], "line": r[_LINE], "status": r[_STATUS], "output": r[_OUTPUT],
             "finish_reason": r[_FINISH], "prompt_tokens": r[_PT], "completion_tokens": r[_CT],
             "queued_at": iso(r[_QUEUED]), "started_at": iso(r[_STARTED]), "finished_at": iso(r[_FINISHED]),
             "latency_ms": r[_LATENCY], "worker": r[_WORKER],
             "error": {"code": code, "message": r[_MESSAGE]} if code else None,
         }
+        if r[_LOGPROBS] is not None or r[_CHOICES] is not None:  # issue 10
+            d.update(optional_fields(r[_OUTPUT], json_value(r[_LOGPROBS]), json_value(r[_CHOICES])))
+        yield d
 
 
 def _jsonl(rows: list[tuple], iso: _Iso, job: Job) -> str:
@@ -165,17 +230,15 @@ def _openai(rows: list[tuple], iso: _Iso, job: Job) -> str:
             created = _created(r[_FINISHED], iso)
             model = r[_BODY_MODEL] or job_model
             url = r[_URL]
-            if url == "/v1/completions" or (r[_HAS_PROMPT] and url is None):
+            completions = url == "/v1/completions" or bool(r[_HAS_PROMPT] and url is None)
+            choices = openai_choices(completions, r[_OUTPUT], r[_FINISH], json_value(r[_LOGPROBS]),
+                                     json_value(r[_CHOICES]))
+            if completions:
                 body = {"id": f"cmpl-{job_id}-{line}", "object": "text_completion", "created": created,
-                        "model": model,
-                        "choices": [{"index": 0, "text": r[_OUTPUT], "finish_reason": r[_FINISH], "logprobs": None}],
-                        "usage": usage}
+                        "model": model, "choices": choices, "usage": usage}
             else:
                 body = {"id": f"chatcmpl-{job_id}-{line}", "object": "chat.completion", "created": created,
-                        "model": model,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": r[_OUTPUT]},
-                                     "finish_reason": r[_FINISH]}],
-                        "usage": usage}
+                        "model": model, "choices": choices, "usage": usage}
             obj = {"id": rid, "custom_id": cid, "response": {"status_code": 200, "request_id": rid, "body": body},
                    "error": None}
         lines.append(encode(obj))
@@ -202,7 +265,14 @@ def _csv_rows(rows: list[tuple], iso: _Iso) -> Iterator[list]:
                escape_cell(r[_PT]), escape_cell(r[_CT]),
                cell(iso(r[_QUEUED])), cell(iso(r[_STARTED])), cell(iso(r[_FINISHED])),
                escape_cell(r[_LATENCY]), cell(r[_WORKER]),
-               escape_cell(_encode_ascii({"code": code, "message": r[_MESSAGE]})) if code else ""]
+               escape_cell(_encode_ascii({"code": code, "message": r[_MESSAGE]})) if code else "",
+               # issue 10: JSON text, empty when the line did not ask
+               _json_cell(optional_fields(r[_OUTPUT], None, json_value(r[_CHOICES])).get("outputs")),
+               _json_cell(json_value(r[_LOGPROBS]))]
+
+
+def _json_cell(value) -> str:
+    return "" if value is None else escape_cell(_encode(value))
 
 
 def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl", only: str | None = None) -> int:
@@ -218,7 +288,7 @@ def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl", o
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        writer.writerow(CSV_COLUMNS)
         for batch in _rows(session, job.id, only, with_request=False):
             writer.writerows(_csv_rows(batch, iso))
             rows += len(batch)

@@ -7,8 +7,10 @@ Only problems with the file as a whole raise InputFileError.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import re
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -17,13 +19,16 @@ from typing import Any
 from llmbatch.jobs.exceptions import InputFileError
 from llmbatch.jobs.settings import Limits
 
-PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+               # issue 10: the rest of the OpenAI request (DESIGN.md, "more per-line parameters")
+               "response_format", "logprobs", "top_logprobs", "n", "frequency_penalty", "presence_penalty",
+               "logit_bias", "repetition_penalty")
 
 # Alternative spellings people bring from other tools; each maps to its canonical name.
 _ALIASES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
 _TOP_KEYS = frozenset({"custom_id", "prompt", "messages", "method", "url", "body", "max_new_tokens", *PARAM_NAMES})
-# OpenAI body keys we can honour; n/stream/user are accepted only where they change nothing.
-_BODY_KEYS = frozenset({"model", "messages", "prompt", "max_completion_tokens", "n", "stream", "user", *PARAM_NAMES})
+# OpenAI body keys we can honour; stream/user are accepted only where they change nothing.
+_BODY_KEYS = frozenset({"model", "messages", "prompt", "max_completion_tokens", "stream", "user", *PARAM_NAMES})
 _CHAT_URL, _COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 _ROLES = ("system", "user", "assistant")
 _BOM = b"\xef\xbb\xbf"
@@ -114,6 +119,101 @@ def _stop(value: Any, key: str, limits: Limits) -> list[str]:
     return list(items)
 
 
+def _ranged(low: float, high: float, *, integer: bool = False, open_low: bool = False):
+    """A check for a number (or an integer) in [low, high], or (low, high] with open_low."""
+    def check(value: Any, key: str, limits: Limits):
+        v = _int(value, key) if integer else _number(value, key)
+        if not ((low < v) if open_low else (low <= v)) or not v <= high:  # also refuses NaN
+            if open_low and high == float("inf"):
+                raise ValueError(f"{key!r} must be greater than {low:g}, got {v}")
+            raise ValueError(f"{key!r} must be between {low:g} and {high:g}, got {v}")
+        return v if integer else float(v)
+    return check
+
+
+def _logprobs(value: Any, key: str, limits: Limits) -> bool:
+    # Chat meaning; a /v1/completions line's integer form is read by _completions_logprobs.
+    if not isinstance(value, bool):
+        raise ValueError(f"{key!r} must be true or false, got {_json_type(value)}")
+    return value
+
+
+def _completions_logprobs(value: Any, key: str) -> int:
+    v = _int(value, key)
+    if not 0 <= v <= 5:
+        raise ValueError(f"{key!r} must be between 0 and 5 for /v1/completions, got {v}")
+    return v
+
+
+def _logit_bias(value: Any, key: str, limits: Limits) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} must be an object of token id to bias, got {_json_type(value)}")
+    if len(value) > 300:  # OpenAI's limit
+        raise ValueError(f"{key!r} may have at most 300 tokens, got {len(value)}")
+    out = {}
+    for tok, bias in value.items():
+        if not tok.isdigit() or len(tok) > 9:  # JSON keys are strings; ids are small non-negative integers
+            raise ValueError(f"{key!r}: key {tok!r} is not a token id")
+        b = _number(bias, f"{key}[{tok}]")
+        if not -100 <= b <= 100:
+            raise ValueError(f"{key!r}: bias for token {tok} must be between -100 and 100, got {b}")
+        out[str(int(tok))] = float(b)
+    return out
+
+
+_RESPONSE_TYPES = ("text", "json_object", "json_schema")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(value: Any, key: str, limits: Limits) -> dict:
+    """{"type": "text" | "json_object" | "json_schema", ...}, normalized; a json_schema's schema is
+    checked against its JSON Schema metaschema here (torch-free, cached), the grammar library's own
+    compile happens in the worker."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{key!r} must be an object, got {_json_type(value)}")
+    kind = value.get("type")
+    if kind not in _RESPONSE_TYPES:
+        raise ValueError(f"{key!r}: 'type' must be one of 'text', 'json_object', 'json_schema', got {kind!r}")
+    extra = next((k for k in value if k not in ("type", "json_schema")), None)
+    if extra is not None or (kind != "json_schema" and "json_schema" in value):
+        raise ValueError(f"{key!r}: unsupported key {extra or 'json_schema'!r} for type {kind!r}")
+    if kind != "json_schema":
+        return {"type": kind}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{key!r}: 'json_schema' must be an object with 'name' and 'schema'")
+    extra = next((k for k in spec if k not in ("name", "schema", "strict", "description")), None)
+    if extra is not None:
+        raise ValueError(f"{key!r}: unsupported key {extra!r} in 'json_schema'")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise ValueError(f"{key!r}: 'json_schema.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise ValueError(f"{key!r}: 'json_schema.schema' must be an object, got {_json_type(schema)}")
+    strict = spec.get("strict", False)
+    if not isinstance(strict, bool) and strict is not None:
+        raise ValueError(f"{key!r}: 'json_schema.strict' must be true or false, got {_json_type(strict)}")
+    problem = schema_problem(json.dumps(schema, sort_keys=True))
+    if problem:
+        raise ValueError(f"{key!r}: invalid JSON schema: {problem}")
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": bool(strict)}}
+
+
+@functools.lru_cache(maxsize=256)  # a million lines with one schema check it once
+def schema_problem(schema_text: str) -> str | None:
+    """The reason a schema is not valid JSON Schema (its own draft's metaschema), or None."""
+    import jsonschema  # pure Python: submit stays free of torch and of the grammar library
+
+    schema = json.loads(schema_text)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        return f"{e.message}" + (f" (at {where})" if where else "")
+    return None
+
+
 _CHECKS: dict[str, Callable[[Any, str, Limits], Any]] = {
     "max_tokens": _max_tokens,
     "temperature": _temperature,
@@ -121,14 +221,25 @@ _CHECKS: dict[str, Callable[[Any, str, Limits], Any]] = {
     "top_k": _top_k,
     "seed": _seed,
     "stop": _stop,
+    "response_format": _response_format,
+    "logprobs": _logprobs,
+    "top_logprobs": _ranged(0, 20, integer=True),
+    "n": _ranged(1, 16, integer=True),
+    "frequency_penalty": _ranged(-2, 2),
+    "presence_penalty": _ranged(-2, 2),
+    "logit_bias": _logit_bias,
+    "repetition_penalty": _ranged(0, float("inf"), open_low=True),
 }
 
 
-def validate_params(params: dict, where: str = "", *, limits: Limits | None = None) -> dict:
+def validate_params(params: dict, where: str = "", *, limits: Limits | None = None,
+                    completions: bool = False) -> dict:
     """Check and normalize generation parameters (from a line or from CLI flags).
 
     Returns only the keys given, under their canonical names, in PARAM_NAMES order.
     Raises ValueError("<where>: <problem>"); callers pass only the flags actually set.
+    completions: a /v1/completions body, whose `logprobs` is an integer (0-5): it is stored in the
+    chat form, logprobs=true with top_logprobs=N, so the engine sees one shape.
     """
     if not params:
         return {}
@@ -144,9 +255,16 @@ def validate_params(params: dict, where: str = "", *, limits: Limits | None = No
             raise ValueError(f"{prefix}give only one of {given_as[name]!r} and {key!r}")
         given_as[name] = key
         try:
+            if completions and name == "top_logprobs":
+                raise ValueError(f"{key!r} is not a /v1/completions parameter: give 'logprobs' as an integer")
+            if completions and name == "logprobs":
+                out["logprobs"], out["top_logprobs"] = True, _completions_logprobs(value, key)
+                continue
             out[name] = _CHECKS[name](value, key, limits)
         except ValueError as e:
             raise ValueError(prefix + str(e)) from None
+    if out.get("top_logprobs") and not out.get("logprobs"):  # as OpenAI: asking for alternatives needs logprobs
+        raise ValueError(f"{prefix}'top_logprobs' needs 'logprobs': true")
     return {k: out[k] for k in PARAM_NAMES if k in out}
 
 
@@ -211,9 +329,6 @@ def _openai_request(obj: dict, line_params: dict, limits: Limits) -> dict:
     bad = None if _BODY_KEYS.issuperset(body) else next(k for k in body if k not in _BODY_KEYS)
     if bad is not None:
         raise ValueError(f"unsupported parameter {bad!r} in body")
-    n = body.get("n", 1)
-    if isinstance(n, bool) or n != 1:
-        raise ValueError(f"'n' in body must be 1 (one completion per item), got {n!r}")
     if body.get("stream", False) is not False:
         raise ValueError("'stream' in body must be false: results are written to the output file")
     model = body.get("model")
@@ -225,7 +340,7 @@ def _openai_request(obj: dict, line_params: dict, limits: Limits) -> dict:
     clash = {_ALIASES.get(k, k) for k in body_params} & {_ALIASES.get(k, k) for k in line_params}
     if clash:
         raise ValueError(f"{min(clash)!r} is given both in 'body' and at the top level")
-    params = validate_params({**body_params, **line_params}, limits=limits)
+    params = validate_params({**body_params, **line_params}, limits=limits, completions=url == _COMPLETIONS_URL)
 
     wanted, other = ("messages", "prompt") if url == _CHAT_URL else ("prompt", "messages")
     if wanted not in body:

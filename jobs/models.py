@@ -154,6 +154,10 @@ class Item(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # issue 10. logprobs: one entry per generated token of the first choice, when the line asked;
+    # choices: choices 1..n-1 of an n > 1 line, [{"output", "finish_reason", "completion_tokens", "logprobs"}].
+    logprobs: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
+    choices: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (
         # One row per line: export order, and what makes a double submit of a line impossible.

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from llmbatch.jobs.export import COLUMNS, FORMATS, escape_cell
+from llmbatch.jobs.export import CSV_COLUMNS, FORMATS, escape_cell, openai_choices, optional_fields
 from llmbatch.jobs.models import Item, ItemStatus, Job
 
 STREAM_BATCH = 2000
@@ -43,6 +43,7 @@ def native_row(item: Item) -> dict:
         "completion_tokens": item.completion_tokens, "queued_at": _iso(item.queued_at),
         "started_at": _iso(item.started_at), "finished_at": _iso(item.finished_at),
         "latency_ms": item.latency_ms, "worker": item.worker, "error": error,
+        **optional_fields(item.output, item.logprobs, item.choices),
     }
 
 
@@ -58,16 +59,14 @@ def openai_row(item: Item, job: Job) -> dict:
              "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0)}
     created = int(item.finished_at.timestamp()) if item.finished_at else None
     model = request.get("body_model") or job.model
-    if request.get("url") == "/v1/completions" or ("prompt" in request and request.get("url") is None):
+    completions = request.get("url") == "/v1/completions" or ("prompt" in request and request.get("url") is None)
+    choices = openai_choices(completions, item.output, item.finish_reason, item.logprobs, item.choices)
+    if completions:
         body = {"id": f"cmpl-{job.id}-{item.line}", "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": item.output, "finish_reason": item.finish_reason, "logprobs": None}],
-                "usage": usage}
+                "choices": choices, "usage": usage}
     else:
         body = {"id": f"chatcmpl-{job.id}-{item.line}", "object": "chat.completion", "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": item.output},
-                             "finish_reason": item.finish_reason}],
-                "usage": usage}
+                "model": model, "choices": choices, "usage": usage}
     return {"id": rid, "custom_id": item.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
 
@@ -96,10 +95,12 @@ def render(items: Iterable[Item], fmt: str, job: Job) -> Iterator[str]:
     elif fmt == "csv":
         sink = _Line()
         writer = csv.writer(sink, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        writer.writerow(CSV_COLUMNS)
         for item in items:
             row = native_row(item)
-            writer.writerow([escape_cell(row[c]) for c in COLUMNS])
+            writer.writerow([escape_cell(row[c]) if c not in ("outputs", "logprobs") else
+                             escape_cell(json.dumps(row[c], ensure_ascii=False)) if c in row else ""
+                             for c in CSV_COLUMNS])
             yield sink.text
             sink.text = ""
         if sink.text:

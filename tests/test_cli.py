@@ -139,3 +139,34 @@ def test_run_on_the_example_file_exports_every_line(tmp_path, sqlite_url):
         assert row["output"] and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
         assert row["finish_reason"] in ("stop", "length")
     assert "items" in result.stderr and "tok/s" in result.stderr
+
+
+def test_response_format_flags_set_the_job_default(invoke, db_url, tmp_path):
+    # issue 10: --response-format json / --json-schema FILE; flags share the lines' checks.
+    from llmbatch.jobs.db import Database
+    from llmbatch.jobs.models import Job
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
+    schema_file = tmp_path / "person.schema.json"
+    schema_file.write_text(json.dumps(schema))
+    by_schema = json.loads(invoke("submit", path, "--json", "--json-schema", schema_file).output)["id"]
+    by_json = json.loads(invoke("submit", path, "--json", "--response-format", "json").output)["id"]
+    db = Database(db_url)
+    with db.read() as s:
+        assert s.get(Job, by_schema).params == {"response_format": {
+            "type": "json_schema", "json_schema": {"name": "person_schema", "schema": schema, "strict": True}}}
+        assert s.get(Job, by_json).params == {"response_format": {"type": "json_object"}}
+    db.dispose()
+
+    both = invoke("submit", path, "--response-format", "json", "--json-schema", schema_file)
+    assert both.exit_code == 2 and "give only one of --response-format and --json-schema" in both.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "frob"}))
+    refused = invoke("submit", path, "--json-schema", bad)
+    assert refused.exit_code == 2 and "invalid JSON schema" in refused.output
+    bad.write_text("{nope")
+    unreadable = invoke("submit", path, "--json-schema", bad)
+    assert unreadable.exit_code == 2 and "not a JSON file" in unreadable.output
+    out_of_range = invoke("submit", path, "--temperature", "5")
+    assert out_of_range.exit_code == 2 and "'temperature' must be between 0 and 2, got 5.0" in out_of_range.output

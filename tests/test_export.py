@@ -5,7 +5,7 @@ import io
 import json
 
 from llmbatch.jobs import export, service, work
-from llmbatch.jobs.models import ItemStatus, Job
+from llmbatch.jobs.models import ItemStatus, Job, utcnow
 from tests.support import write_jsonl
 
 LINES = [
@@ -81,7 +81,7 @@ def test_csv_escapes_formula_cells_in_ids_and_outputs(db, settings, tmp_path):
     job = _done_job(db, settings, tmp_path)
     n, text = _export(db, job, "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert n == len(rows) == 5 and list(rows[0]) == list(export.COLUMNS)
+    assert n == len(rows) == 5 and list(rows[0]) == list(export.CSV_COLUMNS)
     assert rows[0]["custom_id"] == "'=cmd|' /C calc'!A0"
     assert [r["output"] for r in rows[:4]] == ["'+SUM(A1:A2)", "'-1", "'@here", "plain"]
     for row in rows:
@@ -95,3 +95,87 @@ def test_escape_cell_covers_tab_and_carriage_return():
     assert export.escape_cell(None) == ""
     assert export.escape_cell(12) == "12"
     assert export.escape_cell("a=b") == "a=b"
+
+
+# ---- issue 10: n choices and logprobs --------------------------------------------------------
+
+LP = [{"token": "Hé", "logprob": -0.25, "top_logprobs": [{"token": "Hé", "logprob": -0.25}, {"token": "H", "logprob": -1.5}]},
+      {"token": "!", "logprob": -0.5, "top_logprobs": [{"token": "!", "logprob": -0.5}, {"token": "?", "logprob": -2.0}]}]
+RICH_LINES = [
+    {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "c"}], "n": 2, "logprobs": True,
+              "top_logprobs": 2}},
+    {"custom_id": "text", "method": "POST", "url": "/v1/completions",
+     "body": {"model": "m", "prompt": "d", "n": 2, "logprobs": 2}},
+    {"custom_id": "native", "prompt": "e", "n": 2},
+    {"custom_id": "plain", "messages": [{"role": "user", "content": "f"}]},
+]
+
+
+def _rich_job(db, settings, tmp_path):
+    path = write_jsonl(tmp_path / "rich.jsonl", RICH_LINES)
+    with db.write() as s, open(path, "rb") as fp:
+        out = service.submit(s, fp, settings)
+    for chunk_id in out.chunk_ids:
+        with db.write() as s:
+            chunk = work.claim_chunk(s, chunk_id, "w", 30)
+            items = work.running_items(s, chunk_id)
+        rows = []
+        for i in items:
+            params = i.request["params"]
+            lp = LP if params.get("logprobs") else None
+            more = [{"output": "Bye", "finish_reason": "length", "completion_tokens": 2, "logprobs": lp}] \
+                if params.get("n", 1) > 1 else None
+            rows.append(work.ItemResult(item_id=i.id, status=ItemStatus.succeeded, output="Hé!", finish_reason="stop",
+                                        prompt_tokens=4, completion_tokens=4 if more else 2, logprobs=lp, choices=more,
+                                        started_at=utcnow(), finished_at=utcnow()))
+        with db.write() as s:
+            work.record_results(s, chunk, "w", rows, 30)
+    with db.read() as s:
+        return s.get(Job, out.job.id)
+
+
+def test_openai_package_parses_choices_and_logprobs(db, settings, tmp_path):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    job = _rich_job(db, settings, tmp_path)
+    rows = [json.loads(line) for line in _export(db, job, "openai")[1].splitlines()]
+    chat = ChatCompletion.model_validate(rows[0]["response"]["body"])
+    assert [c.message.content for c in chat.choices] == ["Hé!", "Bye"]
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[1].finish_reason == "length"
+    content = chat.choices[0].logprobs.content
+    assert [t.token for t in content] == ["Hé", "!"] and content[0].bytes == list("Hé".encode())
+    assert [t.logprob for t in content[0].top_logprobs] == [-0.25, -1.5]
+    assert chat.usage.completion_tokens == 4 and chat.usage.total_tokens == 8
+    text = Completion.model_validate(rows[1]["response"]["body"])
+    assert [c.text for c in text.choices] == ["Hé!", "Bye"]
+    assert text.choices[0].logprobs.tokens == ["Hé", "!"]
+    assert text.choices[0].logprobs.token_logprobs == [-0.25, -0.5]
+    assert text.choices[0].logprobs.top_logprobs == [{"Hé": -0.25, "H": -1.5}, {"!": -0.5, "?": -2.0}]
+    assert text.choices[0].logprobs.text_offset == [0, 2]
+    native = Completion.model_validate(rows[2]["response"]["body"])  # a native prompt line: completions shape
+    assert [c.text for c in native.choices] == ["Hé!", "Bye"] and native.choices[0].logprobs is None
+    plain = ChatCompletion.model_validate(rows[3]["response"]["body"])
+    assert len(plain.choices) == 1 and plain.choices[0].logprobs is None
+
+
+def test_native_and_csv_carry_outputs_and_logprobs_only_when_asked(db, settings, tmp_path):
+    job = _rich_job(db, settings, tmp_path)
+    rows = [json.loads(line) for line in _export(db, job, "jsonl")[1].splitlines()]
+    assert rows[0]["outputs"] == ["Hé!", "Bye"] and rows[0]["logprobs"] == LP and rows[0]["output"] == "Hé!"
+    assert rows[2]["outputs"] == ["Hé!", "Bye"] and "logprobs" not in rows[2]
+    assert set(rows[3]) == set(export.COLUMNS)  # a plain line: nothing new
+    table = list(csv.DictReader(io.StringIO(_export(db, job, "csv")[1])))
+    assert json.loads(table[0]["outputs"]) == ["Hé!", "Bye"] and json.loads(table[0]["logprobs"]) == LP
+    assert table[3]["outputs"] == "" and table[3]["logprobs"] == ""
+
+
+def test_rich_export_equals_the_reference_rendering(db, settings, tmp_path):
+    from tests import export_reference
+
+    job = _rich_job(db, settings, tmp_path)
+    for fmt in export.FORMATS:
+        with db.read() as s:
+            expected = "".join(export_reference.render(export_reference.iter_items(s, job.id), fmt, job))
+        assert _export(db, job, fmt)[1] == expected, fmt

@@ -63,7 +63,7 @@ def test_openai_chat_form():
     assert p.error is None
     assert p.request == {
         "messages": CHAT,
-        "params": {"max_tokens": 9, "temperature": 0.0},
+        "params": {"max_tokens": 9, "temperature": 0.0, "n": 1},
         "url": "/v1/chat/completions",
         "body_model": "gpt-x",
     }
@@ -85,7 +85,7 @@ def test_openai_body_and_line_params_combine():
 def test_all_params_normalized_in_order():
     p = one({"prompt": "x", "stop": ["a", "b"], "seed": -1, "top_k": 0, "top_p": 1, "temperature": 2, "max_new_tokens": 1024})
     assert p.request["params"] == {"max_tokens": 1024, "temperature": 2.0, "top_p": 1.0, "top_k": 0, "seed": -1, "stop": ["a", "b"]}
-    assert tuple(p.request["params"]) == PARAM_NAMES
+    assert tuple(p.request["params"]) == PARAM_NAMES[:6]  # the first six; issue 10 added the rest after them
 
 
 def test_validate_params_for_cli_flags():
@@ -172,7 +172,7 @@ URL = "/v1/chat/completions"
 @pytest.mark.parametrize(
     ("obj", "message"),
     [
-        ({"url": URL, "body": {"messages": CHAT, "logprobs": True}}, "unsupported parameter 'logprobs' in body"),
+        ({"url": URL, "body": {"messages": CHAT, "logprobs": 2}}, "'logprobs' must be true or false, got number"),
         ({"url": URL, "body": {"messages": CHAT, "max_new_tokens": 5}}, "unsupported parameter 'max_new_tokens' in body"),
         ({"method": "GET", "url": URL, "body": {"messages": CHAT}}, "'method' must be 'POST', got 'GET'"),
         ({"url": "/v1/embeddings", "body": {"input": "x"}}, "unsupported url '/v1/embeddings'"),
@@ -182,8 +182,8 @@ URL = "/v1/chat/completions"
         ({"url": URL, "body": {"messages": CHAT, "prompt": "x"}}, "unsupported parameter 'prompt' in body for /v1/chat/completions"),
         ({"url": "/v1/completions", "body": {"messages": CHAT}}, "body for /v1/completions needs 'prompt'"),
         ({"url": "/v1/completions", "body": {"prompt": ["a", "b"]}}, "'prompt' must be a string, got array"),
-        ({"url": URL, "body": {"messages": CHAT, "n": 2}}, "'n' in body must be 1"),
-        ({"url": URL, "body": {"messages": CHAT, "n": True}}, "'n' in body must be 1"),
+        ({"url": URL, "body": {"messages": CHAT, "n": 0}}, "'n' must be between 1 and 16, got 0"),
+        ({"url": URL, "body": {"messages": CHAT, "n": True}}, "'n' must be an integer, got boolean"),
         ({"url": URL, "body": {"messages": CHAT, "stream": True}}, "'stream' in body must be false"),
         ({"url": URL, "body": {"messages": CHAT, "model": 3}}, "'model' in body must be a string, got number"),
         ({"url": URL, "body": {"messages": CHAT, "temperature": "0"}}, "'temperature' must be a number, got string"),
@@ -361,3 +361,80 @@ def test_mixed_file_end_to_end():
     assert parsed[1].request["params"] == {"stop": ["."]}
     assert parsed[2].request["body_model"] == "m"
     assert parsed[3].error.startswith("line 4: invalid JSON: ")
+
+
+# ---- issue 10: response_format, logprobs, n, penalties, logit_bias -------------------------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def test_new_parameters_are_normalized_on_native_and_openai_lines():
+    p = one({"prompt": "x", "n": 3, "logprobs": True, "top_logprobs": 2, "frequency_penalty": 0.5,
+             "presence_penalty": -1, "repetition_penalty": 1.1, "logit_bias": {"00012": -100},
+             "response_format": {"type": "json_schema", "json_schema": {"name": "a_1", "schema": SCHEMA}}})
+    assert p.error is None
+    assert p.request["params"] == {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a_1", "schema": SCHEMA, "strict": False}},
+        "logprobs": True, "top_logprobs": 2, "n": 3, "frequency_penalty": 0.5, "presence_penalty": -1.0,
+        "logit_bias": {"12": -100.0}, "repetition_penalty": 1.1}
+    chat = one({"url": URL, "body": {"messages": CHAT, "response_format": {"type": "json_object"}, "n": 2}})
+    assert chat.request["params"] == {"response_format": {"type": "json_object"}, "n": 2}
+
+
+def test_completions_logprobs_is_an_integer_stored_in_chat_form():
+    p = one({"url": "/v1/completions", "body": {"prompt": "x", "logprobs": 3}})
+    assert p.request["params"] == {"logprobs": True, "top_logprobs": 3}
+    assert one({"url": "/v1/completions", "body": {"prompt": "x", "logprobs": 0}}).request["params"] == {
+        "logprobs": True, "top_logprobs": 0}
+    assert error_of({"url": "/v1/completions", "body": {"prompt": "x", "logprobs": 6}}) == \
+        "line 7: 'logprobs' must be between 0 and 5 for /v1/completions, got 6"
+    assert error_of({"url": "/v1/completions", "body": {"prompt": "x", "logprobs": 1, "top_logprobs": 1}}) == \
+        "line 7: 'top_logprobs' is not a /v1/completions parameter: give 'logprobs' as an integer"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"n": 0}, "'n' must be between 1 and 16, got 0"),
+        ({"n": 17}, "'n' must be between 1 and 16, got 17"),
+        ({"n": 2.0}, "'n' must be an integer, got 2.0"),
+        ({"top_logprobs": 21, "logprobs": True}, "'top_logprobs' must be between 0 and 20, got 21"),
+        ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+        ({"logprobs": "yes"}, "'logprobs' must be true or false, got string"),
+        ({"frequency_penalty": 2.5}, "'frequency_penalty' must be between -2 and 2, got 2.5"),
+        ({"presence_penalty": -3}, "'presence_penalty' must be between -2 and 2, got -3"),
+        ({"repetition_penalty": 0}, "'repetition_penalty' must be greater than 0, got 0"),
+        ({"repetition_penalty": -1.5}, "'repetition_penalty' must be greater than 0, got -1.5"),
+        ({"logit_bias": [1]}, "'logit_bias' must be an object of token id to bias, got array"),
+        ({"logit_bias": {"x": 1}}, "'logit_bias': key 'x' is not a token id"),
+        ({"logit_bias": {"-5": 1}}, "'logit_bias': key '-5' is not a token id"),
+        ({"logit_bias": {"5": 100.5}}, "'logit_bias': bias for token 5 must be between -100 and 100, got 100.5"),
+        ({"logit_bias": {"5": "1"}}, "'logit_bias[5]' must be a number, got string"),
+        ({"response_format": "json"}, "'response_format' must be an object, got string"),
+        ({"response_format": {"type": "xml"}},
+         "'response_format': 'type' must be one of 'text', 'json_object', 'json_schema', got 'xml'"),
+        ({"response_format": {"type": "json_object", "schema": {}}},
+         "'response_format': unsupported key 'schema' for type 'json_object'"),
+        ({"response_format": {"type": "json_schema"}},
+         "'response_format': 'json_schema' must be an object with 'name' and 'schema'"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+         "'response_format': 'json_schema.name' must be 1 to 64 letters, digits, '_' or '-', got 'a b'"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}},
+         "'response_format': 'json_schema.schema' must be an object, got array"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "frob"}}}},
+         "'response_format': invalid JSON schema: 'frob' is not valid under any of the given schemas (at type)"),
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "a", "schema": {"type": "array", "maxItems": -1}}}},
+         "'response_format': invalid JSON schema: -1 is less than the minimum of 0 (at maxItems)"),
+    ],
+)
+def test_bad_new_parameters(params, message):
+    assert error_of({"prompt": "x", **params}) == f"line 7: {message}"
+
+
+def test_validate_params_is_shared_by_flags_and_lines():
+    from llmbatch.jobs.inputs import validate_params
+
+    with pytest.raises(ValueError, match="^job parameters: 'n' must be between 1 and 16, got 0$"):
+        validate_params({"n": 0}, "job parameters")
+    assert validate_params({"response_format": {"type": "text"}}) == {"response_format": {"type": "text"}}

@@ -28,3 +28,17 @@ def test_smoke_runs_every_workload_and_the_engine_computes_what_generate_does(tm
     assert 0 <= w["fixed"]["engine"]["padding_fraction"] < w["fixed"]["baseline"]["padding_fraction"]
     rows = [line for line in md.read_text().splitlines() if line.startswith("| 20")]
     assert [r.split(" | ")[3] for r in rows] == ["fixed", "sampled", "mixed"]
+
+
+def test_smoke_json_and_n4_workloads(tmp_path):
+    # issue 10: the engine against itself; n4 prefills each prompt once where lines prefill it 4 times.
+    md = tmp_path / "RESULTS.md"
+    res = throughput.main(["--smoke", "--cache-dir", os.environ["LLMBATCH_MODEL_CACHE"], "--workloads", "json,n4",
+                           "--prompts", "4", "--results-md", str(md)])
+    js, n4 = res["workloads"]["json"], res["workloads"]["n4"]
+    assert js["constrained"]["errors"] == js["unconstrained"]["errors"] == 0 and js["ratio"] > 0
+    assert js["constrained"]["output_tokens"] == js["unconstrained"]["output_tokens"] > 0  # lengths matched
+    assert js["stop_valid"] == js["stop"]  # every stop-finished output validates
+    assert n4["rows"] == 4 and n4["n4"]["output_tokens"] == n4["lines"]["output_tokens"] > 0
+    assert n4["lines"]["prefill_tokens_computed"] == 4 * n4["n4"]["prefill_tokens_computed"]
+    assert md.read_text().count("| json |") == md.read_text().count("| n4 |") == 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -21,8 +21,9 @@ from . import loading
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .runner import BLOCK, Dims, Runner, supports
+from .controls import needs_controls
 from .scheduler import InFlight, Item, Stats, run_slots
-from .types import Request, Result, SamplingParams, Usage
+from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Prepared:
     request: Request
     ids: list[int]
     params: SamplingParams  # max_tokens clamped to the context left
+    grammar: Any = None  # compiled grammar for json_object / json_schema
 
     @property
     def need(self) -> int:
@@ -51,6 +53,8 @@ class Engine:
         if self.runner is None:
             log.warning("%s: no slot runner for this architecture; using padded batches", cfg.model_type)
         self.stats = Stats()
+        self._grammars = None  # made on the first structured request (imports xgrammar)
+        self._token_text: dict[int, str] = {}  # token id -> text, for logprobs
 
     # -- set-up ---------------------------------------------------------------
 
@@ -100,6 +104,7 @@ class Engine:
             yield from self._run(prepared, self.max_batch_size, feed if more is not None else None, late_failures)
         if late_failures:
             yield late_failures
+
     def generate_all(self, requests: list[Request]) -> list[Result]:
         by_id = {r.id: r for batch in self.generate(requests) for r in batch}
         return [by_id[r.id] for r in requests]
@@ -141,8 +146,35 @@ class Engine:
                 params = r.params
                 if params.max_tokens > room:
                     params = SamplingParams(**{**params.__dict__, "max_tokens": room})
-                prepared.append(Prepared(r, ids, params))
+                try:
+                    grammar = self._grammar(params)
+                except ValueError as exc:
+                    failed.append(Result.failure(r.id, "invalid_request", str(exc)))
+                    continue
+                prepared.append(Prepared(r, ids, params, grammar))
         return prepared, failed
+
+    @property
+    def grammars(self):
+        if self._grammars is None:
+            from .grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, Dims.of(self.model).vocab, self.eos_ids)
+        return self._grammars
+
+    def _grammar(self, params: SamplingParams):
+        """The request's compiled grammar (cached per schema), or None; ValueError if not usable."""
+        if self.runner is None and (needs_controls(params) or params.n > 1):
+            raise ValueError(f"{self.model.config.model_type}: response_format, logprobs, n, penalties and "
+                             "logit_bias need the slot runner, which this architecture lacks")
+        if params.response_format == "text":
+            return None
+        from .grammar import GrammarError
+
+        try:
+            return self.grammars.compile(params.response_format, params.json_schema)
+        except GrammarError as exc:
+            raise ValueError(f"response_format: the schema cannot be compiled: {exc}") from None
 
     def _run(self, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,
              late_failures: list[Result] | None = None) -> Iterator[list[Result]]:
@@ -154,12 +186,18 @@ class Engine:
         while batch or feed is not None:
             started = time.time()
             done: set[int] = set()
+            partial: dict[int, list[RowOutput]] = {}  # choices of n > 1 items finished so far
             try:
                 if self.config.oom_above_batch is not None and slots > self.config.oom_above_batch:
                     raise torch.OutOfMemoryError(f"test hook: batch {slots} > {self.config.oom_above_batch}")
                 for rows in self._loop(batch, slots, feed):
-                    done.update(i for i, _ in rows)
-                    out = [self._result(batch[i], row, started) for i, row in rows]
+                    complete = []
+                    for i, row in rows:  # an item is done once all its n choices are
+                        partial.setdefault(i, []).append(row)
+                        if len(partial[i]) == batch[i].params.n or row.finish_reason == "too_long":
+                            complete.append((i, sorted(partial.pop(i), key=lambda r: r.choice)))
+                    done.update(i for i, _ in complete)
+                    out = [self._result(batch[i], rs[0], started, rs[1:]) for i, rs in complete]
                     if late_failures:
                         out += late_failures
                         late_failures.clear()
@@ -212,8 +250,8 @@ class Engine:
         if self.device.type == "cuda":
             want, rows = budget, self.config.max_batch_size
         else:
-            want = min(budget, max(sum(Runner.blocks_for(p.need) for p in batch), 4096 // BLOCK))
-            rows = min(self.config.max_batch_size, max(len(batch), 64))
+            want = min(budget, max(sum(p.params.n * Runner.blocks_for(p.need) for p in batch), 4096 // BLOCK))
+            rows = min(self.config.max_batch_size, max(sum(p.params.n for p in batch), 64))
         if r.kv is None or r.slots < min(rows, slots) or r.blocks < want:
             r.allocate(max(rows, min(slots, self.config.max_batch_size)), want, self.context_length)
         return min(slots, r.slots)
@@ -225,16 +263,16 @@ class Engine:
             yield from self._loop_padded(batch, slots)
             return
         slots = self._ensure_pool(batch, slots)
-        items = [Item(p.ids, p.params) for p in batch]
+        items = [Item(p.ids, p.params, p.grammar) for p in batch]
 
         def more() -> list[Item]:
             fresh = feed()
             batch.extend(fresh)
-            return [Item(p.ids, p.params) for p in fresh]
+            return [Item(p.ids, p.params, p.grammar) for p in fresh]
 
         yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
                              self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,
-                             more if feed is not None else None)
+                             more if feed is not None else None, self._grammars)
 
     def _loop_padded(self, batch: list[Prepared], rows: int) -> Iterator[list[tuple[int, RowOutput]]]:
         order = sorted(range(len(batch)), key=lambda i: -len(batch[i].ids))
@@ -253,15 +291,37 @@ class Engine:
                 raise InFlight(idx) from exc
             yield list(zip(idx, out))
 
-    def _result(self, p: Prepared, row: RowOutput, started: float) -> Result:
+    def _result(self, p: Prepared, row: RowOutput, started: float, more: list[RowOutput] = ()) -> Result:
+        """more: choices 1..n-1 of an n > 1 request; completion_tokens counts them all."""
         if row.finish_reason == "too_long":
             return Result.failure(p.request.id, "context_length_exceeded",
                                   f"prompt and max_tokens need {p.need} tokens of KV cache; this worker holds "
                                   f"{self.runner.blocks * BLOCK}", started)
-        return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids, p.params.stop),
+        stops = p.params.stop
+        choices = [Choice(decode_output(self.tokenizer, c, self.eos_ids, stops), c.finish_reason, len(c.tokens),
+                          self._logprobs(c), c.tokens) for c in more]
+        return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids, stops),
                       finish_reason=row.finish_reason,
-                      usage=Usage(prompt_tokens=len(p.ids), completion_tokens=len(row.tokens)),
-                      started_at=row.started_at or started, finished_at=row.finished_at, token_ids=row.tokens)
+                      usage=Usage(prompt_tokens=len(p.ids),
+                                  completion_tokens=len(row.tokens) + sum(c.completion_tokens for c in choices)),
+                      started_at=row.started_at or started,
+                      finished_at=max([row.finished_at, *(c.finished_at for c in more)]),
+                      token_ids=row.tokens, logprobs=self._logprobs(row), choices=choices)
+
+    def _text(self, token: int) -> str:
+        if token not in self._token_text:
+            self._token_text[token] = self.tokenizer.decode([token])
+        return self._token_text[token]
+
+    def _logprobs(self, row: RowOutput) -> list[dict] | None:
+        """The row's (id, logprob, top) triples as OpenAI-shaped entries with token text."""
+        if row.logprobs is None:
+            return None
+        # A token the grammar forbids has logprob -inf, which JSON cannot hold: it is left out of the
+        # alternatives; OpenAI's floor, -9999.0, stands for it anywhere else.
+        return [{"token": self._text(t), "logprob": max(lp, -9999.0),
+                 "top_logprobs": [{"token": self._text(a), "logprob": alp} for a, alp in top if alp > -1e30]}
+                for t, lp, top in row.logprobs]
 
     def _free_memory(self) -> None:
         if self.runner is not None:

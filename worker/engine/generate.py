@@ -24,6 +24,8 @@ class RowOutput:
     stop_text: str | None = None  # the stop string that ended the row, if one did
     started_at: float = 0.0  # when its prompt went in
     finished_at: float = 0.0
+    choice: int = 0  # issue 10: which of the request's n choices
+    logprobs: list | None = None  # issue 10: (token id, logprob, [(id, logprob), ...]) per token, when asked
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,15 @@ class Runner:
         if self.use_graphs:
             self.pool = torch.cuda.graph_pool_handle()
 
+    def reset(self) -> None:
+        """Every block free and every slot empty, at the start of a run: a run that failed leaves none held."""
+        self.free_blocks = list(range(self.scratch - 1, -1, -1))
+        self.refs = [0] * self.scratch
+        self.held = 0
+        self.owned = [[] for _ in range(self.slots)]
+        self.block_table.fill_(self.scratch)
+        self.pos.zero_()
+
     def release(self) -> None:
         # Graphs hold pointers into the cache, so they go with it.
         self.kv = None
@@ -155,7 +164,7 @@ class Runner:
     def reserve(self, slot: int, tokens: int) -> bool:
         """Give slot the blocks for `tokens` positions; False (nothing taken) if the pool lacks them."""
         n = self.blocks_for(tokens)
-        if n > len(self.free_blocks) or n > self.width:
+        if n > len(self.free_blocks) - self.held or n > self.width:
             return False
         ids = [self.free_blocks.pop() for _ in range(n)]
         self.owned[slot] = ids

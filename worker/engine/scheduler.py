@@ -10,6 +10,11 @@ The host never waits for the step it just launched: step t+1 is queued on the de
 host reads step t's tokens back (copied asynchronously) and does its bookkeeping, so that work
 overlaps the GPU. A row found finished at step t has computed one token too many at t+1, which
 is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes.
+
+Rows with per-step controls (controls.py: grammar masks, penalties, logit_bias, logprobs) have
+their masks filled on the CPU while the step's forward runs; grammar and logprobs need the
+chosen tokens on the host before the next step, so a batch with such rows waits for each step.
+An item with n > 1 choices is prefilled once; its other choices fork the prompt's cache blocks.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .controls import StepControls, needs_controls
 from .generate import RowOutput
 from .runner import Runner
 from .sampling import RowSampling, row_seed, sample
@@ -34,10 +40,11 @@ MORE_EVERY_S = 0.5  # how often to ask `more` for prompts while it has none
 class Item:
     ids: list[int]
     params: SamplingParams
+    grammar: Any = None  # the compiled grammar of a json_object / json_schema request
 
     @property
     def need(self) -> int:
-        """Cache positions the row may fill: its prompt and its new tokens."""
+        """Cache positions one of its rows may fill: its prompt and its new tokens."""
         return len(self.ids) + self.params.max_tokens
 
 
@@ -103,11 +110,26 @@ class InFlight(Exception):
 Check = Callable[[list[tuple[RowOutput, SamplingParams]]], None]
 
 
+class Controls:
+    """The loop's StepControls, made when the first row that needs one is admitted."""
+
+    def __init__(self, slots: int, vocab: int, device, grammars):
+        self.args, self.ctl = (slots, vocab, device, grammars), None
+
+    def get(self, params: SamplingParams) -> StepControls | None:
+        if self.ctl is None and needs_controls(params):
+            self.ctl = StepControls(*self.args)
+        return self.ctl
+
+
 def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int, check: Check, stats: Stats,
               refill_fraction: float = 0.125, flush_seconds: float = 1.0,
-              more: Callable[[], list[Item]] | None = None) -> Iterator[list[tuple[int, RowOutput]]]:
+              more: Callable[[], list[Item]] | None = None, grammars=None) -> Iterator[list[tuple[int, RowOutput]]]:
     """Generate every item (and those `more` hands over, appended to `items`); yield (item index, row)
-    lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens."""
+    lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens.
+    An item with n > 1 yields n rows (row.choice 0..n-1)."""
+    controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars)
+    runner.reset()
     waiting = deque(sorted(range(len(items)), key=lambda i: -items[i].need))
     active: list[Seq] = []  # active[j] lives in slot j
     inflight: list[Launch] = []
@@ -126,10 +148,15 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                     sampling = RowSampling.build([s.params for s in active], [s.seed for s in active], runner.device)
                     dirty = False
                 logits = runner.decode(B, max(s.pos for s in active))
+                ctl = controls.ctl
+                if ctl is not None:  # masks filled on the CPU while the forward runs, applied on the GPU
+                    logits = ctl.process(0, logits)
                 nxt = sample(logits, sampling, runner.pos[:B] + 1)  # [B], stays on the device
                 runner.tokens[:B] = nxt
                 runner.pos[:B] += 1
                 launch = Launch.of(list(active), nxt)
+                if ctl is not None:  # penalty counts on the device; grammar and logprobs need the tokens here
+                    ctl.after(0, logits, nxt, launch.values() if ctl.needs_tokens(0, B) else None)
                 for s in active:
                     s.pos += 1
                 stats.steps += 1
@@ -139,7 +166,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 _absorb(earlier, check)
             inflight = [launch] if launch else []
             if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
-                done += _retire(runner, active)
+                done += _retire(runner, active, controls.ctl)
                 dirty = True
             if more is not None and len(waiting) < slots and (
                     not (waiting or active or inflight) or time.monotonic() - asked >= MORE_EVERY_S):
@@ -153,7 +180,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
             free = slots - len(active)
             if waiting and free and (not active or free >= refill_at):  # 4. refill
                 t0 = time.perf_counter()
-                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats)
+                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats, controls)
                 if admitted:
                     inflight += admitted
                     dirty = True
@@ -187,49 +214,81 @@ def _absorb(launch: Launch, check: Check) -> None:
 
 
 def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq], free: int,
-           prefill_tokens: int, stats: Stats) -> list[Launch]:
+           prefill_tokens: int, stats: Stats, controls: Controls) -> list[Launch]:
     """Prefill waiting prompts into free slots and free blocks, in chunks of at most prefill_tokens
-    padded tokens; their first tokens are chosen on the device. Returns the launches to absorb."""
+    padded tokens; their first tokens are chosen on the device. Returns the launches to absorb.
+
+    An item with n > 1 takes n slots: its prompt is prefilled once into the first, and the other
+    choices fork its blocks (the full ones shared, the partly filled last one copied)."""
     device = runner.device
     launches = []
     while free and waiting:
         chunk: list[int] = []
-        width = 0
-        while waiting and len(chunk) < free:
+        width = used = 0
+        while waiting and used + items[waiting[0]].params.n <= free:
             i = waiting[0]
-            w = max(width, len(items[i].ids))
+            it = items[i]
+            w = max(width, len(it.ids))
             if chunk and (len(chunk) + 1) * w > prefill_tokens:
                 break
             # Right padding to the widest prompt is wasted compute: past a small chunk, keep it under 10%.
-            real = sum(len(items[j].ids) for j in chunk) + len(items[i].ids)
+            real = sum(len(items[j].ids) for j in chunk) + len(it.ids)
             if chunk and (len(chunk) + 1) * w > MIN_PREFILL and real < 0.9 * (len(chunk) + 1) * w:
                 break
-            if not runner.reserve(len(active) + len(chunk), items[i].need):
+            forks = (it.params.n - 1) * runner.fork_cost(len(it.ids), it.need)
+            if not runner.can_take(runner.blocks_for(it.need) + forks) or \
+                    not runner.reserve(len(active) + len(chunk), it.need):
                 break  # the pool is full until rows finish
+            runner.hold(forks)  # kept back for the choices, given to them after the prefill
             chunk.append(waiting.popleft())
-            width = w
+            width, used = w, used + it.params.n
         if not chunk:
             break
         ids = torch.tensor([items[i].ids + [0] * (width - len(items[i].ids)) for i in chunk], device=device)
         lengths = torch.tensor([len(items[i].ids) for i in chunk], device=device)
-        seqs = [Seq(i, items[i].params, row_seed(items[i].params), len(items[i].ids)) for i in chunk]
+        seqs = [Seq(i, items[i].params.for_choice(0), row_seed(items[i].params), len(items[i].ids),
+                    RowOutput(started_at=time.time())) for i in chunk]
         first_slot = len(active)
         active += seqs  # in flight from here, should the prefill fail
         logits = runner.prefill(first_slot, ids, lengths)  # [k, V]
+        src = list(range(len(chunk)))
+        for j, i in enumerate(chunk):  # the other choices of n > 1 items: no second prefill
+            it = items[i]
+            for c in range(1, it.params.n):
+                runner.release_held(runner.fork_cost(len(it.ids), it.need))
+                runner.fork(first_slot + j, len(active), len(it.ids), it.need)
+                pc = it.params.for_choice(c)
+                extra = Seq(i, pc, row_seed(pc), len(it.ids), RowOutput(started_at=seqs[j].row.started_at, choice=c))
+                active.append(extra)
+                seqs.append(extra)
+                src.append(j)
+        if len(src) > len(chunk):
+            idx = torch.tensor(src, device=device)
+            logits, lengths = logits[idx], lengths[idx]
+        ctl = None
+        for s in seqs:
+            ctl = controls.get(s.params) or ctl
+        if ctl is not None:
+            for j, s in enumerate(seqs):
+                ctl.admit(first_slot + j, s.params, items[s.index].grammar, s.row, items[s.index].ids)
+            logits = ctl.process(first_slot, logits)
         sampling = RowSampling.build([s.params for s in seqs], [s.seed for s in seqs], device)
         first = sample(logits, sampling, lengths)  # the first new token sits at position len(prompt)
-        k = len(chunk)
+        k = len(seqs)
         runner.tokens[first_slot:first_slot + k] = first
         runner.pos[first_slot:first_slot + k] = lengths
-        launches.append(Launch.of(seqs, first))
+        launch = Launch.of(seqs, first)
+        if ctl is not None:
+            ctl.after(first_slot, logits, first, launch.values() if ctl.needs_tokens(first_slot, k) else None)
+        launches.append(launch)
         free -= k
         stats.prefills += 1
         stats.prefill_tokens += int(sum(len(items[i].ids) for i in chunk))
-        stats.prefill_slots += k * width
+        stats.prefill_slots += len(chunk) * width
     return launches
 
 
-def _retire(runner: Runner, active: list[Seq]) -> list[tuple[int, RowOutput]]:
+def _retire(runner: Runner, active: list[Seq], ctl: StepControls | None = None) -> list[tuple[int, RowOutput]]:
     """Drop finished rows and free their blocks; move the last live rows into their slots."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
     for j, s in enumerate(active):
@@ -240,6 +299,8 @@ def _retire(runner: Runner, active: list[Seq]) -> list[tuple[int, RowOutput]]:
     movers = [j for j in range(n, len(active)) if not active[j].row.finish_reason]
     for h, m in zip(holes, movers):
         runner.move(m, h)
+        if ctl is not None:  # the row's controls follow it
+            ctl.move(m, h)
         active[h] = active[m]
     del active[n:]
     return out

@@ -1,0 +1,166 @@
+"""Per-row request controls in the slot loop (issue 10): grammar masks, penalties, logit_bias, logprobs.
+
+StepControls keeps, per KV slot, what a row needs beyond plain sampling, and the scheduler calls it
+at four points (each marked `# issue 10:` in scheduler.py):
+
+  admit(slot, params, grammar, row, prompt_ids)  a row has taken a slot (its prompt is in the cache)
+  move(src, dst)                                 a live row moved slot (retire packs rows)
+  process(lo, logits) -> logits                  between launching the step and sampling: fills the
+                                                 grammar masks on the CPU while the GPU decodes,
+                                                 then applies penalties, bias and masks on the GPU
+  after(lo, logits, chosen, tokens)              once the step's tokens are chosen: counts for the
+                                                 penalties, logprobs, grammar matchers advanced
+
+`lo` is the slot of logits' first row (0 for a decode step, the chunk's first slot for a prefill).
+Nothing is allocated for a batch that uses none of this: the scheduler makes a StepControls only
+when some item needs one, and process()/after() return at once for rows that need nothing.
+Logprobs are taken from the logits after penalties, bias and the grammar mask, before temperature,
+top-p and top-k: the distribution the request asked for, not the sampler's truncation of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import logits as L
+from .grammar import Grammars, accept, bitmask_words
+from .types import SamplingParams
+
+
+def needs_controls(p: SamplingParams) -> bool:
+    return p.response_format != "text" or p.logprobs or p.uses_penalties or bool(p.logit_bias)
+
+
+@dataclass
+class _Row:
+    params: SamplingParams
+    matcher: Any  # the row's grammar state, or None
+    out: Any  # the RowOutput whose .logprobs gets an entry per token
+
+
+class StepControls:
+    def __init__(self, slots: int, vocab: int, device: torch.device, grammars: Grammars | None):
+        self.vocab, self.device, self.grammars = vocab, device, grammars
+        self.rows: list[_Row | None] = [None] * slots
+        self.counts: torch.Tensor | None = None  # [S, V] int32, generated tokens; made when a row has penalties
+        self.seen: torch.Tensor | None = None  # [S, V] bool, prompt or generated (repetition penalty)
+        self.bitmask: torch.Tensor | None = None  # [S, W] int32 on the CPU (pinned with CUDA), refilled per step
+        self._batch: dict | None = None  # per-row tensors for the current rows; rebuilt when rows change
+        self._batch_key: tuple | None = None
+
+    # -- slot bookkeeping -------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, slot: int, params: SamplingParams, grammar, out, prompt_ids: list[int]) -> None:
+        if not needs_controls(params):
+            self.rows[slot] = None
+        else:
+            matcher = self.grammars.matcher(grammar) if grammar is not None else None
+            if params.logprobs:
+                out.logprobs = []
+            self.rows[slot] = _Row(params, matcher, out)
+            if params.uses_penalties:
+                if self.counts is None:
+                    S = len(self.rows)
+                    self.counts = torch.zeros(S, self.vocab, dtype=torch.int32, device=self.device)
+                    self.seen = torch.zeros(S, self.vocab, dtype=torch.bool, device=self.device)
+                self.counts[slot].zero_()
+                self.seen[slot].zero_()
+                self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
+        self._batch_key = None
+
+    def move(self, src: int, dst: int) -> None:
+        self.rows[dst], self.rows[src] = self.rows[src], None
+        if self.counts is not None:
+            self.counts[dst].copy_(self.counts[src])
+            self.seen[dst].copy_(self.seen[src])
+        self._batch_key = None
+
+    # -- per step ---------------------------------------------------------------
+
+    def _tensors(self, lo: int, B: int) -> dict | None:
+        """The per-row tensors for slots [lo, lo + B), or None when no row there needs anything."""
+        if self._batch_key == (lo, B):
+            return self._batch
+        rows = self.rows[lo:lo + B]
+        live = [(j, r) for j, r in enumerate(rows) if r is not None]
+        b = None
+        if live:
+            dev = self.device
+            pen = [j for j, r in live if r.params.uses_penalties]
+            bias = [(j, t, v) for j, r in live for t, v in r.params.logit_bias if 0 <= t < self.vocab]
+            b = {
+                "grammar": [j for j, r in live if r.matcher is not None],
+                "logprobs": [j for j, r in live if r.params.logprobs],
+                "top": max((r.params.top_logprobs for _, r in live if r.params.logprobs), default=0),
+                "penalties": bool(pen),
+            }
+            if pen:
+                b["frequency"] = torch.tensor([r.params.frequency_penalty if r else 0.0 for r in rows], device=dev)
+                b["presence"] = torch.tensor([r.params.presence_penalty if r else 0.0 for r in rows], device=dev)
+                b["repetition"] = torch.tensor([r.params.repetition_penalty if r else 1.0 for r in rows], device=dev)
+            if bias:
+                b["bias"] = (torch.tensor([j for j, _, _ in bias], device=dev),
+                             torch.tensor([t for _, t, _ in bias], device=dev),
+                             torch.tensor([v for _, _, v in bias], device=dev))
+            if b["grammar"]:
+                b["grammar_rows"] = torch.tensor(b["grammar"], device=dev)
+        self._batch, self._batch_key = b, (lo, B)
+        return b
+
+    @torch.inference_mode()  # the runner's logits are inference tensors; in-place edits need the mode
+    def process(self, lo: int, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] for slots [lo, lo + B) -> the logits to sample from (float32 when changed)."""
+        B = logits.shape[0]
+        b = self._tensors(lo, B)
+        if b is None:
+            return logits
+        mask = None
+        if b["grammar"]:
+            # CPU work first: on CUDA the decode step is still running, so this costs no GPU time.
+            if self.bitmask is None:
+                self.bitmask = torch.empty(len(self.rows), bitmask_words(self.vocab), dtype=torch.int32,
+                                           pin_memory=self.device.type == "cuda")
+            R = len(b["grammar"])  # the grammar rows' masks go to bitmask rows [0, R), pinned, copied async
+            self.grammars.fill([self.rows[lo + j].matcher for j in b["grammar"]], list(range(R)), self.bitmask)
+            mask = self.bitmask[:R].to(self.device, non_blocking=True)
+        logits = logits.float() if logits.dtype != torch.float32 else logits
+        if b["penalties"]:
+            L.apply_penalties(logits, self.counts[lo:lo + B], self.seen[lo:lo + B], b["frequency"],
+                              b["presence"], b["repetition"])
+        if "bias" in b:
+            L.apply_bias(logits, *b["bias"])
+        if mask is not None:
+            L.apply_bitmask(logits, mask, b["grammar_rows"])
+        return logits
+
+    def needs_tokens(self, lo: int, B: int) -> bool:
+        """Whether after() needs the chosen tokens on the host: grammar matchers and logprobs do;
+        penalties are counted on the device."""
+        b = self._tensors(lo, B)
+        return b is not None and bool(b["grammar"] or b["logprobs"])
+
+    @torch.inference_mode()
+    def after(self, lo: int, logits: torch.Tensor, chosen: torch.Tensor, tokens: list[int] | None) -> None:
+        """Record the chosen tokens [B] (tensor, and host list when needs_tokens) of slots [lo, lo + B)."""
+        B = chosen.shape[0]
+        b = self._tensors(lo, B)
+        if b is None:
+            return
+        if b["penalties"]:
+            rows = torch.arange(lo, lo + B, device=self.device)
+            self.counts.index_put_((rows, chosen), torch.ones_like(chosen, dtype=torch.int32), accumulate=True)
+            self.seen[rows, chosen] = True
+        if b["logprobs"]:
+            idx = torch.tensor(b["logprobs"], device=self.device)
+            mine, top, ids = L.token_logprobs(logits[idx], chosen[idx], b["top"])
+            for j, lp, tl, ti in zip(b["logprobs"], mine.tolist(), top.tolist(), ids.tolist()):
+                r = self.rows[lo + j]
+                k = r.params.top_logprobs
+                r.out.logprobs.append((tokens[j], lp, list(zip(ti[:k], tl[:k]))))
+        for j in b["grammar"]:
+            # A refused token cannot happen (it was masked); should it, the row ends by max_tokens.
+            accept(self.rows[lo + j].matcher, tokens[j])
