@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from . import loading
+from . import loading, lora
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .runner import COLUMN_BUCKET, Dims, Runner, supports
@@ -30,6 +30,7 @@ class Prepared:
     request: Request
     ids: list[int]
     params: SamplingParams  # max_tokens clamped to the context left
+    adapter: int = -1  # issue 11: stack slot of its LoRA adapter in self.lora; -1 = none
 
 
 class Engine:
@@ -45,6 +46,7 @@ class Engine:
         if self.runner is None:
             log.warning("%s: no slot runner for this architecture; using padded batches", cfg.model_type)
         self.stats = Stats()
+        self.lora: lora.Registry | None = None  # issue 11: made when the first adapter is asked for
 
     # -- set-up ---------------------------------------------------------------
 
@@ -79,16 +81,54 @@ class Engine:
         prepared, failed = self._prepare(requests)
         if failed:
             yield failed
-        if prepared:
-            columns = max(len(p.ids) + p.params.max_tokens for p in prepared)
-            slots = max(1, min(self.max_batch_size, len(prepared), self.token_budget() // columns))
-            yield from self._run(prepared, slots)
+        # issue 11: at most max_adapters distinct adapters run together, each loaded before its group.
+        for group in lora.groups([p.request.adapter for p in prepared], self.config.max_adapters):
+            batch, failed = self._with_adapters([prepared[i] for i in group])
+            if failed:
+                yield failed
+            if batch:
+                columns = max(len(p.ids) + p.params.max_tokens for p in batch)
+                slots = max(1, min(self.max_batch_size, len(batch), self.token_budget() // columns))
+                yield from self._run(batch, slots)
 
     def generate_all(self, requests: list[Request]) -> list[Result]:
         by_id = {r.id: r for batch in self.generate(requests) for r in batch}
         return [by_id[r.id] for r in requests]
 
     # -- internals ------------------------------------------------------------
+
+    def _with_adapters(self, batch: list[Prepared]) -> tuple[list[Prepared], list[Result]]:
+        """Load the adapters the batch names (issue 11); an item whose adapter cannot run fails alone."""
+        sources = list(dict.fromkeys(p.request.adapter for p in batch if p.request.adapter))
+        if not sources:
+            return batch, []
+        slots, errors = {}, {}
+        for src in sources:
+            if self.runner is None:
+                errors[src] = ("invalid_request", f"adapter {src!r}: adapters need a Llama-family model "
+                               f"({self.model.config.model_type} is run without the slot runner)")
+                continue
+            if self.lora is None:
+                names = [self.config.model, getattr(self.model.config, "_name_or_path", "") or ""]
+                self.lora = lora.Registry(self.model, [n for n in names if n], self.config.max_adapters,
+                                          self.config.max_batch_size, self.dtype, self.device)
+                self.runner.lora = self.lora
+            try:
+                slots[src] = self.lora.acquire(src)
+            except lora.AdapterError as exc:
+                errors[src] = ("invalid_request", str(exc))
+            except Exception as exc:  # out of memory for the stacks, say: these items only
+                log.exception("loading adapter %s failed", src)
+                errors[src] = ("engine_error", f"loading adapter {src!r}: {type(exc).__name__}: {exc}")
+        ok, failed = [], []
+        for p in batch:
+            src = p.request.adapter
+            if src in errors:
+                failed.append(Result.failure(p.request.id, *errors[src]))
+            else:
+                p.adapter = slots.get(src, -1)
+                ok.append(p)
+        return ok, failed
 
     def _prompt_text(self, request: Request) -> tuple[str, bool]:
         """(text, add_special_tokens). A chat template already holds the BOS token."""
@@ -183,7 +223,7 @@ class Engine:
         # Keep the cache (and its captured graphs) across calls when it fits without much waste.
         if r.kv is None or r.slots < slots or not need <= r.columns <= 2 * columns:
             r.allocate(slots, columns)
-        yield from run_slots(r, [Item(p.ids, p.params) for p in batch], slots, self.config.prefill_tokens,
+        yield from run_slots(r, [Item(p.ids, p.params, p.adapter) for p in batch], slots, self.config.prefill_tokens,
                              self._finished, self.stats, self.config.refill_fraction, self.config.flush_seconds)
 
     def _loop_padded(self, batch: list[Prepared], rows: int) -> Iterator[list[tuple[int, RowOutput]]]:

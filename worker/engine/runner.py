@@ -100,6 +100,7 @@ class Runner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.seen: set[tuple[int, int]] = set()
         self.stats = {"graphs_captured": 0, "graph_steps": 0, "eager_steps": 0}
+        self.lora = None  # issue 11: a lora.Registry, set by the engine; each slot's adapter lives there
 
     # -- cache ----------------------------------------------------------------
 
@@ -134,6 +135,8 @@ class Runner:
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's cache row into slot dst (keeps live rows packed at the front)."""
         self.kv[:, :, dst].copy_(self.kv[:, :, src])
+        if self.lora is not None:  # issue 11: the row's adapter moves with it
+            self.lora.move(src, dst)
 
     # -- forward --------------------------------------------------------------
 
@@ -146,6 +149,8 @@ class Runner:
         """
         k, T = ids.shape
         rows = slice(first_slot, first_slot + k)
+        if self.lora is not None:  # issue 11: arm the adapter hooks for these slots
+            self.lora.select(first_slot, k)
         x = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(x, torch.arange(T, device=ids.device)[None].expand(k, T))
         for i, layer in enumerate(self.base.layers):
@@ -158,6 +163,8 @@ class Runner:
             x = x + attn.o_proj(o.transpose(1, 2).reshape(k, T, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         last = x[torch.arange(k, device=x.device), lengths - 1]  # [k, hidden]
+        if self.lora is not None:  # issue 11: disarm, so a forward not ours (generate) sees the base
+            self.lora.select(0, 0)
         return self.model.lm_head(rms_norm(self.base.norm, last))
 
     def _decode(self, B: int, columns: int) -> torch.Tensor:
@@ -188,6 +195,8 @@ class Runner:
         rb = next(b for b in row_buckets(self.slots) if b >= B)
         cols = min(self.columns, -(-(max_pos + 1) // COLUMN_BUCKET) * COLUMN_BUCKET)
         key = (rb, cols)
+        if self.lora is not None:  # issue 11: arm the hooks; graphs with and without the LoRA path differ
+            key += self.lora.select(0, rb, live=B)
         self.last_rows = rb
         if key in self.graphs:
             self.graphs[key].replay()
@@ -218,4 +227,6 @@ class Runner:
             graph.replay()
             self.stats["graphs_captured"] += 1
             self.stats["graph_steps"] += 1
+        if self.lora is not None:  # issue 11: disarm (see prefill)
+            self.lora.select(0, 0)
         return self.logits[:B]

@@ -27,6 +27,7 @@ MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its paddin
 class Item:
     ids: list[int]
     params: SamplingParams
+    adapter: int = -1  # issue 11: its LoRA adapter's stack slot in runner.lora; -1 = the base model
 
 
 @dataclass
@@ -137,6 +138,8 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
         t0 = time.perf_counter()
         first_slot = len(active)
         active += seqs  # in flight from here, should the prefill fail
+        if runner.lora is not None:  # issue 11: each row's adapter goes into its slot
+            runner.lora.assign(first_slot, [items[i].adapter for i in chunk])
         logits = runner.prefill(first_slot, ids, lengths)  # [k, V]
         first = sample(logits, RowSampling.build([s.params for s in seqs], device, [s.generator for s in seqs]))
         for s, t in zip(seqs, first.tolist()):
