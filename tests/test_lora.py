@@ -85,12 +85,123 @@ def peft_generate(engine, pristine, adapter_path: str, prompts: list[str], n: in
     return out
 
 
-@pytest.mark.parametrize("name", ["all7", "rs"])
-def test_engine_equals_peft_generate(engine, pristine, adapters, name):
+@pytest.fixture(scope="module")
+def alone(engine, adapters):
+    """Engine tokens per adapter (and None: the base), each adapter in a batch of its own."""
     e = variant(engine)
-    res = e.generate_all([Request(id=i, prompt=p, params=greedy(8), adapter=adapters[name])
-                          for i, p in enumerate(PROMPTS)])
-    assert all(r.ok for r in res), [r.error_message for r in res]
-    assert [r.token_ids for r in res] == peft_generate(engine, pristine, adapters[name], PROMPTS, 8)
-    base = e.generate_all([Request(id=i, prompt=p, params=greedy(8)) for i, p in enumerate(PROMPTS)])
-    assert [r.token_ids for r in res] != [r.token_ids for r in base]  # the adapter really changed something
+    out = {}
+    for name in (None, *adapters):
+        res = e.generate_all([Request(id=i, prompt=p, params=greedy(8), adapter=adapters.get(name))
+                              for i, p in enumerate(PROMPTS)])
+        assert all(r.ok for r in res), [r.error_message for r in res]
+        out[name] = [r.token_ids for r in res]
+    return out
+
+
+@pytest.mark.parametrize("name", ["all7", "rs"])
+def test_engine_equals_peft_generate(engine, pristine, adapters, alone, name):
+    assert alone[name] == peft_generate(engine, pristine, adapters[name], PROMPTS, 8)
+    assert alone[name] != alone[None]  # the adapter really changes the output
+
+
+def test_mixed_batch_equals_separate_runs(engine, adapters, alone):
+    # Few slots: rows finish, move down and are replaced, so adapters follow rows between slots.
+    e = variant(engine, max_batch_tokens=5 * 64)
+    names = [None, "all7", "rs"]
+    reqs = [Request(id=(n, i), prompt=p, params=greedy(8), adapter=adapters.get(n))
+            for i, p in enumerate(PROMPTS) for n in names]
+    res = {r.id: r for r in e.generate_all(reqs)}
+    assert e.stats.prefills > 1
+    for n in names:  # base rows (None) are unaffected by their neighbours' adapters
+        assert [res[(n, i)].token_ids for i in range(len(PROMPTS))] == alone[n], n
+
+
+def test_lru_of_one_runs_adapters_in_turn(engine, adapters, alone):
+    e = variant(engine, max_adapters=1)
+    reqs = [Request(id=(n, i), prompt=p, params=greedy(8), adapter=adapters[n])
+            for i, p in enumerate(PROMPTS[:2]) for n in ("all7", "rs")]
+    res = {r.id: r for r in e.generate_all(reqs)}
+    for n in ("all7", "rs"):
+        assert [res[(n, i)].token_ids for i in range(2)] == alone[n][:2]
+    assert e.lora.loaded == 1
+
+
+def test_wrong_shape_adapter_fails_its_items_only(engine, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    get_peft_model(tiny, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "tiny")
+    e = variant(engine)
+    res = e.generate_all([Request(id="bad", prompt=PROMPTS[0], params=greedy(2), adapter=str(tmp_path / "tiny")),
+                          Request(id="ok", prompt=PROMPTS[0], params=greedy(2))])
+    assert res[0].error_code == "invalid_request"
+    assert str(tmp_path / "tiny") in res[0].error_message and engine.config.model in res[0].error_message
+    assert "q_proj" in res[0].error_message and "576" in res[0].error_message  # the model's width, named
+    assert res[1].ok and res[1].usage.completion_tokens == 2
+
+
+def test_missing_adapter_fails_its_items(engine, tmp_path):
+    res = variant(engine).generate_all([Request(id=0, prompt="Hi", params=greedy(2), adapter=str(tmp_path / "nope"))])
+    assert res[0].error_code == "invalid_request" and "could not be read" in res[0].error_message
+
+
+# -- checks on the config alone ----------------------------------------------------------------
+
+
+def _config(**kw):
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, target_modules=ALL, **kw)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "biases"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+    ({"init_lora_weights": "pissa"}, "base weights"),
+])
+def test_unsupported_options_are_refused(kw, words):
+    with pytest.raises(lora.AdapterError, match=words):
+        lora.check_config("x", _config(**kw), ["smollm2-135m-instruct"])
+
+
+def test_rank_above_64_is_refused():
+    from peft import LoraConfig
+
+    with pytest.raises(lora.AdapterError, match="rank 128"):
+        lora.check_config("x", LoraConfig(r=128, target_modules=ALL), [])
+
+
+def test_other_base_model_is_refused_naming_both():
+    cfg = _config(base_model_name_or_path="meta-llama/Llama-3.1-8B-Instruct")
+    with pytest.raises(lora.AdapterError, match="meta-llama/Llama-3.1-8B-Instruct.*smollm2-135m-instruct"):
+        lora.check_config("x", cfg, ["smollm2-135m-instruct"])
+    # A local copy, or a bnb-4bit re-upload, of the same base is the same base.
+    lora.check_config("x", cfg, ["/models/Llama-3.1-8B-Instruct"])
+    lora.check_config("x", _config(base_model_name_or_path="unsloth/Llama-3.1-8B-Instruct-bnb-4bit"),
+                      ["meta-llama/Llama-3.1-8B-Instruct"])
+
+
+def test_scale_plain_and_rslora():
+    assert lora.scale_of(_config()) == 2.0
+    assert lora.scale_of(_config(use_rslora=True)) == pytest.approx(16 / 8 ** 0.5)
+
+
+def test_groups_hold_at_most_capacity_adapters():
+    assert lora.groups([None, "a", None], 2) == [[0, 1, 2]]
+    groups = lora.groups(["a", None, "b", "c", "a"], 2)
+    assert groups == [[0, 1, 2, 4], [3]]
+    assert lora.groups([], 4) == []
+
+
+def test_lora_delta_selects_each_rows_adapter():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 4, 16), torch.randn(3, 4, 8)
+    x = torch.randn(2, 5, 16)
+    w = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])  # row 0: adapter 1 at scale 2; row 1: none
+    d = lora.lora_delta(x, a, b, w)
+    torch.testing.assert_close(d[0], 2.0 * (x[0] @ a[1].T) @ b[1])
+    assert torch.count_nonzero(d[1]) == 0
