@@ -106,7 +106,8 @@ def test_engine_equals_peft_generate(engine, pristine, adapters, alone, name):
 
 def test_mixed_batch_equals_separate_runs(engine, adapters, alone):
     # Few slots: rows finish, move down and are replaced, so adapters follow rows between slots.
-    e = variant(engine, max_batch_tokens=5 * 64)
+    columns = max(len(engine.tokenizer(p)["input_ids"]) for p in PROMPTS) + 8
+    e = variant(engine, max_batch_tokens=4 * columns)  # 4 slots for 12 rows
     names = [None, "all7", "rs"]
     reqs = [Request(id=(n, i), prompt=p, params=greedy(8), adapter=adapters.get(n))
             for i, p in enumerate(PROMPTS) for n in names]
@@ -205,3 +206,33 @@ def test_lora_delta_selects_each_rows_adapter():
     d = lora.lora_delta(x, a, b, w)
     torch.testing.assert_close(d[0], 2.0 * (x[0] @ a[1].T) @ b[1])
     assert torch.count_nonzero(d[1]) == 0
+
+
+def test_run_with_adapters_end_to_end(adapters, sqlite_url, tmp_path):
+    """`llmbatch run --adapter`: the named adapter, the base, and a wrong-shape adapter that fails alone."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmbatch.jobs.cli import cli
+    from tests.support import write_jsonl
+
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    get_peft_model(tiny, LoraConfig(r=4, target_modules=["o_proj"])).save_pretrained(tmp_path / "tiny")
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"custom_id": "a", "prompt": PROMPTS[0], "adapter": "all7"},
+        {"custom_id": "b", "prompt": PROMPTS[0]},
+        {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"model": "tiny", "prompt": PROMPTS[0]}},
+    ])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "run", str(path), "-o", str(out),
+                                      "--max-tokens", "8", "--adapter", f"all7={adapters['all7']}",
+                                      "--adapter", f"tiny={tmp_path / 'tiny'}"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert [rows[c]["adapter"] for c in "abc"] == ["all7", None, "tiny"]
+    assert rows["a"]["status"] == rows["b"]["status"] == "succeeded"
+    assert rows["a"]["output"] != rows["b"]["output"]
+    assert rows["c"]["status"] == "failed" and rows["c"]["error"]["code"] == "invalid_request"
+    assert "does not fit model 'smollm2-135m-instruct'" in rows["c"]["error"]["message"]

@@ -181,7 +181,9 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tenso
     n, r, _ = a.shape
     R, T, _ = x.shape
     h = F.linear(x, a.reshape(n * r, -1))  # [R, T, n*r]: every loaded adapter's down-projection
-    h = (h.view(R, T, n, r) * w[:, None, :, None]).view(R, T, n * r)  # keep only the row's own adapter
+    # Keep only the row's own adapter. w is float32: a bf16 scale such as rsLoRA's 16/sqrt(8) would be
+    # off by up to 0.4%, where peft multiplies by the exact Python float.
+    h = (h.view(R, T, n, r) * w[:, None, :, None]).to(h.dtype).view(R, T, n * r)
     return h @ b.reshape(n * r, -1)  # [R, T, out]
 
 
@@ -207,7 +209,7 @@ class Registry:
         self.rank = 0  # the stacks' rank; grows (reallocating) when a bigger adapter loads
         self.a: dict[tuple[int, str], torch.Tensor] = {}  # [capacity, rank, in]
         self.b: dict[tuple[int, str], torch.Tensor] = {}  # [capacity, rank, out]
-        self.w = torch.zeros(max_rows, self.capacity, dtype=dtype, device=device)  # [rows, capacity]
+        self.w = torch.zeros(max_rows, self.capacity, dtype=torch.float32, device=device)  # [rows, capacity]
         self.row_slot = [-1] * max_rows  # host mirror of w: the stack slot of each row's adapter
         self.generation = 0  # bumped whenever a stack is reallocated: captured graphs hold the old ones
         self.rows = slice(0, 0)
