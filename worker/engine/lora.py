@@ -119,7 +119,7 @@ def same_model(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def parse_weights(source: str, state: dict[str, torch.Tensor], rank: int) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+def parse_weights(source: str, state: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
     """peft state dict -> {(layer, proj): {"A": [r, in], "B": [out, r]}}; anything else is refused."""
     out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -158,7 +158,7 @@ def fit(source: str, model_name: str, parsed: dict, shapes: dict[tuple[int, str]
 def load(source: str, model_names: list[str], shapes: dict[tuple[int, str], tuple[int, int]]) -> Adapter:
     config, state = read(source)
     check_config(source, config, model_names)
-    return fit(source, model_names[0], parse_weights(source, state, config.r), shapes, config.r, scale_of(config))
+    return fit(source, model_names[0], parse_weights(source, state), shapes, config.r, scale_of(config))
 
 
 def target_modules(model) -> dict[tuple[int, str], torch.nn.Module]:
@@ -291,11 +291,11 @@ class Registry:
         """Rows first_row.. get these adapter slots (-1: none), before their prefill."""
         for j, s in enumerate(slots, start=first_row):
             self.row_slot[j] = s
-        end = first_row + len(slots)
-        self.w[first_row:end].zero_()
-        for j in range(first_row, end):
-            if self.row_slot[j] >= 0:
-                self.w[j, self.row_slot[j]] = self.slot_scale[self.row_slot[j]]
+        rows = torch.zeros(len(slots), self.capacity)  # built on the host: one copy to the device
+        for i, s in enumerate(slots):
+            if s >= 0:
+                rows[i, s] = self.slot_scale[s]
+        self.w[first_row:first_row + len(slots)].copy_(rows)
 
     def move(self, src: int, dst: int) -> None:
         self.row_slot[dst] = self.row_slot[src]
