@@ -13,6 +13,12 @@ Contenders, on the same prompts and the same loaded model:
 
   python benchmarks/throughput.py --json-out bench.json      # GPU: 1000 prompts of 16-512 tokens, 128 new
   python benchmarks/throughput.py --smoke                     # CPU, bundled small model, about a minute
+
+Workload `adapters` (issue 11): four random rank-16 LoRA adapters on all seven projections, fixed-length
+prompts spread over them round-robin in file order, against the base-only engine on the same prompts
+and peft's own `generate` run adapter by adapter at --batch (on the first --peft-prompts lines):
+
+  python benchmarks/throughput.py --workloads adapters --json-out adapters.json
 """
 
 from __future__ import annotations
@@ -252,6 +258,156 @@ def common_prefix(a: list[list[int]], b: list[list[int]], n: int = 32) -> float:
             k += 1
         return k
     return round(sum(one(x, y) for x, y in zip(a, b)) / max(1, min(len(a), len(b))), 2)
+
+
+# -- workload `adapters` (issue 11) ------------------------------------------------
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_random_adapters(engine: Engine, out: Path, n: int, rank: int, seed: int) -> list[str]:
+    """n random LoRA adapters in peft's own format (adapter_config.json + adapter_model.safetensors),
+    on every projection of every layer, written straight from the model's shapes: no peft model of
+    the big base is needed to make them. lora_B is small but non-zero, so the adapters change the text."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    from llmbatch.worker.engine.lora import target_modules
+
+    modules = target_modules(engine.model)
+    paths = []
+    for k in range(n):
+        path = out / f"adapter-{k}"
+        paths.append(str(path))
+        if (path / "adapter_model.safetensors").exists():
+            continue
+        g = torch.Generator().manual_seed(seed + k)
+        weights = {}
+        for (layer, proj), m in modules.items():
+            parent = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{parent}.{proj}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+            weights[f"{key}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+        path.mkdir(parents=True, exist_ok=True)
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS),
+                   base_model_name_or_path=engine.config.model).save_pretrained(path)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()},
+                  str(path / "adapter_model.safetensors"))
+    return paths
+
+
+def adapter_workload(n: int, length: int, new_tokens: int, adapters: list[str], tokenizer, seed: int,
+                     words: bool) -> list[tuple[Item, str]]:
+    """n prompts of `length` tokens, each making exactly new_tokens; line i runs adapter i % len(adapters)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if words:
+            text = " ".join(f"t{rng.randrange(WORD_VOCAB)}" for _ in range(length))
+        else:
+            text = tokenizer.decode([rng.randrange(1000, tokenizer.vocab_size - 1000) for _ in range(length)])
+        out.append((Item(text, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)),
+                    adapters[i % len(adapters)]))
+    return out
+
+
+def run_engine_adapters(engine: Engine, lines: list[tuple[Item, str | None]]) -> tuple[dict, list[list[int]]]:
+    """run_engine, each request naming its adapter (None: the base)."""
+    requests = [Request(id=i, prompt=it.text, params=it.params, adapter=a) for i, (it, a) in enumerate(lines)]
+    engine.stats = Stats()
+    if engine.runner is not None:
+        engine.runner.stats = dict.fromkeys(engine.runner.stats, 0)
+    results = {}
+    t0 = _start(engine.device)
+    for batch in engine.generate(requests):
+        results.update({r.id: r for r in batch})
+    rs = [results[i] for i in range(len(lines))]
+    s = engine.stats
+    stats = _finish(engine.device, t0, sum(r.usage.prompt_tokens for r in rs), sum(r.usage.completion_tokens for r in rs),
+                    s.prefill_slots + s.decode_slots, errors=len([r for r in rs if not r.ok]),
+                    error_sample=next((r.error_message for r in rs if not r.ok), None), scheduler=dataclasses.asdict(s),
+                    runner=dict(engine.runner.stats) if engine.runner is not None else None)
+    return stats, [r.token_ids for r in rs]
+
+
+@torch.inference_mode()
+def run_peft(engine: Engine, lines: list[tuple[Item, str]], batch: int) -> tuple[dict, list[list[int]]]:
+    """peft's own generate over the engine's NF4 model: all adapters loaded, run adapter by adapter in
+    batches of `batch`, left-padded. The model is unwrapped again afterwards (peft wraps it in place)."""
+    from peft import PeftModel
+
+    model, tok, eos = engine.model, engine.tokenizer, engine.eos_ids
+    names = {a: f"a{k}" for k, a in enumerate(dict.fromkeys(a for _, a in lines))}
+    t_load = time.perf_counter()
+    first = next(iter(names))
+    pm = PeftModel.from_pretrained(model, first, adapter_name=names[first])
+    for a, name in names.items():
+        if a != first:
+            pm.load_adapter(a, adapter_name=name)
+    pm.eval()
+    load_s = time.perf_counter() - t_load
+    outs: dict[int, list[int]] = {}
+    prompt_tokens = computed = batches = 0
+    t0 = _start(engine.device)
+    for a, name in names.items():
+        pm.set_adapter(name)
+        idx = [i for i, (_, aa) in enumerate(lines) if aa == a]
+        for k in range(0, len(idx), batch):
+            chunk = idx[k:k + batch]
+            enc = tok([lines[i][0].text for i in chunk], padding=True, return_tensors="pt").to(engine.device)
+            n_new = max(lines[i][0].params.max_tokens for i in chunk)
+            # No EOS, as the engine's ignore_eos: every row makes n_new tokens (as run_generate).
+            seq = pm.generate(**enc, do_sample=False, max_new_tokens=n_new, eos_token_id=None,
+                              pad_token_id=tok.pad_token_id)
+            width = enc["input_ids"].shape[1]
+            for i, row in zip(chunk, seq[:, width:].tolist()):
+                outs[i] = useful(row, lines[i][0].params.max_tokens, eos, True)
+            prompt_tokens += int(enc["attention_mask"].sum())
+            computed += len(chunk) * seq.shape[1]
+            batches += 1
+    rows = [outs[i] for i in range(len(lines))]
+    stats = _finish(engine.device, t0, prompt_tokens, sum(map(len, rows)), computed, batches=batches,
+                    adapter_load_s=round(load_s, 2))
+    pm.unload()  # give the engine its own modules back
+    return stats, rows
+
+
+def adapters_benchmark(engine: Engine, args, words: bool) -> dict:
+    """The base-only engine, the engine with adapters, and peft generate, on the same prompts."""
+    out_dir = Path(args.adapter_dir)
+    paths = build_random_adapters(engine, out_dir, 4, 16, args.seed)
+    lines = adapter_workload(args.prompts, args.adapter_len, args.new_tokens, paths, engine.tokenizer, args.seed, words)
+    w: dict = {"prompts": len(lines), "adapters": len(paths), "rank": 16, "prompt_len": args.adapter_len}
+    if engine.runner is not None:
+        engine.runner.release()
+    w["engine_base"], _ = run_engine_adapters(engine, [(it, None) for it, _ in lines])
+    print("engine_base", w["engine_base"], flush=True)
+    w["engine_adapters"], eng_rows = run_engine_adapters(engine, lines)
+    print("engine_adapters", w["engine_adapters"], flush=True)
+    if engine.runner is not None:
+        engine.runner.release()  # peft's generate gets the memory
+    sub = lines[:args.peft_prompts]
+    w["peft"], peft_rows = run_peft(engine, sub, args.batch)
+    w["peft"]["prompts"] = len(sub)
+    print("peft", w["peft"], flush=True)
+    w["vs_base"] = round(w["engine_adapters"]["output_tok_s"] / w["engine_base"]["output_tok_s"], 3)  # target >= 0.7
+    w["vs_peft"] = round(w["engine_adapters"]["output_tok_s"] / w["peft"]["output_tok_s"], 2)  # target >= 8
+    w["ratio"] = w["vs_peft"]
+    w["match32"] = match_rate(eng_rows[:len(sub)], peft_rows)
+    w["prefix32"] = common_prefix(eng_rows[:len(sub)], peft_rows)
+    return w
+
+
+def md_row_adapters(res: dict) -> str:
+    w, e = res["workloads"]["adapters"], res["env"]
+    b, a, p = w["engine_base"], w["engine_adapters"], w["peft"]
+    return (f"| {res['date']} | {e['gpu']} | {res['model']} | adapters ({w['adapters']} x rank {w['rank']}, "
+            f"len {w['prompt_len']}) | {w['prompts']} | peft {p['output_tok_s']} ({p['prompts']} prompts) | - | "
+            f"{a['output_tok_s']} (base-only {b['output_tok_s']}) | **{w['vs_peft']}x peft, {w['vs_base']}x base** | "
+            f"{a['total_tok_s']} | {p['wall_s']} / {a['wall_s']} | {p['peak_reserved_gb']} / {a['peak_reserved_gb']} | "
+            f"{p['padding_fraction']} / {a['padding_fraction']} | {w['match32']} | "
+            f"torch {e['torch']}, transformers {e['transformers']}, bnb {e['bitsandbytes']} | `{res['command']}` |")
 
 
 # -- micro-benchmark of one decode step and one prefill --------------------------
@@ -556,6 +712,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variant-prompts", type=int, help="prompts for the ablations (default --prompts)")
     ap.add_argument("--micro", action="store_true", help="also time one decode step, eager vs graph")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adapter-dir", default="/tmp/llmbatch-random-adapters", help="workload adapters: where they go")
+    ap.add_argument("--adapter-len", type=int, default=256, help="workload adapters: prompt length in tokens")
+    ap.add_argument("--peft-prompts", type=int, default=256, help="workload adapters: prompts peft generate runs")
     ap.add_argument("--json-out")
     ap.add_argument("--results-md", help="append a row per workload here (default benchmarks/RESULTS.md, "
                                           "none with --smoke; '' to skip)")
@@ -565,6 +724,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.model = args.model or "smollm2-135m-instruct"
         args.prompts, args.min_len, args.max_len, args.new_tokens = min(args.prompts, 6), 8, 40, 8
         args.batch, args.single = 4, min(args.single, 2)
+        args.adapter_len, args.peft_prompts = 16, min(args.peft_prompts, 8)
+        if args.adapter_dir == ap.get_default("adapter_dir"):
+            args.adapter_dir += "-smoke"
     if args.results_md is None and not args.smoke:
         args.results_md = str(Path(__file__).with_name("RESULTS.md"))
 
@@ -590,6 +752,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"== {wl}", flush=True)
             res["workloads"][wl] = workload_json(engine, config, args) if wl == "json" else \
                 workload_n4(engine, config, args, words)
+        elif wl == "adapters":  # issue 11: contenders of its own
+            print(f"== adapters: {args.prompts} prompts", flush=True)
+            res["workloads"][wl] = adapters_benchmark(engine, args, words)
             continue
         items = make_workload(wl, args.prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
         out: dict = {"prompts": len(items)}
@@ -646,11 +811,15 @@ def main(argv: list[str] | None = None) -> dict:
         if wl in EXTRA_WORKLOADS:
             print(extra_md_row(res, wl))
             continue
-        for name in ("baseline", "single", "engine"):
+        for name in ("baseline", "single", "engine", "engine_base", "engine_adapters", "peft"):
             if name in w:
                 c = w[name]
                 print(f"{wl:8} {name:10} {c['output_tok_s']:>10} {c['total_tok_s']:>11} {c['wall_s']:>8} "
                       f"{c['peak_reserved_gb']!s:>8} {c['padding_fraction']:>6}")
+        if wl == "adapters":
+            print(f"adapters engine_adapters/engine_base {w['vs_base']}x (target 0.7)   engine_adapters/peft "
+                  f"{w['vs_peft']}x (target 8)   match@32 vs peft {w['match32']}")
+            continue
         print(f"{wl:8} engine/baseline {w.get('ratio', '-')}x  vs fixed's engine {w.get('vs_fixed', '-')}x  "
               f"match@32 {w.get('match32', '-')}  mean agreeing prefix {w.get('prefix32', '-')}"
               + (f"   (generate alone vs batched: match@32 {w['single']['match32_vs_baseline']})" if "single" in w else ""))
@@ -661,7 +830,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json_out).write_text(json.dumps(res, indent=1))
     if args.results_md:
         md = Path(args.results_md)
-        rows = "".join(md_row(res, wl) + "\n" for wl in res["workloads"] if wl not in EXTRA_WORKLOADS)
+        rows = "".join((md_row_adapters(res) if wl == "adapters" else md_row(res, wl)) + "\n"
+                       for wl in res["workloads"] if wl not in EXTRA_WORKLOADS)
         existing = md.read_text() if md.exists() else ""
         if rows:
             existing += ("" if MD_HEADER.splitlines()[0] in existing else "\n" + MD_HEADER) + rows

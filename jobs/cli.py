@@ -75,6 +75,22 @@ def generation_options(fn):
     return fn
 
 
+def adapter_option(fn):
+    return click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=PATH",
+                        help="A PEFT LoRA adapter (local directory or hub id) lines select by NAME; "
+                             "a bare PATH runs every line without its own. Repeatable.")(fn)
+
+
+def collect_adapters(specs):
+    """--adapter values -> Adapters; a malformed one is a usage error (exit 2)."""
+    from .adapters import parse_specs
+
+    try:
+        return parse_specs(specs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
 def collect_params(kw: dict) -> dict:
     params = {k: kw.pop(k, None) for k in PARAM_NAMES}
     params["stop"] = list(params["stop"]) or None
@@ -134,7 +150,7 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
 PROGRESS_MIN_BYTES = 16 * 1024**2  # files larger than this show a progress bar on stderr while they are stored
 
 
-def _store(ctx: Context, file: Path, *, model, name, params, strict):
+def _store(ctx: Context, file: Path, *, model, name, params, strict, adapters=None):
     from . import service
     from .progress import Progress
 
@@ -146,7 +162,7 @@ def _store(ctx: Context, file: Path, *, model, name, params, strict):
         try:
             with ctx.db.write() as s:
                 submitted = service.submit(s, fp, ctx.settings, model=model, name=name, params=params,
-                                           strict=strict, source=str(file), on_line=on_line)
+                                           strict=strict, source=str(file), on_line=on_line, adapters=adapters)
         finally:
             if progress:
                 progress.close()  # end the bar's line, so an error message starts on a line of its own
@@ -160,13 +176,15 @@ def _store(ctx: Context, file: Path, *, model, name, params, strict):
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any line is bad.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the id.")
 @generation_options
+@adapter_option
 @pass_ctx
 @handle_errors
-def submit(ctx, file, model, name, strict, as_json, **kw):
+def submit(ctx, file, model, name, strict, as_json, adapter_specs, **kw):
     """Validate and store FILE as a job, and queue its work; prints the job id."""
     from .service import job_summary
 
-    submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict)
+    submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict,
+                       adapters=collect_adapters(adapter_specs))
     job = submitted.job
     _enqueue(ctx, job.model, job.id, submitted.chunk_ids)
     if submitted.bad_lines:
@@ -334,16 +352,18 @@ def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any line is bad.")
 @click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), default="model", hidden=True)
 @generation_options
+@adapter_option
 @pass_ctx
 @handle_errors
-def run(ctx, file, output, fmt, model, name, strict, engine_kind, **kw):
+def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs, **kw):
     """Submit FILE, generate every line in this process, and export: no services needed."""
     from llmbatch.worker.engines import make_engine
     from llmbatch.worker.runner import run_chunk
 
     from .progress import Progress
 
-    submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict)
+    submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict,
+                       adapters=collect_adapters(adapter_specs))
     job = submitted.job
     click.echo(f"job {job.id}: {job.total} line(s), {submitted.bad_lines} bad; loading {job.model}", err=True)
     engine = make_engine(job.model, dataclasses.replace(ctx.settings, engine=engine_kind))

@@ -65,23 +65,33 @@ def _request_columns(dialect: str) -> list:
             func.json_type(r, literal("$.prompt", String)).is_not(None)]
 
 
-def _query(dialect: str, job_id: str, only: str | None, with_request: bool):
+def _adapter_column(dialect: str):
+    """request.adapter, the name the line ran with (issue 11); read only for jobs with adapters."""
+    r = Item.__table__.c.request
+    if dialect == "postgresql":
+        return r.op("->>", return_type=String)(literal("adapter", String))
+    return func.json_extract(r, literal("$.adapter", String))
+
+
+def _query(dialect: str, job_id: str, only: str | None, with_request: bool, with_adapter: bool = False):
     t = Item.__table__
     cols = [t.c[name] for name in _NATIVE] + (_request_columns(dialect) if with_request else [])
+    cols += [_adapter_column(dialect)] if with_adapter else []  # last: row[-1]
     query = select(*cols).where(t.c.job_id == literal(job_id, String)).order_by(t.c.line)
     if only:
         query = query.where(t.c.status == literal(ItemStatus(only).value, String))
     return query
 
 
-def _rows(session: Session, job_id: str, only: str | None, with_request: bool) -> Iterator[list[tuple]]:
+def _rows(session: Session, job_id: str, only: str | None, with_request: bool,
+          with_adapter: bool = False) -> Iterator[list[tuple]]:
     """Batches of plain tuples, in line order, from one SELECT in the session's transaction.
 
     SQLAlchemy compiles the statement; the driver's own cursor runs it, which skips building a
     Row per result (a server-side cursor on PostgreSQL, so memory stays flat).
     """
     conn = session.connection()
-    compiled = _query(conn.dialect.name, job_id, only, with_request).compile(dialect=conn.dialect)
+    compiled = _query(conn.dialect.name, job_id, only, with_request, with_adapter).compile(dialect=conn.dialect)
     dbapi = conn.connection.dbapi_connection
     if conn.dialect.name == "postgresql":
         cur = dbapi.cursor(name=f"llmbatch_export_{uuid.uuid4().hex[:12]}")
@@ -200,6 +210,8 @@ def _native_dicts(rows: list[tuple], iso: _Iso) -> Iterator[dict]:
 
 def _jsonl(rows: list[tuple], iso: _Iso, job: Job) -> str:
     encode = _encode
+    if job.adapters:  # issue 11: which adapter each line ran with
+        return "".join([encode({**d, "adapter": r[-1]}) + "\n" for d, r in zip(_native_dicts(rows, iso), rows)])
     return "".join([encode(d) + "\n" for d in _native_dicts(rows, iso)])
 
 
@@ -228,7 +240,7 @@ def _openai(rows: list[tuple], iso: _Iso, job: Job) -> str:
             pt, ct = r[_PT], r[_CT]
             usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": (pt or 0) + (ct or 0)}
             created = _created(r[_FINISHED], iso)
-            model = r[_BODY_MODEL] or job_model
+            model = (r[-1] if job.adapters else None) or r[_BODY_MODEL] or job_model  # issue 11: the adapter's name
             url = r[_URL]
             completions = url == "/v1/completions" or bool(r[_HAS_PROMPT] and url is None)
             choices = openai_choices(completions, r[_OUTPUT], r[_FINISH], json_value(r[_LOGPROBS]),
@@ -288,9 +300,12 @@ def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl", o
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
-        for batch in _rows(session, job.id, only, with_request=False):
-            writer.writerows(_csv_rows(batch, iso))
+        writer.writerow(CSV_COLUMNS + (("adapter",) if job.adapters else ()))
+        for batch in _rows(session, job.id, only, with_request=False, with_adapter=bool(job.adapters)):
+            if job.adapters:  # issue 11: the adapter column last
+                writer.writerows(row + [_cell(r[-1])] for row, r in zip(_csv_rows(batch, iso), batch))
+            else:
+                writer.writerows(_csv_rows(batch, iso))
             rows += len(batch)
             out.write(buf.getvalue())
             buf.seek(0)
@@ -298,7 +313,7 @@ def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl", o
         out.write(buf.getvalue())
         return rows
     render_batch = _jsonl if fmt == "jsonl" else _openai
-    for batch in _rows(session, job.id, only, with_request=fmt == "openai"):
+    for batch in _rows(session, job.id, only, with_request=fmt == "openai", with_adapter=bool(job.adapters)):
         out.write(render_batch(batch, iso, job))
         rows += len(batch)
     return rows

@@ -26,7 +26,8 @@ PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
 
 # Alternative spellings people bring from other tools; each maps to its canonical name.
 _ALIASES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
-_TOP_KEYS = frozenset({"custom_id", "prompt", "messages", "method", "url", "body", "max_new_tokens", *PARAM_NAMES})
+_TOP_KEYS = frozenset({"custom_id", "prompt", "messages", "method", "url", "body", "max_new_tokens", "adapter",
+                       *PARAM_NAMES})
 # OpenAI body keys we can honour; stream/user are accepted only where they change nothing.
 _BODY_KEYS = frozenset({"model", "messages", "prompt", "max_completion_tokens", "stream", "user", *PARAM_NAMES})
 _CHAT_URL, _COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
@@ -362,6 +363,11 @@ def _request(obj: dict, limits: Limits) -> dict:
     if len(sources) > 1:
         raise ValueError(f"give only one of 'prompt', 'messages' or 'body', got {', '.join(map(repr, sources))}")
     line_params = {k: v for k, v in obj.items() if k in _PARAM_KEYS} if not _NOT_PARAMS.issuperset(obj) else {}
+    if "adapter" in obj:  # issue 11: a name registered on the job (checked against it at submit)
+        adapter = obj["adapter"]
+        if not isinstance(adapter, str) or not adapter:
+            raise ValueError(f"'adapter' must be a non-empty string, got {_json_type(adapter)}")
+        return {**_request({k: v for k, v in obj.items() if k != "adapter"}, limits), "adapter": adapter}
     if "body" in obj:
         return _openai_request(obj, line_params, limits)
     for key in ("method", "url"):

@@ -94,6 +94,7 @@ class Job(Base):
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued, index=True)
     source: Mapped[str | None] = mapped_column(Text)  # the input file's path, for people
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # job-wide generation defaults
+    adapters: Mapped[dict[str, str] | None] = mapped_column(JSON)  # LoRA adapter name -> local path or hub id
     # Counters move in the same transaction as the items they count, so status is O(1).
     total: Mapped[int] = mapped_column(Integer, default=0)
     pending: Mapped[int] = mapped_column(Integer, default=0)

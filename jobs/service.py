@@ -14,6 +14,7 @@ from typing import Callable
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from . import adapters as adapters_
 from .exceptions import InputFileError, InvalidState, JobNotFound
 from .inputs import iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
@@ -113,7 +114,7 @@ class _ItemWriter:
 
 def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: str | None = None,
            name: str | None = None, params: dict | None = None, strict: bool = False, source: str | None = None,
-           on_line: Callable[[int], None] | None = None) -> Submitted:
+           on_line: Callable[[int], None] | None = None, adapters: adapters_.Adapters | None = None) -> Submitted:
     """Parse and store a JSONL file as a job, its items and its chunks.
 
     Streams the file and stores it a batch at a time: the chunk rows of a batch in one
@@ -123,8 +124,10 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     stores nothing.
     """
     params = validate_params(params or {}, "job parameters", limits=settings.limits)
+    adapters = adapters_.check_sources(adapters or adapters_.Adapters())  # issue 11: before anything is stored
     now = utcnow()
     job = Job(model=model or settings.model, name=name, params=params, source=source, status=JobStatus.queued,
+              adapters=adapters.names or None,
               created_at=now, total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
               prompt_tokens=0, completion_tokens=0)
     session.add(job)
@@ -167,6 +170,7 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     try:
         for parsed in iter_parsed(fp, settings.limits):
             total += 1
+            parsed = adapters_.resolve(parsed, adapters)  # issue 11: the line's adapter, by name
             if parsed.error:
                 n_bad += 1
                 if strict:

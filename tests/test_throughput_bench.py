@@ -42,3 +42,17 @@ def test_smoke_json_and_n4_workloads(tmp_path):
     assert n4["rows"] == 4 and n4["n4"]["output_tokens"] == n4["lines"]["output_tokens"] > 0
     assert n4["lines"]["prefill_tokens_computed"] == 4 * n4["n4"]["prefill_tokens_computed"]
     assert md.read_text().count("| json |") == md.read_text().count("| n4 |") == 1
+
+
+def test_smoke_adapters_workload(tmp_path):
+    """Workload `adapters` (issue 11): base-only engine, engine with four adapters, peft generate."""
+    res = throughput.main(["--smoke", "--workloads", "adapters", "--prompts", "4", "--cache-dir",
+                           os.environ["LLMBATCH_MODEL_CACHE"], "--adapter-dir", str(tmp_path / "adapters"),
+                           "--results-md", str(tmp_path / "RESULTS.md")])
+    w = res["workloads"]["adapters"]
+    assert w["adapters"] == 4 and w["prompts"] == 4
+    for name in ("engine_base", "engine_adapters", "peft"):
+        assert w[name]["output_tokens"] == 4 * 8 and w[name]["output_tok_s"] > 0, name  # every row made 8 tokens
+    assert w["engine_adapters"]["errors"] == 0 and w["engine_base"]["errors"] == 0
+    assert w["vs_base"] > 0 and w["vs_peft"] > 0 and 0 <= w["match32"] <= 1
+    assert "adapters (4 x rank 16" in (tmp_path / "RESULTS.md").read_text()

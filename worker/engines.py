@@ -24,7 +24,8 @@ def make_engine(model: str, settings: Settings):
     from llmbatch.worker.engine import EngineConfig, load_engine
 
     hf_logging.disable_progress_bar()
-    config = EngineConfig(model=model, cache_dir=str(settings.model_cache), double_quant=settings.double_quant)
+    config = EngineConfig(model=model, cache_dir=str(settings.model_cache), double_quant=settings.double_quant,
+                          max_adapters=settings.max_adapters)
     if settings.max_batch_size:
         config.max_batch_size = settings.max_batch_size
     return load_engine(config)

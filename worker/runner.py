@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from llmbatch.jobs import work
+from llmbatch.jobs.adapters import source_of
 from llmbatch.jobs.db import Database
 from llmbatch.jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
 from llmbatch.worker.engine import Request, Result, SamplingParams
@@ -36,7 +37,8 @@ class ChunkOutcome:
 def to_request(item: Item, job: Job) -> Request:
     req = item.request or {}
     params = SamplingParams.from_dict({**(job.params or {}), **req.get("params", {})})
-    return Request(id=item.id, prompt=req.get("prompt"), messages=req.get("messages"), params=params)
+    return Request(id=item.id, prompt=req.get("prompt"), messages=req.get("messages"), params=params,
+                   adapter=source_of(req.get("adapter"), job.adapters))
 
 
 def _ts(t: float) -> datetime:

@@ -22,5 +22,6 @@ class EngineConfig:
     refill_fraction: float = 0.125  # refill once this share of slots is free (1.0: static batches)
     cuda_graphs: bool = True  # capture the decode step per (rows, columns) bucket; CUDA only
     flush_seconds: float = 1.0  # yield finished results at least this often
+    max_adapters: int = 16  # LoRA adapters held at once (LRU); their stacks are allocated at this capacity
     # Test hook: pretend the device runs out of memory for batches bigger than this.
     oom_above_batch: int | None = None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import loading
+from . import loading, lora
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .runner import BLOCK, Dims, Runner, supports
@@ -34,6 +34,7 @@ class Prepared:
     ids: list[int]
     params: SamplingParams  # max_tokens clamped to the context left
     grammar: Any = None  # compiled grammar for json_object / json_schema
+    adapter: int = -1  # stack slot of its LoRA adapter in self.lora; -1 = none
 
     @property
     def need(self) -> int:
@@ -54,6 +55,7 @@ class Engine:
             log.warning("%s: no slot runner for this architecture; using padded batches", cfg.model_type)
         self.stats = Stats()
         self._grammars = None  # made on the first structured request (imports xgrammar)
+        self.lora: lora.Registry | None = None  # made when the first adapter is asked for
         self._token_text: dict[int, str] = {}  # token id -> text, for logprobs
 
     # -- set-up ---------------------------------------------------------------
@@ -94,22 +96,75 @@ class Engine:
         if failed:
             yield failed
         late_failures: list[Result] = []
+        deferred: list[Request] = []  # fed requests whose adapters cannot be held beside those running
 
         def feed() -> list[Prepared]:
             fresh, bad = self._prepare(more())
             late_failures.extend(bad)
+            running = {p.request.adapter for p in batch if p.request.adapter}
+            new = list(dict.fromkeys(p.request.adapter for p in fresh if p.request.adapter and
+                                     p.request.adapter not in running))
+            if len(running) + len(new) > self.config.max_adapters:
+                keep = set(new[:max(0, self.config.max_adapters - len(running))]) | running
+                deferred.extend(p.request for p in fresh if p.request.adapter and p.request.adapter not in keep)
+                fresh = [p for p in fresh if not p.request.adapter or p.request.adapter in keep]
+            fresh, bad = self._with_adapters(fresh)
+            late_failures.extend(bad)
             return fresh
 
-        if prepared or more is not None:
-            yield from self._run(prepared, self.max_batch_size, feed if more is not None else None, late_failures)
+        # At most max_adapters distinct adapters run together, each loaded before its group.
+        groups = lora.groups([p.request.adapter for p in prepared], self.config.max_adapters) or [[]]
+        for n, group in enumerate(groups):
+            batch, bad = self._with_adapters([prepared[i] for i in group])
+            if bad:
+                yield bad
+            last = n == len(groups) - 1
+            if batch or (last and more is not None):
+                yield from self._run(batch, self.max_batch_size, feed if last and more is not None else None,
+                                     late_failures)
         if late_failures:
             yield late_failures
+        if deferred:
+            yield from self.generate(deferred)
 
     def generate_all(self, requests: list[Request]) -> list[Result]:
         by_id = {r.id: r for batch in self.generate(requests) for r in batch}
         return [by_id[r.id] for r in requests]
 
     # -- internals ------------------------------------------------------------
+
+    def _with_adapters(self, batch: list[Prepared]) -> tuple[list[Prepared], list[Result]]:
+        """Load the adapters the batch names; an item whose adapter cannot run fails alone."""
+        sources = list(dict.fromkeys(p.request.adapter for p in batch if p.request.adapter))
+        if not sources:
+            return batch, []
+        slots, errors = {}, {}
+        for src in sources:
+            if self.runner is None:
+                errors[src] = ("invalid_request", f"adapter {src!r}: adapters need a Llama-family model "
+                               f"({self.model.config.model_type} is run without the slot runner)")
+                continue
+            if self.lora is None:
+                names = [self.config.model, getattr(self.model.config, "_name_or_path", "") or ""]
+                self.lora = lora.Registry(self.model, [n for n in names if n], self.config.max_adapters,
+                                          self.config.max_batch_size, self.dtype, self.device)
+                self.runner.lora = self.lora
+            try:
+                slots[src] = self.lora.acquire(src)
+            except lora.AdapterError as exc:
+                errors[src] = ("invalid_request", str(exc))
+            except Exception as exc:  # out of memory for the stacks, say: these items only
+                log.exception("loading adapter %s failed", src)
+                errors[src] = ("engine_error", f"loading adapter {src!r}: {type(exc).__name__}: {exc}")
+        ok, failed = [], []
+        for p in batch:
+            src = p.request.adapter
+            if src in errors:
+                failed.append(Result.failure(p.request.id, *errors[src]))
+            else:
+                p.adapter = slots.get(src, -1)
+                ok.append(p)
+        return ok, failed
 
     def _prompt_text(self, request: Request) -> tuple[str, bool]:
         """(text, add_special_tokens). A chat template already holds the BOS token."""
@@ -263,12 +318,12 @@ class Engine:
             yield from self._loop_padded(batch, slots)
             return
         slots = self._ensure_pool(batch, slots)
-        items = [Item(p.ids, p.params, p.grammar) for p in batch]
+        items = [Item(p.ids, p.params, p.grammar, p.adapter) for p in batch]
 
         def more() -> list[Item]:
             fresh = feed()
             batch.extend(fresh)
-            return [Item(p.ids, p.params, p.grammar) for p in fresh]
+            return [Item(p.ids, p.params, p.grammar, p.adapter) for p in fresh]
 
         yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
                              self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,

@@ -101,11 +101,12 @@ class Runner:
         self.device = self.base.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.kv: torch.Tensor | None = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.seen: set[int] = set()
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (rows bucket, *adapters' key)
+        self.seen: set[tuple] = set()
         self.graph_retry_at = 0  # after a failed capture, eager steps until this step count
         self.steps = 0
         self.stats = {"graphs_captured": 0, "graph_steps": 0, "eager_steps": 0, "capture_failures": 0}
+        self.lora = None  # a lora.Registry, set by the engine when an adapter is first asked for
 
     # -- cache ----------------------------------------------------------------
 
@@ -185,6 +186,8 @@ class Runner:
         self.pos[dst] = self.pos[src]
         self.block_table[src].fill_(self.scratch)
         self.pos[src] = 0
+        if self.lora is not None:  # the row's adapter moves with it
+            self.lora.move(src, dst)
 
     # -- forward --------------------------------------------------------------
 
@@ -203,6 +206,8 @@ class Runner:
         written to the scratch block.
         """
         k, T = ids.shape
+        if self.lora is not None:  # arm the adapter hooks for these slots
+            self.lora.select(first_slot, k)
         x = self.base.embed_tokens(ids)
         positions = torch.arange(T, device=ids.device)[None].expand(k, T)
         cos, sin = self.base.rotary_emb(x, positions)
@@ -222,6 +227,8 @@ class Runner:
             x = x + attn.o_proj(o.transpose(1, 2).reshape(k, T, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         last = x[torch.arange(k, device=x.device), lengths - 1]  # [k, hidden]
+        if self.lora is not None:  # disarm, so a forward not ours (generate) sees the base
+            self.lora.select(0, 0)
         return self.model.lm_head(rms_norm(self.base.norm, last))
 
     def _decode(self, B: int, max_len: int) -> torch.Tensor:
@@ -250,24 +257,30 @@ class Runner:
         rb = next(b for b in row_buckets(self.slots) if b >= B)
         self.last_rows = rb
         self.steps += 1
-        if not self.use_graphs:
-            self.logits[:B].copy_(self._decode(B, max_pos + 1))  # eager: exactly the live rows
-            self.last_rows = B
-            self.stats["eager_steps"] += 1
-            return self.logits[:B]
-        if rb in self.graphs:
-            self.graphs[rb].replay()
-            self.stats["graph_steps"] += 1
-        elif rb not in self.seen or self.steps < self.graph_retry_at:
-            # The first step of a shape runs eagerly: it is real work and the warm-up for capture.
-            self.logits[:rb].copy_(self._decode(rb, self.max_len))
-            self.seen.add(rb)
-            self.stats["eager_steps"] += 1
-        else:
-            self._capture(rb)
+        rows = B if not self.use_graphs else rb
+        # Graphs with and without the LoRA path differ: the adapters' state is part of the key.
+        key = (rb, *(self.lora.select(0, rows, live=B) if self.lora is not None else ()))
+        try:
+            if not self.use_graphs:
+                self.logits[:B].copy_(self._decode(B, max_pos + 1))  # eager: exactly the live rows
+                self.last_rows = B
+                self.stats["eager_steps"] += 1
+            elif key in self.graphs:
+                self.graphs[key].replay()
+                self.stats["graph_steps"] += 1
+            elif key not in self.seen or self.steps < self.graph_retry_at:
+                # The first step of a shape runs eagerly: it is real work and the warm-up for capture.
+                self.logits[:rb].copy_(self._decode(rb, self.max_len))
+                self.seen.add(key)
+                self.stats["eager_steps"] += 1
+            else:
+                self._capture(key, rb)
+        finally:
+            if self.lora is not None:  # disarm (see prefill)
+                self.lora.select(0, 0)
         return self.logits[:B]
 
-    def _capture(self, rb: int) -> None:
+    def _capture(self, key: tuple, rb: int) -> None:
         # Capture on a side stream by hand: torch.cuda.graph() also runs gc.collect() and
         # empty_cache() each time, which costs more than a big-batch step gains from a graph.
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(self.device)
@@ -290,7 +303,7 @@ class Runner:
             self.stats["eager_steps"] += 1
             return
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graphs[rb] = graph
+        self.graphs[key] = graph
         graph.replay()
         self.stats["graphs_captured"] += 1
         self.stats["graph_steps"] += 1

@@ -41,6 +41,7 @@ class Item:
     ids: list[int]
     params: SamplingParams
     grammar: Any = None  # the compiled grammar of a json_object / json_schema request
+    adapter: int = -1  # its LoRA adapter's stack slot in runner.lora; -1 = the base model
 
     @property
     def need(self) -> int:
@@ -250,6 +251,8 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
                     RowOutput(started_at=time.time())) for i in chunk]
         first_slot = len(active)
         active += seqs  # in flight from here, should the prefill fail
+        if runner.lora is not None:  # each row's adapter goes into its slot
+            runner.lora.assign(first_slot, [items[i].adapter for i in chunk])
         logits = runner.prefill(first_slot, ids, lengths)  # [k, V]
         src = list(range(len(chunk)))
         for j, i in enumerate(chunk):  # the other choices of n > 1 items: no second prefill

@@ -62,6 +62,7 @@ class Request:
     prompt: str | None = None  # raw text, no template
     messages: list[dict[str, str]] | None = None  # chat: the model's template is applied
     params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a PEFT LoRA adapter (local path or hub id) to run it with; None = the base
 
 
 @dataclass
