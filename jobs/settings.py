@@ -48,6 +48,8 @@ class Settings:
     # Rows generated together; 0 lets the engine size batches from the memory it has.
     max_batch_size: int = 0
     double_quant: bool = False
+    # Prompts sharing at least this many leading tokens share their prefill and KV cache; 0 turns it off.
+    shared_prefix_min: int = 64
     # LoRA adapters a worker holds at once (least recently used goes first).
     max_adapters: int = 16
 
@@ -65,6 +67,7 @@ class Settings:
             engine=os.environ.get("LLMBATCH_ENGINE") or "model",
             max_batch_size=_env_int("LLMBATCH_MAX_BATCH_SIZE", 0),
             double_quant=os.environ.get("LLMBATCH_DOUBLE_QUANT", "").lower() in ("1", "true", "yes"),
+            shared_prefix_min=_env_int("LLMBATCH_SHARED_PREFIX_MIN", 64),
             max_adapters=_env_int("LLMBATCH_MAX_ADAPTERS", 16),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -25,6 +25,7 @@ def make_engine(model: str, settings: Settings):
 
     hf_logging.disable_progress_bar()
     config = EngineConfig(model=model, cache_dir=str(settings.model_cache), double_quant=settings.double_quant,
+                          shared_prefix_min=settings.shared_prefix_min,
                           max_adapters=settings.max_adapters)
     if settings.max_batch_size:
         config.max_batch_size = settings.max_batch_size

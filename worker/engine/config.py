@@ -22,6 +22,11 @@ class EngineConfig:
     refill_fraction: float = 0.125  # refill once this share of slots is free (1.0: static batches)
     cuda_graphs: bool = True  # capture the decode step per (rows, columns) bucket; CUDA only
     flush_seconds: float = 1.0  # yield finished results at least this often
+    # Prompts sharing at least this many leading tokens share their prefill and KV (0: off); the
+    # runner stores up to prefix_slots such prefixes at once, each up to prefix_max_len tokens.
+    shared_prefix_min: int = 64
+    prefix_slots: int = 4
+    prefix_max_len: int = 2048
     max_adapters: int = 16  # LoRA adapters held at once (LRU); their stacks are allocated at this capacity
     # Test hook: pretend the device runs out of memory for batches bigger than this.
     oom_above_batch: int | None = None

@@ -300,15 +300,21 @@ class Engine:
         On GPUs the pool takes the memory budget and is kept across calls (graphs with it). On the
         CPU it is as large as this batch needs (at least 4,096 tokens, so fed chunks fit too).
         """
-        r = self.runner
-        budget = max(1, self.token_budget() // BLOCK)
+        r, c = self.runner, self.config
+        prefixes = c.prefix_slots if c.shared_prefix_min > 0 else 0
+        prefix_len = c.prefix_max_len if self.device.type == "cuda" else \
+            min(c.prefix_max_len, max((len(p.ids) for p in batch), default=1))
+        # The prefix store comes out of the same budget as the blocks.
+        budget = max(1, (self.token_budget() - prefixes * prefix_len) // BLOCK)
         if self.device.type == "cuda":
-            want, rows = budget, self.config.max_batch_size
+            want, rows = budget, c.max_batch_size
         else:
             want = min(budget, max(sum(p.params.n * Runner.blocks_for(p.need) for p in batch), 4096 // BLOCK))
-            rows = min(self.config.max_batch_size, max(sum(p.params.n for p in batch), 64))
-        if r.kv is None or r.slots < min(rows, slots) or r.blocks < want:
-            r.allocate(max(rows, min(slots, self.config.max_batch_size)), want, self.context_length)
+            rows = min(c.max_batch_size, max(sum(p.params.n for p in batch), 64))
+        stored = r.prefix_kv.shape[2] if r.kv is not None and r.prefix_kv is not None else 0
+        if r.kv is None or r.slots < min(rows, slots) or r.blocks < want or stored != prefixes or \
+                (prefixes and r.prefix_kv.shape[4] < prefix_len):
+            r.allocate(max(rows, min(slots, c.max_batch_size)), want, self.context_length, prefixes, prefix_len)
         return min(slots, r.slots)
 
     def _loop(self, batch: list[Prepared], slots: int,
@@ -327,7 +333,7 @@ class Engine:
 
         yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
                              self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,
-                             more if feed is not None else None, self._grammars)
+                             more if feed is not None else None, self._grammars, self.config.shared_prefix_min)
 
     def _loop_padded(self, batch: list[Prepared], rows: int) -> Iterator[list[tuple[int, RowOutput]]]:
         order = sorted(range(len(batch)), key=lambda i: -len(batch[i].ids))
@@ -358,7 +364,8 @@ class Engine:
         return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids, stops),
                       finish_reason=row.finish_reason,
                       usage=Usage(prompt_tokens=len(p.ids),
-                                  completion_tokens=len(row.tokens) + sum(c.completion_tokens for c in choices)),
+                                  completion_tokens=len(row.tokens) + sum(c.completion_tokens for c in choices),
+                                  cached_tokens=row.cached),
                       started_at=row.started_at or started,
                       finished_at=max([row.finished_at, *(c.finished_at for c in more)]),
                       token_ids=row.tokens, logprobs=self._logprobs(row), choices=choices)

@@ -25,6 +25,7 @@ class RowOutput:
     started_at: float = 0.0  # when its prompt went in
     finished_at: float = 0.0
     choice: int = 0  # issue 10: which of the request's n choices
+    cached: int = 0  # prompt tokens it took from a shared prefix
     logprobs: list | None = None  # issue 10: (token id, logprob, [(id, logprob), ...]) per token, when asked
 
 

@@ -136,6 +136,34 @@ def attend_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, b
     return out.to(q.dtype), total
 
 
+def attend_prefixes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_of: torch.Tensor,
+                    lens: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every row to the shared prefix it uses (Hydragen, arXiv 2402.05099).
+
+    q [B, Hq, D]; k, v [P, Hkv, L, D]: P prefixes stored once; prefix_of [B]: the row's prefix, -1
+    for none; lens [P]. For each prefix, all rows' queries meet its keys in one matrix product
+    (the rows that do not use it are masked), instead of each row reading the prefix on its own.
+    Returns out [B, Hq, D] (float32) and lse [B, Hq]: -inf, with a zero output, for rows with none.
+    """
+    B, Hq, D = q.shape
+    P, Hkv, L, _ = k.shape
+    G = Hq // Hkv
+    qh = q.reshape(B, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, B * G, D)  # [Hkv, B*G, D]
+    cols = torch.arange(L, device=q.device)
+    out = torch.zeros(Hkv, B * G, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((Hkv, B * G), float("-inf"), dtype=torch.float32, device=q.device)
+    for p in range(P):
+        s = torch.matmul(qh, k[p].transpose(1, 2)).float() * scale  # [Hkv, B*G, L]
+        mine = (prefix_of == p).repeat_interleave(G)  # [B*G]
+        s = s.masked_fill(~(mine[None, :, None] & (cols < lens[p])[None, None, :]), float("-inf"))
+        m = torch.logsumexp(s, dim=-1)  # [Hkv, B*G]
+        w = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[..., None])
+        out = out + torch.matmul(w.to(v.dtype), v[p]).float()  # a row's other prefixes add zeros
+        lse = torch.maximum(lse, m)
+    out = out.reshape(Hkv, B, G, D).permute(1, 0, 2, 3).reshape(B, Hq, D)
+    return out, lse.reshape(Hkv, B, G).permute(1, 0, 2).reshape(B, Hq)
+
+
 def attend(q, k_pool, v_pool, block_table, lens, scale, max_len: int, splits: int = 1):
     """Decode attention for rows [B]: the kernel on CUDA, the gather reference elsewhere."""
     if q.is_cuda and triton is not None:

@@ -110,8 +110,9 @@ class Runner:
 
     # -- cache ----------------------------------------------------------------
 
-    def allocate(self, slots: int, blocks: int, max_len: int) -> None:
-        """A pool of `blocks` blocks, `slots` rows, rows up to max_len tokens; plus the step's static tensors."""
+    def allocate(self, slots: int, blocks: int, max_len: int, prefixes: int = 0, prefix_len: int = 0) -> None:
+        """A pool of `blocks` blocks, `slots` rows, rows up to max_len tokens; `prefixes` shared prompt
+        prefixes of up to prefix_len tokens, each stored once; plus the step's static tensors."""
         self.release()
         d = self.dims
         # Zeros, not empty: a masked key still meets V in the product (0 * NaN garbage = NaN).
@@ -122,10 +123,19 @@ class Runner:
         self.width = -(-max_len // BLOCK)
         self.block_table = torch.full((slots, self.width), blocks, dtype=torch.int32, device=self.device)
         self.free_blocks = list(range(blocks - 1, -1, -1))  # a stack: pop() takes the lowest id
+        self.refs = [0] * blocks  # rows holding each block: several when they share a prompt (fork)
         self.owned: list[list[int]] = [[] for _ in range(slots)]  # host copy of each slot's blocks
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] token fed to each row
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] its position
         self.logits = torch.empty(slots, d.vocab, dtype=self.dtype, device=self.device)  # [S, V]
+        # Shared prefixes: K/V [layers, 2, P, Hkv, L, D]; a row using prefix p keeps only its own tokens
+        # in its blocks, from position offset = the prefix's length.
+        self.prefix_kv = torch.zeros(d.layers, 2, prefixes, d.kv_heads, max(prefix_len, 1), d.head_dim,
+                                     dtype=self.dtype, device=self.device) if prefixes else None
+        self.prefix_lens = torch.zeros(max(prefixes, 1), dtype=torch.long, device=self.device)  # [P]
+        self.prefix_of = torch.full((slots,), -1, dtype=torch.long, device=self.device)  # [S] -1: none
+        self.offset = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] its prefix's length
+        self.prefixes_live = 0  # prefix slots [0, n) decode attends to: part of the graph key
         if self.use_graphs:
             self.pool = torch.cuda.graph_pool_handle()
 
@@ -137,6 +147,9 @@ class Runner:
         self.owned = [[] for _ in range(self.slots)]
         self.block_table.fill_(self.scratch)
         self.pos.zero_()
+        self.prefix_of.fill_(-1)
+        self.offset.zero_()
+        self.prefixes_live = 0
 
     def release(self) -> None:
         # Graphs hold pointers into the cache, so they go with it.
@@ -168,15 +181,59 @@ class Runner:
         if n > len(self.free_blocks) - self.held or n > self.width:
             return False
         ids = [self.free_blocks.pop() for _ in range(n)]
+        for b in ids:
+            self.refs[b] = 1
         self.owned[slot] = ids
         self.block_table[slot, :n] = torch.tensor(ids, dtype=torch.int32, device=self.device)
         return True
 
+    def can_take(self, blocks: int) -> bool:
+        return blocks <= len(self.free_blocks) - self.held
+
+    def hold(self, blocks: int) -> None:
+        """Keep blocks back for forks that follow a prefill (reserve() then leaves them alone)."""
+        self.held += blocks
+
+    def release_held(self, blocks: int) -> None:
+        self.held -= blocks
+
+    @staticmethod
+    def fork_cost(shared: int, tokens: int) -> int:
+        """Blocks a fork of a `shared`-token prompt takes for a row of `tokens` positions."""
+        return -(-tokens // BLOCK) - shared // BLOCK
+
+    def fork(self, src: int, dst: int, shared: int, tokens: int) -> bool:
+        """Slot dst continues slot src's first `shared` positions (a prompt with n choices) without a
+        second prefill: src's full blocks are shared, the partly filled last one is copied (both rows
+        write after it), and dst gets blocks of its own up to `tokens` positions. False if they lack."""
+        full, n = shared // BLOCK, self.blocks_for(tokens)
+        if n - full > len(self.free_blocks) or n > self.width:
+            return False
+        ids = self.owned[src][:full] + [self.free_blocks.pop() for _ in range(n - full)]
+        for b in ids[:full]:
+            self.refs[b] += 1
+        for b in ids[full:]:
+            self.refs[b] = 1
+        if shared % BLOCK:
+            self.kv[:, :, ids[full]].copy_(self.kv[:, :, self.owned[src][full]])
+        self.owned[dst] = ids
+        self.block_table[dst, :n] = torch.tensor(ids, dtype=torch.int32, device=self.device)
+        if self.lora is not None:  # the choice runs the same adapter
+            self.lora.move(src, dst)
+        self.prefix_of[dst] = self.prefix_of[src]
+        self.offset[dst] = self.offset[src]
+        return True
+
     def free(self, slot: int) -> None:
-        self.free_blocks.extend(reversed(self.owned[slot]))
+        for b in reversed(self.owned[slot]):
+            self.refs[b] -= 1
+            if not self.refs[b]:
+                self.free_blocks.append(b)
         self.owned[slot] = []
         self.block_table[slot].fill_(self.scratch)
         self.pos[slot] = 0
+        self.prefix_of[slot] = -1
+        self.offset[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
         """Move slot src's row into the free slot dst (keeps live rows packed at the front)."""
@@ -184,8 +241,12 @@ class Runner:
         self.block_table[dst].copy_(self.block_table[src])
         self.tokens[dst] = self.tokens[src]
         self.pos[dst] = self.pos[src]
+        self.prefix_of[dst] = self.prefix_of[src]
+        self.offset[dst] = self.offset[src]
         self.block_table[src].fill_(self.scratch)
         self.pos[src] = 0
+        self.prefix_of[src] = -1
+        self.offset[src] = 0
         if self.lora is not None:  # the row's adapter moves with it
             self.lora.move(src, dst)
 
@@ -198,31 +259,66 @@ class Runner:
         self.kv[layer, 1, block, :, offset] = val
 
     @torch.inference_mode()
-    def prefill(self, first_slot: int, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def prefill_prefix(self, p: int, ids: list[int]) -> None:
+        """A shared prefix's tokens, run once, into prefix slot p: later rows attend to it, not recompute it."""
+        t = torch.tensor([ids], device=self.device)
+        T = t.shape[1]
+        if self.lora is not None:
+            self.lora.select(0, 0)  # prefixes are shared by rows without an adapter only
+        x = self.base.embed_tokens(t)
+        cos, sin = self.base.rotary_emb(x, torch.arange(T, device=self.device)[None])
+        for i, layer in enumerate(self.base.layers):
+            attn = layer.self_attn
+            q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, self.dims.head_dim)
+            self.prefix_kv[i, 0, p, :, :T] = key[0]
+            self.prefix_kv[i, 1, p, :, :T] = val[0]
+            o = F.scaled_dot_product_attention(q, key, val, is_causal=True, scale=attn.scaling,
+                                               enable_gqa=self.dims.q_heads != self.dims.kv_heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, T, -1))
+            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        self.prefix_lens[p] = T
+
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, ids: torch.Tensor, lengths: torch.Tensor, prefix: int = -1,
+                prefix_len: int = 0) -> torch.Tensor:
         """Prompts ids [k, T], right-padded, into slots first_slot.. -> last real position's logits [k, V].
 
         With right padding a real query never sees a pad key under the causal mask, so the
         attention is plain causal (flash kernel, GQA without repeating K/V). Pad positions are
-        written to the scratch block.
+        written to the scratch block. With a shared prefix (slot `prefix`, prefix_len tokens, already
+        in the prefix store), ids are the rows' own tokens after it: they sit at positions
+        prefix_len.. and attend to the prefix too.
         """
         k, T = ids.shape
         if self.lora is not None:  # arm the adapter hooks for these slots
             self.lora.select(first_slot, k)
+        rows = slice(first_slot, first_slot + k)
+        self.prefix_of[rows] = prefix
+        self.offset[rows] = prefix_len if prefix >= 0 else 0
         x = self.base.embed_tokens(ids)
-        positions = torch.arange(T, device=ids.device)[None].expand(k, T)
-        cos, sin = self.base.rotary_emb(x, positions)
+        positions = torch.arange(T, device=ids.device)[None].expand(k, T)  # own index
+        cos, sin = self.base.rotary_emb(x, positions + (prefix_len if prefix >= 0 else 0))
         real = positions < lengths[:, None]  # [k, T]
-        table = self.block_table[first_slot:first_slot + k].long()  # [k, W]
+        table = self.block_table[rows].long()  # [k, W]
         # Pad positions of a short row may lie past its blocks: they go to the scratch block.
         block = torch.where(real, table.gather(1, (positions // BLOCK).clamp(max=self.width - 1)),
                             self.scratch).reshape(-1)
         offset = (positions % BLOCK).reshape(-1)
+        mask = None
+        if prefix >= 0:  # the prefix in full, then the rows' own tokens causally: [1, 1, T, L + T]
+            own = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            mask = torch.cat([torch.ones(T, prefix_len, dtype=torch.bool, device=ids.device), own], 1)[None, None]
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, self.dims.head_dim)
             self._write(i, block, offset, key.transpose(1, 2).reshape(k * T, self.dims.kv_heads, -1),
                         val.transpose(1, 2).reshape(k * T, self.dims.kv_heads, -1))
-            o = F.scaled_dot_product_attention(q, key, val, is_causal=True, scale=attn.scaling,
+            if prefix >= 0:
+                pk = self.prefix_kv[i, 0, prefix, :, :prefix_len][None].expand(k, -1, -1, -1)
+                pv = self.prefix_kv[i, 1, prefix, :, :prefix_len][None].expand(k, -1, -1, -1)
+                key, val = torch.cat([pk, key], 2), torch.cat([pv, val], 2)
+            o = F.scaled_dot_product_attention(q, key, val, is_causal=mask is None, attn_mask=mask,
+                                               scale=attn.scaling,
                                                enable_gqa=self.dims.q_heads != self.dims.kv_heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(k, T, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
@@ -232,21 +328,31 @@ class Runner:
         return self.model.lm_head(rms_norm(self.base.norm, last))
 
     def _decode(self, B: int, max_len: int) -> torch.Tensor:
-        """One token for rows [0, B): self.tokens/pos [B] -> logits [B, V]. Static shapes for B on CUDA."""
+        """One token for rows [0, B): self.tokens/pos [B] -> logits [B, V]. Static shapes for B on CUDA.
+
+        A row's own tokens are in its blocks from its offset (its prefix's length) on; a row with a
+        shared prefix attends to it through attend_prefixes, and the two parts merge exactly."""
         d = self.dims
         tokens, pos = self.tokens[:B], self.pos[:B]
-        block = self.block_table[:B].long().gather(1, (pos // BLOCK)[:, None])[:, 0]  # [B]
-        offset = pos % BLOCK
+        own = pos - self.offset[:B]  # index of the fed token among the row's own
+        block = self.block_table[:B].long().gather(1, (own // BLOCK)[:, None])[:, 0]  # [B]
+        offset = own % BLOCK
         x = self.base.embed_tokens(tokens[:, None])  # [B, 1, hidden]
         cos, sin = self.base.rotary_emb(x, pos[:, None])
-        lens = pos + 1
+        lens = own + 1
         splits = paged.splits_for(B, d.kv_heads)
+        P = self.prefixes_live
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, d.head_dim)
             self._write(i, block, offset, key[:, :, 0], val[:, :, 0])
-            o, _ = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
-                                attn.scaling, max_len, splits)  # [B, Hq, D]
+            o, lse = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
+                                  attn.scaling, max_len, splits)  # [B, Hq, D]
+            if P:
+                po, plse = paged.attend_prefixes(q[:, :, 0], self.prefix_kv[i, 0, :P], self.prefix_kv[i, 1, :P],
+                                                 self.prefix_of[:B], self.prefix_lens[:P], attn.scaling)
+                o, _ = paged.merge(torch.stack([o.float(), po], 2), torch.stack([lse, plse], 2), dim=2)
+                o = o.to(q.dtype)
             x = x + attn.o_proj(o.reshape(B, 1, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         return self.model.lm_head(rms_norm(self.base.norm, x))[:, 0]
@@ -259,7 +365,7 @@ class Runner:
         self.steps += 1
         rows = B if not self.use_graphs else rb
         # Graphs with and without the LoRA path differ: the adapters' state is part of the key.
-        key = (rb, *(self.lora.select(0, rows, live=B) if self.lora is not None else ()))
+        key = (rb, self.prefixes_live, *(self.lora.select(0, rows, live=B) if self.lora is not None else ()))
         try:
             if not self.use_graphs:
                 self.logits[:B].copy_(self._decode(B, max_pos + 1))  # eager: exactly the live rows

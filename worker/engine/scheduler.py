@@ -15,6 +15,11 @@ Rows with per-step controls (controls.py: grammar masks, penalties, logit_bias, 
 their masks filled on the CPU while the step's forward runs; grammar and logprobs need the
 chosen tokens on the host before the next step, so a batch with such rows waits for each step.
 An item with n > 1 choices is prefilled once; its other choices fork the prompt's cache blocks.
+
+Prompts that share a token prefix of at least `prefix_min` tokens (a system prompt, few-shot
+examples) share it: the prefix is prefilled once into the runner's prefix store, each row keeps
+only its own tokens in its blocks, and decode attends to the prefix for all its rows at once
+(runner.py, paged.attend_prefixes). Rows with an adapter do not share (their K/V differ).
 """
 
 from __future__ import annotations
@@ -36,12 +41,23 @@ MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its paddin
 MORE_EVERY_S = 0.5  # how often to ask `more` for prompts while it has none
 
 
+@dataclass(eq=False)
+class Prefix:
+    """A token prefix several waiting or live rows share; prefilled once into a store slot."""
+
+    ids: list[int]
+    order: int  # groups are admitted one after another, in this order
+    slot: int = -1  # in the runner's prefix store, once prefilled
+    users: int = 0  # rows (choices count) waiting or live that use it
+
+
 @dataclass
 class Item:
     ids: list[int]
     params: SamplingParams
     grammar: Any = None  # the compiled grammar of a json_object / json_schema request
     adapter: int = -1  # its LoRA adapter's stack slot in runner.lora; -1 = the base model
+    prefix: Prefix | None = None  # a prefix it shares with other prompts, if any
 
     @property
     def need(self) -> int:
@@ -56,6 +72,88 @@ class Seq:
     seed: int  # drawn once: its draws depend only on (seed, position)
     pos: int  # position of the token fed next: prompt length + generated - 1
     row: RowOutput = field(default_factory=lambda: RowOutput(started_at=time.time()))
+    prefix: Prefix | None = None
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Prefixes:
+    """Finds prompts sharing a token prefix and keeps each shared prefix in the runner's store once."""
+
+    def __init__(self, runner: Runner, min_tokens: int, stats: "Stats"):
+        self.runner, self.min_tokens, self.stats = runner, min_tokens, stats
+        self.store = runner.prefix_kv.shape[2] if min_tokens > 0 and runner.prefix_kv is not None else 0
+        self.max_len = runner.prefix_kv.shape[4] if self.store else 0
+        self.known: list[Prefix] = []
+        self.slots: list[Prefix | None] = [None] * self.store
+        self.groups = 0
+
+    def assign(self, items: list[Item], new: list[int]) -> None:
+        """Give the new items a shared prefix: one that is stored already, or one among themselves."""
+        if not self.store:
+            return
+        free = []
+        for i in new:
+            it = items[i]
+            if it.adapter >= 0:
+                continue
+            hit = next((p for p in self.known if p.users and len(it.ids) > len(p.ids)
+                        and it.ids[:len(p.ids)] == p.ids), None)
+            if hit is not None:
+                it.prefix, hit.users = hit, hit.users + it.params.n
+            else:
+                free.append(i)
+        order = sorted(free, key=lambda i: items[i].ids)  # shared prefixes end up next to each other
+        group: list[int] = []
+        shared = 0
+        for a, b in zip(order, order[1:] + [None]):
+            common = _common(items[a].ids, items[b].ids) if b is not None else 0
+            if not group:
+                group, shared = [a], common
+            if common >= self.min_tokens:
+                group.append(b)
+                shared = min(shared, common)
+                continue
+            self._make(items, group, shared)
+            group = []
+
+    def _make(self, items: list[Item], group: list[int], shared: int) -> None:
+        # Every member keeps at least its last token for itself: its logits come from its own part.
+        n = min(shared, self.max_len, min(len(items[i].ids) for i in group) - 1)
+        if len(group) < 2 or n < self.min_tokens:
+            return
+        p = Prefix(items[group[0]].ids[:n], self.groups)
+        self.groups += 1
+        self.known.append(p)
+        for i in group:
+            items[i].prefix, p.users = p, p.users + items[i].params.n
+
+    def ensure(self, p: Prefix) -> bool:
+        """Prefill p into a free store slot if it is not there; False if every slot is busy."""
+        if p.slot >= 0:
+            return True
+        free = next((k for k, q in enumerate(self.slots) if q is None), None)
+        if free is None:
+            return False
+        self.runner.prefill_prefix(free, p.ids)
+        self.stats.prefill_tokens += len(p.ids)
+        self.stats.prefill_slots += len(p.ids)
+        self.slots[free], p.slot = p, free
+        self.runner.prefixes_live = max(self.runner.prefixes_live, free + 1)
+        return True
+
+    def release(self, p: Prefix, rows: int = 1) -> None:
+        p.users -= rows
+        if p.users <= 0 and p.slot >= 0:
+            self.slots[p.slot], p.slot = None, -1
+            live = [k for k, q in enumerate(self.slots) if q is not None]
+            self.runner.prefixes_live = max(live) + 1 if live else 0
 
 
 @dataclass
@@ -125,13 +223,21 @@ class Controls:
 
 def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int, check: Check, stats: Stats,
               refill_fraction: float = 0.125, flush_seconds: float = 1.0,
-              more: Callable[[], list[Item]] | None = None, grammars=None) -> Iterator[list[tuple[int, RowOutput]]]:
+              more: Callable[[], list[Item]] | None = None, grammars=None,
+              prefix_min: int = 0) -> Iterator[list[tuple[int, RowOutput]]]:
     """Generate every item (and those `more` hands over, appended to `items`); yield (item index, row)
     lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens.
     An item with n > 1 yields n rows (row.choice 0..n-1)."""
     controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars)
     runner.reset()
-    waiting = deque(sorted(range(len(items)), key=lambda i: -items[i].need))
+    prefixes = Prefixes(runner, prefix_min, stats)
+    prefixes.assign(items, list(range(len(items))))
+
+    def order(i: int) -> tuple[int, int]:  # a prefix's rows together; the largest need first
+        p = items[i].prefix
+        return (p.order if p is not None else -1, -items[i].need)
+
+    waiting = deque(sorted(range(len(items)), key=order))
     active: list[Seq] = []  # active[j] lives in slot j
     inflight: list[Launch] = []
     done: list[tuple[int, RowOutput]] = []
@@ -167,7 +273,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 _absorb(earlier, check)
             inflight = [launch] if launch else []
             if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
-                done += _retire(runner, active, controls.ctl)
+                done += _retire(runner, active, controls.ctl, prefixes)
                 dirty = True
             if more is not None and len(waiting) < slots and (
                     not (waiting or active or inflight) or time.monotonic() - asked >= MORE_EVERY_S):
@@ -176,12 +282,13 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 if fresh:
                     first = len(items)
                     items.extend(fresh)
-                    waiting = deque(sorted([*waiting, *range(first, len(items))], key=lambda i: -items[i].need))
+                    prefixes.assign(items, list(range(first, len(items))))
+                    waiting = deque(sorted([*waiting, *range(first, len(items))], key=order))
             stats.decode_s += time.perf_counter() - t_loop
             free = slots - len(active)
             if waiting and free and (not active or free >= refill_at):  # 4. refill
                 t0 = time.perf_counter()
-                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats, controls)
+                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats, controls, prefixes)
                 if admitted:
                     inflight += admitted
                     dirty = True
@@ -215,53 +322,66 @@ def _absorb(launch: Launch, check: Check) -> None:
 
 
 def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq], free: int,
-           prefill_tokens: int, stats: Stats, controls: Controls) -> list[Launch]:
+           prefill_tokens: int, stats: Stats, controls: Controls, prefixes: Prefixes) -> list[Launch]:
     """Prefill waiting prompts into free slots and free blocks, in chunks of at most prefill_tokens
     padded tokens; their first tokens are chosen on the device. Returns the launches to absorb.
 
+    A chunk's rows share one prefix (or none): only their own tokens are prefilled, against it.
     An item with n > 1 takes n slots: its prompt is prefilled once into the first, and the other
     choices fork its blocks (the full ones shared, the partly filled last one copied)."""
     device = runner.device
     launches = []
     while free and waiting:
+        head = items[waiting[0]].prefix
+        if head is not None and not prefixes.ensure(head):  # no store slot free: these rows run alone
+            for i in waiting:
+                if items[i].prefix is head:
+                    items[i].prefix = None
+            prefixes.release(head, head.users)
+            head = None
+        skip = len(head.ids) if head is not None else 0  # prompt tokens the prefix holds
         chunk: list[int] = []
         width = used = 0
-        while waiting and used + items[waiting[0]].params.n <= free:
+        while waiting and used + items[waiting[0]].params.n <= free and items[waiting[0]].prefix is head:
             i = waiting[0]
             it = items[i]
-            w = max(width, len(it.ids))
+            own, need = len(it.ids) - skip, it.need - skip
+            w = max(width, own)
             if chunk and (len(chunk) + 1) * w > prefill_tokens:
                 break
             # Right padding to the widest prompt is wasted compute: past a small chunk, keep it under 10%.
-            real = sum(len(items[j].ids) for j in chunk) + len(it.ids)
+            real = sum(len(items[j].ids) - skip for j in chunk) + own
             if chunk and (len(chunk) + 1) * w > MIN_PREFILL and real < 0.9 * (len(chunk) + 1) * w:
                 break
-            forks = (it.params.n - 1) * runner.fork_cost(len(it.ids), it.need)
-            if not runner.can_take(runner.blocks_for(it.need) + forks) or \
-                    not runner.reserve(len(active) + len(chunk), it.need):
+            forks = (it.params.n - 1) * runner.fork_cost(own, need)
+            if not runner.can_take(runner.blocks_for(need) + forks) or \
+                    not runner.reserve(len(active) + len(chunk), need):
                 break  # the pool is full until rows finish
             runner.hold(forks)  # kept back for the choices, given to them after the prefill
             chunk.append(waiting.popleft())
             width, used = w, used + it.params.n
         if not chunk:
             break
-        ids = torch.tensor([items[i].ids + [0] * (width - len(items[i].ids)) for i in chunk], device=device)
-        lengths = torch.tensor([len(items[i].ids) for i in chunk], device=device)
+        ids = torch.tensor([items[i].ids[skip:] + [0] * (width - len(items[i].ids) + skip) for i in chunk],
+                           device=device)
+        lengths = torch.tensor([len(items[i].ids) - skip for i in chunk], device=device)  # own tokens
         seqs = [Seq(i, items[i].params.for_choice(0), row_seed(items[i].params), len(items[i].ids),
-                    RowOutput(started_at=time.time())) for i in chunk]
+                    RowOutput(started_at=time.time(), cached=skip), head) for i in chunk]
         first_slot = len(active)
         active += seqs  # in flight from here, should the prefill fail
         if runner.lora is not None:  # each row's adapter goes into its slot
             runner.lora.assign(first_slot, [items[i].adapter for i in chunk])
-        logits = runner.prefill(first_slot, ids, lengths)  # [k, V]
+        logits = runner.prefill(first_slot, ids, lengths, head.slot if head else -1, skip)  # [k, V]
         src = list(range(len(chunk)))
         for j, i in enumerate(chunk):  # the other choices of n > 1 items: no second prefill
             it = items[i]
+            own, need = len(it.ids) - skip, it.need - skip
             for c in range(1, it.params.n):
-                runner.release_held(runner.fork_cost(len(it.ids), it.need))
-                runner.fork(first_slot + j, len(active), len(it.ids), it.need)
+                runner.release_held(runner.fork_cost(own, need))
+                runner.fork(first_slot + j, len(active), own, need)
                 pc = it.params.for_choice(c)
-                extra = Seq(i, pc, row_seed(pc), len(it.ids), RowOutput(started_at=seqs[j].row.started_at, choice=c))
+                extra = Seq(i, pc, row_seed(pc), len(it.ids),
+                            RowOutput(started_at=seqs[j].row.started_at, choice=c, cached=skip), head)
                 active.append(extra)
                 seqs.append(extra)
                 src.append(j)
@@ -276,27 +396,31 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
                 ctl.admit(first_slot + j, s.params, items[s.index].grammar, s.row, items[s.index].ids)
             logits = ctl.process(first_slot, logits)
         sampling = RowSampling.build([s.params for s in seqs], [s.seed for s in seqs], device)
-        first = sample(logits, sampling, lengths)  # the first new token sits at position len(prompt)
+        at = lengths + skip  # the first new token sits at position len(prompt)
+        first = sample(logits, sampling, at)
         k = len(seqs)
         runner.tokens[first_slot:first_slot + k] = first
-        runner.pos[first_slot:first_slot + k] = lengths
+        runner.pos[first_slot:first_slot + k] = at
         launch = Launch.of(seqs, first)
         if ctl is not None:
             ctl.after(first_slot, logits, first, launch.values() if ctl.needs_tokens(first_slot, k) else None)
         launches.append(launch)
         free -= k
         stats.prefills += 1
-        stats.prefill_tokens += int(sum(len(items[i].ids) for i in chunk))
+        stats.prefill_tokens += int(sum(len(items[i].ids) - skip for i in chunk))
         stats.prefill_slots += len(chunk) * width
     return launches
 
 
-def _retire(runner: Runner, active: list[Seq], ctl: StepControls | None = None) -> list[tuple[int, RowOutput]]:
+def _retire(runner: Runner, active: list[Seq], ctl: StepControls | None = None,
+            prefixes: Prefixes | None = None) -> list[tuple[int, RowOutput]]:
     """Drop finished rows and free their blocks; move the last live rows into their slots."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
     for j, s in enumerate(active):
         if s.row.finish_reason:
             runner.free(j)
+            if s.prefix is not None and prefixes is not None:
+                prefixes.release(s.prefix)
     n = len(active) - len(out)
     holes = [j for j in range(n) if active[j].row.finish_reason]
     movers = [j for j in range(n, len(active)) if not active[j].row.finish_reason]

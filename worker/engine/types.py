@@ -69,6 +69,7 @@ class Request:
 class Usage:
     prompt_tokens: int = 0  # padding excluded
     completion_tokens: int = 0  # up to and including the stop token
+    cached_tokens: int = 0  # of prompt_tokens, those taken from a shared prefix
 
     @property
     def total_tokens(self) -> int:

@@ -1,0 +1,102 @@
+"""Shared prompt prefixes (issue 9) with the bundled model on the CPU: prefilled once, attended to once,
+and the output equals generation without sharing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmbatch.worker.engine import Request, SamplingParams
+from llmbatch.worker.engine.engine import Engine
+
+SYSTEM = ("You are a careful assistant that sorts customer messages into one of five categories: billing, "
+          "shipping, returns, technical support, or other. Answer with the category name only, in lower case, "
+          "and nothing else. Be consistent and do not explain your answer. ") * 2
+OTHER = ("You translate English into French. Keep the tone of the original, keep names as they are, and answer "
+         "with the translation only, without quotes or notes of any kind, however short the text is. ") * 2
+QUESTIONS = ["My package never arrived.", "I was charged twice.", "The app crashes on start.",
+             "Can I send it back?", "Hello!", "Where is my refund?"]
+
+
+def variant(engine, **overrides) -> Engine:
+    return Engine(dataclasses.replace(engine.config, **overrides),
+                  loaded=(engine.model, engine.tokenizer, engine.device, engine.dtype))
+
+
+def chat(i, system, question, n=6, **kw):
+    return Request(id=i, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+                   params=SamplingParams(max_tokens=n, **kw))
+
+
+def shared_prefix(engine, requests) -> int:
+    ids = [engine._prepare([r])[0][0].ids for r in requests]
+    n = 0
+    while all(len(x) > n and x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
+
+
+def test_lines_sharing_a_system_prompt_give_the_same_tokens_with_and_without_sharing(engine):
+    requests = [chat(i, SYSTEM, q) for i, q in enumerate(QUESTIONS)] + [
+        Request(id="plain", prompt="Tell me a joke", params=SamplingParams(max_tokens=6))]
+    off = variant(engine, shared_prefix_min=0).generate_all(requests)
+    on_engine = variant(engine)
+    on = on_engine.generate_all(requests)
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+    common = shared_prefix(engine, requests[:-1])
+    assert common > 64
+    for r, q in zip(on, requests):
+        assert r.usage.prompt_tokens == len(engine._prepare([q])[0][0].ids)  # the whole prompt still counts
+        assert r.usage.cached_tokens == (common if q.id != "plain" else 0)
+    # The prefix was computed once: prompt tokens prefilled = the prefix + each row's own part.
+    own = sum(r.usage.prompt_tokens - r.usage.cached_tokens for r in on)
+    assert on_engine.stats.prefill_tokens == common + own
+
+
+def test_a_prefix_below_the_minimum_is_not_shared(engine):
+    requests = [chat(i, SYSTEM, q) for i, q in enumerate(QUESTIONS[:3])]
+    common = shared_prefix(engine, requests)
+    res = variant(engine, shared_prefix_min=common + 1).generate_all(requests)
+    assert [r.usage.cached_tokens for r in res] == [0, 0, 0]
+    assert [r.usage.cached_tokens for r in variant(engine, shared_prefix_min=common).generate_all(requests)] == \
+        [common] * 3
+
+
+def test_two_prefixes_in_one_batch_and_a_prompt_equal_to_the_whole_prefix(engine):
+    requests = [chat(i, SYSTEM if i % 2 else OTHER, q) for i, q in enumerate(QUESTIONS)]
+    # A raw prompt that is exactly the shared part of the SYSTEM lines: it keeps its last token for itself.
+    tok = engine.tokenizer
+    system_ids = engine._prepare([requests[1]])[0][0].ids[:shared_prefix(engine, requests[1::2])]
+    requests.append(Request(id="whole", prompt=tok.decode(system_ids), params=SamplingParams(max_tokens=5)))
+    off = variant(engine, shared_prefix_min=0).generate_all(requests)
+    on = variant(engine).generate_all(requests)
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+    cached = {r.id: r.usage.cached_tokens for r in on}
+    assert len({cached[i] for i in range(0, 6, 2)}) == 1 and len({cached[i] for i in range(1, 6, 2)}) == 1
+    assert cached[0] > 64 and cached[1] > 64 and cached[0] != cached[1]  # two different prefixes
+    whole = next(r for r in on if r.id == "whole")
+    assert whole.ok and whole.usage.cached_tokens <= whole.usage.prompt_tokens - 1
+
+
+def test_rows_that_finish_are_refilled_while_the_prefix_is_shared(engine):
+    # A cache of 12 blocks: a few rows at a time, so finished rows make room for waiting ones.
+    requests = [chat(i, SYSTEM, QUESTIONS[i % 6] + " " * (i // 6), n=2 + i % 5) for i in range(12)]
+    e = variant(engine, max_batch_tokens=12 * 16)
+    on = e.generate_all(requests)
+    assert e.stats.prefills > 2  # admitted in several rounds
+    off = variant(engine, shared_prefix_min=0).generate_all(requests)
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+    assert all(r.usage.cached_tokens > 64 for r in on)
+
+
+def test_stopping_in_the_middle_of_a_shared_group_leaves_the_engine_sound(engine):
+    """A worker stops reading (a cancel) after the first results: the next call runs cleanly."""
+    e = variant(engine, flush_seconds=0.0)
+    requests = [chat(i, SYSTEM, q, n=2 + 6 * (i % 2)) for i, q in enumerate(QUESTIONS)]
+    stream = e.generate(requests)
+    first = next(stream)
+    assert 0 < len(first) < len(requests)
+    stream.close()  # the rest of the group is dropped, as run_chunk does on a cancel
+    again = e.generate_all(requests)
+    off = variant(engine, shared_prefix_min=0).generate_all(requests)
+    assert [r.token_ids for r in again] == [r.token_ids for r in off]
+    assert e.runner.prefixes_live <= 1 and len(e.runner.free_blocks) == e.runner.blocks  # nothing leaked
