@@ -639,6 +639,85 @@ EXTRA_MD_HEADER = ("| date | GPU | model | workload | prompts | reference out to
 EXTRA_WORKLOADS = ("json", "n4")
 
 
+# -- issue 9 workloads: shared (one 1,024-token prefix) and shared4 (four, interleaved) ------
+
+PREFIX_TOKENS = 1024
+
+
+def shared_workload(kind: str, n: int, new_tokens: int, tokenizer, seed: int, words: bool,
+                    prefix_tokens: int = PREFIX_TOKENS) -> list[Item]:
+    """n lines: one shared prefix of prefix_tokens (shared4: four, in turn) plus a unique tail of 16-256
+    tokens; new_tokens each, greedy, EOS ignored."""
+    rng = random.Random(seed)
+
+    def text(length: int) -> str:
+        if words:
+            return " ".join(f"t{rng.randrange(WORD_VOCAB)}" for _ in range(length))
+        return tokenizer.decode([rng.randrange(1000, tokenizer.vocab_size - 1000) for _ in range(length)])
+
+    prefixes = [text(prefix_tokens) for _ in range(4 if kind == "shared4" else 1)]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    return [Item(prefixes[i % len(prefixes)] + " " + text(rng.randint(16, 256)), params) for i in range(n)]
+
+
+def shared_benchmark(engine: Engine, config: EngineConfig, args, kind: str, words: bool) -> dict:
+    """Naive generate (batch 64), the engine with sharing off, and with it on, on the same lines."""
+    prefix_tokens = PREFIX_TOKENS if not args.smoke else 80
+    items = shared_workload(kind, args.prompts, args.new_tokens, engine.tokenizer, args.seed, words, prefix_tokens)
+    out: dict = {"prompts": len(items), "prefix_tokens": prefix_tokens}
+    loaded = (engine.model, engine.tokenizer, engine.device, engine.dtype)
+    if engine.runner is not None:
+        engine.runner.release()
+    out["baseline"], base_rows = run_generate(engine.model, engine.tokenizer, items[:args.baseline_prompts],
+                                              args.batch, engine.eos_ids)
+    print("baseline", out["baseline"], flush=True)
+    runs = {}
+    for name, minimum in (("off", 0), ("on", config.shared_prefix_min or 64)):
+        e = Engine(dataclasses.replace(config, shared_prefix_min=minimum), loaded=loaded)
+        run_engine(e, items[:16])  # warm-up: graphs for this engine's runner
+        out[name], runs[name] = run_engine(e, items)
+        out[name]["prompt_tokens_computed"] = e.stats.prefill_tokens
+        print(name, out[name], flush=True)
+        if e.runner is not None:
+            e.runner.release()
+    out["on_vs_off"] = round(out["on"]["output_tok_s"] / out["off"]["output_tok_s"], 2)
+    out["on_vs_baseline"] = round(out["on"]["output_tok_s"] / out["baseline"]["output_tok_s"], 2)
+    out["match32_on_off"] = match_rate(runs["on"], runs["off"])
+    if args.fp32_check and engine.device.type == "cuda":
+        out["fp32_match32_on_off"] = fp32_shared_match(config, items[:64])
+    return out
+
+
+def fp32_shared_match(config: EngineConfig, items: list[Item]) -> float:
+    """Sharing on and off in float32 over the same NF4 weights: the first 32 tokens must agree."""
+    f32 = load_engine(dataclasses.replace(config, compute_dtype="float32"))
+    loaded = (f32.model, f32.tokenizer, f32.device, f32.dtype)
+    rows = []
+    for minimum in (0, config.shared_prefix_min or 64):
+        e = Engine(dataclasses.replace(f32.config, shared_prefix_min=minimum), loaded=loaded)
+        rows.append(run_engine(e, [Item(it.text, dataclasses.replace(it.params, max_tokens=32)) for it in items])[1])
+        if e.runner is not None:
+            e.runner.release()
+    del f32
+    torch.cuda.empty_cache()
+    return match_rate(rows[0], rows[1])
+
+
+def shared_md_row(res: dict, workload: str) -> str:
+    w, e = res["workloads"][workload], res["env"]
+    return (f"| {res['date']} | {e['gpu']} | {res['model']} | {workload} | {w['prompts']} | "
+            f"{w['baseline']['output_tok_s']} | {w['off']['output_tok_s']} | {w['on']['output_tok_s']} | "
+            f"**{w['on_vs_off']}x** | **{w['on_vs_baseline']}x** | {w['match32_on_off']} / "
+            f"{w.get('fp32_match32_on_off', '-')} | {w['off']['peak_reserved_gb']} / {w['on']['peak_reserved_gb']} | "
+            f"`{res['command']}` |")
+
+
+SHARED_WORKLOADS = ("shared", "shared4")
+SHARED_MD_HEADER = ("| date | GPU | model | workload | prompts | naive out tok/s | sharing off | sharing on | on / off | "
+                    "on / naive | match@32 on vs off (bf16 / fp32) | peak reserved GB (off / on) | command |\n"
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
 # -- main -----------------------------------------------------------------------
 
 
@@ -712,6 +791,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variant-prompts", type=int, help="prompts for the ablations (default --prompts)")
     ap.add_argument("--micro", action="store_true", help="also time one decode step, eager vs graph")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp32-check", action="store_true", help="shared workloads: sharing on vs off in float32")
     ap.add_argument("--adapter-dir", default="/tmp/llmbatch-random-adapters", help="workload adapters: where they go")
     ap.add_argument("--adapter-len", type=int, default=256, help="workload adapters: prompt length in tokens")
     ap.add_argument("--peft-prompts", type=int, default=256, help="workload adapters: prompts peft generate runs")
@@ -752,6 +832,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"== {wl}", flush=True)
             res["workloads"][wl] = workload_json(engine, config, args) if wl == "json" else \
                 workload_n4(engine, config, args, words)
+        elif wl in SHARED_WORKLOADS:  # issue 9: naive, sharing off, sharing on
+            print(f"== {wl}: {args.prompts} prompts", flush=True)
+            res["workloads"][wl] = shared_benchmark(engine, config, args, wl, words)
         elif wl == "adapters":  # issue 11: contenders of its own
             print(f"== adapters: {args.prompts} prompts", flush=True)
             res["workloads"][wl] = adapters_benchmark(engine, args, words)
@@ -811,6 +894,9 @@ def main(argv: list[str] | None = None) -> dict:
         if wl in EXTRA_WORKLOADS:
             print(extra_md_row(res, wl))
             continue
+        if wl in SHARED_WORKLOADS:
+            print(shared_md_row(res, wl))
+            continue
         for name in ("baseline", "single", "engine", "engine_base", "engine_adapters", "peft"):
             if name in w:
                 c = w[name]
@@ -831,13 +917,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.results_md:
         md = Path(args.results_md)
         rows = "".join((md_row_adapters(res) if wl == "adapters" else md_row(res, wl)) + "\n"
-                       for wl in res["workloads"] if wl not in EXTRA_WORKLOADS)
+                       for wl in res["workloads"] if wl not in EXTRA_WORKLOADS + SHARED_WORKLOADS)
         existing = md.read_text() if md.exists() else ""
         if rows:
             existing += ("" if MD_HEADER.splitlines()[0] in existing else "\n" + MD_HEADER) + rows
         extra = "".join(extra_md_row(res, wl) + "\n" for wl in res["workloads"] if wl in EXTRA_WORKLOADS)
         if extra:
             existing += ("" if EXTRA_MD_HEADER.splitlines()[0] in existing else "\n" + EXTRA_MD_HEADER) + extra
+        shared = "".join(shared_md_row(res, wl) + "\n" for wl in res["workloads"] if wl in SHARED_WORKLOADS)
+        if shared:
+            existing += ("" if SHARED_MD_HEADER.splitlines()[0] in existing else "\n" + SHARED_MD_HEADER) + shared
         md.write_text(existing)
     return res
 

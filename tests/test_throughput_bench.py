@@ -56,3 +56,20 @@ def test_smoke_adapters_workload(tmp_path):
     assert w["engine_adapters"]["errors"] == 0 and w["engine_base"]["errors"] == 0
     assert w["vs_base"] > 0 and w["vs_peft"] > 0 and 0 <= w["match32"] <= 1
     assert "adapters (4 x rank 16" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_smoke_shared_prefix_workloads(tmp_path):
+    """Workloads `shared` and `shared4` (issue 9): sharing on computes far fewer prompt tokens, same output."""
+    md = tmp_path / "RESULTS.md"
+    res = throughput.main(["--smoke", "--cache-dir", os.environ["LLMBATCH_MODEL_CACHE"], "--workloads",
+                           "shared,shared4", "--prompts", "8", "--results-md", str(md)])
+    for name, prefixes in (("shared", 1), ("shared4", 4)):
+        w = res["workloads"][name]
+        n = w["prompts"]  # --smoke keeps 6
+        assert w["on"]["errors"] == w["off"]["errors"] == 0
+        assert w["on"]["output_tokens"] == w["off"]["output_tokens"] == w["baseline"]["output_tokens"] == n * 8
+        assert w["match32_on_off"] == 1.0  # float32 on the CPU: the same tokens
+        # Each distinct prefix is prefilled once instead of once per line.
+        saved = w["off"]["prompt_tokens_computed"] - w["on"]["prompt_tokens_computed"]
+        assert saved >= (n - prefixes) * (w["prefix_tokens"] - 16), (name, saved)
+    assert md.read_text().count("| shared |") == md.read_text().count("| shared4 |") == 1
