@@ -20,7 +20,7 @@ COLUMNS = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tok
            "queued_at", "started_at", "finished_at", "latency_ms", "worker", "error")
 # issue 10: native lines carry these only when the line asked for them (n > 1, logprobs); CSV always
 # has the columns, as JSON text, empty when absent.
-OPTIONAL_COLUMNS = ("outputs", "logprobs")
+OPTIONAL_COLUMNS = ("outputs", "logprobs", "cached_tokens")
 CSV_COLUMNS = COLUMNS + OPTIONAL_COLUMNS
 # A spreadsheet runs a cell that starts with one of these as a formula.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -43,9 +43,9 @@ def escape_cell(value) -> str:
 
 # Row positions: the native columns, then (openai only) what openai_row needs from `request`.
 (_CID, _LINE, _STATUS, _OUTPUT, _FINISH, _PT, _CT, _QUEUED, _STARTED, _FINISHED, _LATENCY, _WORKER, _CODE,
- _MESSAGE, _LOGPROBS, _CHOICES, _URL, _BODY_MODEL, _HAS_PROMPT) = range(19)
+ _MESSAGE, _LOGPROBS, _CHOICES, _CACHED, _URL, _BODY_MODEL, _HAS_PROMPT) = range(20)
 _NATIVE = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "queued_at",
-           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message", "logprobs", "choices")
+           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message", "logprobs", "choices", "cached_tokens")
 _encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode  # json.dumps(x, ensure_ascii=False)
 _encode_ascii = json.JSONEncoder().encode  # json.dumps(x)
 
@@ -205,6 +205,8 @@ def _native_dicts(rows: list[tuple], iso: _Iso) -> Iterator[dict]:
         }
         if r[_LOGPROBS] is not None or r[_CHOICES] is not None:  # issue 10
             d.update(optional_fields(r[_OUTPUT], json_value(r[_LOGPROBS]), json_value(r[_CHOICES])))
+        if r[_CACHED]:  # prompt tokens from a shared prefix
+            d["cached_tokens"] = r[_CACHED]
         yield d
 
 
@@ -238,7 +240,8 @@ def _openai(rows: list[tuple], iso: _Iso, job: Job) -> str:
                    "error": {"code": r[_CODE] or status, "message": r[_MESSAGE] or f"item {status}"}}
         else:
             pt, ct = r[_PT], r[_CT]
-            usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": (pt or 0) + (ct or 0)}
+            usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": (pt or 0) + (ct or 0),
+                     "prompt_tokens_details": {"cached_tokens": r[_CACHED] or 0}}
             created = _created(r[_FINISHED], iso)
             model = (r[-1] if job.adapters else None) or r[_BODY_MODEL] or job_model  # issue 11: the adapter's name
             url = r[_URL]
@@ -280,7 +283,7 @@ def _csv_rows(rows: list[tuple], iso: _Iso) -> Iterator[list]:
                escape_cell(_encode_ascii({"code": code, "message": r[_MESSAGE]})) if code else "",
                # issue 10: JSON text, empty when the line did not ask
                _json_cell(optional_fields(r[_OUTPUT], None, json_value(r[_CHOICES])).get("outputs")),
-               _json_cell(json_value(r[_LOGPROBS]))]
+               _json_cell(json_value(r[_LOGPROBS])), r[_CACHED] or ""]
 
 
 def _json_cell(value) -> str:

@@ -129,7 +129,7 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     job = Job(model=model or settings.model, name=name, params=params, source=source, status=JobStatus.queued,
               adapters=adapters.names or None,
               created_at=now, total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
-              prompt_tokens=0, completion_tokens=0)
+              prompt_tokens=0, completion_tokens=0, cached_tokens=0)
     session.add(job)
     session.flush()
     job_id = job.id
@@ -221,6 +221,7 @@ def job_summary(job: Job) -> dict:
         "id": job.id, "name": job.name, "status": job.status.value, "model": job.model, "total": job.total,
         **job.counts(),
         "prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+        "cached_tokens": job.cached_tokens,
         "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
     }
 
@@ -257,7 +258,8 @@ def retry(session: Session, job_id: str) -> list[int]:
     n = session.execute(
         update(Item).where(*retryable).values(
             status=ItemStatus.pending, output=None, finish_reason=None, error_code=None, error_message=None,
-            prompt_tokens=None, completion_tokens=None, finished_at=None, latency_ms=None, queued_at=utcnow())
+            prompt_tokens=None, completion_tokens=None, cached_tokens=None, finished_at=None, latency_ms=None,
+            queued_at=utcnow())
     ).rowcount
     bump_counters(session, job_id, failed=-n, pending=n)
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))

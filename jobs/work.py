@@ -35,6 +35,7 @@ class ItemResult:
     error_message: str | None = None
     logprobs: list | None = None  # issue 10
     choices: list | None = None  # issue 10: choices 1..n-1
+    cached_tokens: int = 0  # of prompt_tokens, from a shared prefix
 
 
 def bump_counters(session: Session, job_id: str, **deltas: int) -> None:
@@ -101,7 +102,7 @@ _WRITE_RESULT = (
     update(ITEMS)
     .where(ITEMS.c.id == bindparam("_id"), ITEMS.c.status == ItemStatus.running.value)
     .values(status=bindparam("_status"), output=bindparam("_output"), finish_reason=bindparam("_finish"),
-            prompt_tokens=bindparam("_pt"), completion_tokens=bindparam("_ct"),
+            prompt_tokens=bindparam("_pt"), completion_tokens=bindparam("_ct"), cached_tokens=bindparam("_cached"),
             started_at=bindparam("_started"), finished_at=bindparam("_finished"), latency_ms=bindparam("_latency"),
             error_code=bindparam("_code"), error_message=bindparam("_message"),
             logprobs=bindparam("_logprobs", type_=ITEMS.c.logprobs.type),
@@ -128,13 +129,14 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
         rows.append(dict(_id=r.item_id, _status=r.status.value, _output=r.output, _finish=r.finish_reason,
                          _pt=r.prompt_tokens, _ct=r.completion_tokens, _started=r.started_at,
                          _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message,
-                         _logprobs=r.logprobs, _choices=r.choices))
+                         _logprobs=r.logprobs, _choices=r.choices, _cached=r.cached_tokens))
     written = session.execute(_WRITE_RESULT, rows).rowcount
     if written == len(rows):
         ok = sum(r.status is ItemStatus.succeeded for r in results)
         bump_counters(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
               prompt_tokens=sum(r.prompt_tokens for r in results),
-              completion_tokens=sum(r.completion_tokens for r in results))
+              completion_tokens=sum(r.completion_tokens for r in results),
+              cached_tokens=sum(r.cached_tokens for r in results))
     else:  # some were final already (the guard kept them): count from the rows instead
         recount_job(session, chunk.job_id)
     finish_job_if_done(session, chunk.job_id)
@@ -144,17 +146,19 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
 def recount_job(session: Session, job_id: str) -> None:
     """Set the job's counters from its items: one aggregate over the (job_id, status) index."""
     counts = {s.value: 0 for s in ItemStatus}
-    prompt = completion = 0
-    for status, n, pt, ct in session.execute(
+    prompt = completion = cached = 0
+    for status, n, pt, ct, cc in session.execute(
         select(Item.status, func.count(), func.coalesce(func.sum(Item.prompt_tokens), 0),
-               func.coalesce(func.sum(Item.completion_tokens), 0))
+               func.coalesce(func.sum(Item.completion_tokens), 0), func.coalesce(func.sum(Item.cached_tokens), 0))
         .where(Item.job_id == job_id).group_by(Item.status)
     ):
         counts[ItemStatus(status).value] = n
         prompt += pt
         completion += ct
+        cached += cc
     session.execute(update(Job).where(Job.id == job_id).values(
-        total=sum(counts.values()), prompt_tokens=prompt, completion_tokens=completion, **counts))
+        total=sum(counts.values()), prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+        **counts))
 
 
 def cancel_running(session: Session, chunk: Chunk) -> int:

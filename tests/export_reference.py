@@ -44,6 +44,7 @@ def native_row(item: Item) -> dict:
         "started_at": _iso(item.started_at), "finished_at": _iso(item.finished_at),
         "latency_ms": item.latency_ms, "worker": item.worker, "error": error,
         **optional_fields(item.output, item.logprobs, item.choices),
+        **({"cached_tokens": item.cached_tokens} if item.cached_tokens else {}),
     }
 
 
@@ -56,7 +57,8 @@ def openai_row(item: Item, job: Job) -> dict:
                 "error": {"code": item.error_code or item.status.value,
                           "message": item.error_message or f"item {item.status.value}"}}
     usage = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
-             "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0)}
+             "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0),
+             "prompt_tokens_details": {"cached_tokens": item.cached_tokens or 0}}
     created = int(item.finished_at.timestamp()) if item.finished_at else None
     model = request.get("body_model") or job.model
     completions = request.get("url") == "/v1/completions" or ("prompt" in request and request.get("url") is None)
@@ -98,7 +100,7 @@ def render(items: Iterable[Item], fmt: str, job: Job) -> Iterator[str]:
         writer.writerow(CSV_COLUMNS)
         for item in items:
             row = native_row(item)
-            writer.writerow([escape_cell(row[c]) if c not in ("outputs", "logprobs") else
+            writer.writerow([escape_cell(row.get(c)) if c not in ("outputs", "logprobs") else
                              escape_cell(json.dumps(row[c], ensure_ascii=False)) if c in row else ""
                              for c in CSV_COLUMNS])
             yield sink.text

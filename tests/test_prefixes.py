@@ -100,3 +100,42 @@ def test_stopping_in_the_middle_of_a_shared_group_leaves_the_engine_sound(engine
     off = variant(engine, shared_prefix_min=0).generate_all(requests)
     assert [r.token_ids for r in again] == [r.token_ids for r in off]
     assert e.runner.prefixes_live <= 1 and len(e.runner.free_blocks) == e.runner.blocks  # nothing leaked
+
+
+def test_cached_tokens_are_stored_counted_and_exported(engine, db, settings, tmp_path):
+    import io
+    import json
+
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    from llmbatch.jobs import export, service
+    from llmbatch.jobs.models import Job
+    from llmbatch.worker.runner import run_chunk
+    from tests.support import write_jsonl
+
+    lines = [{"custom_id": f"q{i}", "messages": [{"role": "system", "content": SYSTEM},
+                                                  {"role": "user", "content": q}], "max_tokens": 3}
+             for i, q in enumerate(QUESTIONS[:4])]
+    lines.append({"custom_id": "alone", "prompt": "Hi there", "max_tokens": 3})
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    with db.write() as s, open(path, "rb") as fp:
+        out = service.submit(s, fp, dataclasses.replace(settings, chunk_size=8))
+    assert run_chunk(db, variant(engine), out.chunk_ids[0], "w", 30).done == 5
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+        summary = service.job_summary(job)
+        buf, oai = io.StringIO(), io.StringIO()
+        export.export(s, job, buf, "jsonl")
+        export.export(s, job, oai, "openai")
+    rows = {r["custom_id"]: r for r in map(json.loads, buf.getvalue().splitlines())}
+    cached = rows["q0"]["cached_tokens"]
+    assert cached > 64 and all(rows[f"q{i}"]["cached_tokens"] == cached for i in range(4))
+    assert "cached_tokens" not in rows["alone"]  # nothing shared
+    assert summary["cached_tokens"] == 4 * cached
+    for line in map(json.loads, oai.getvalue().splitlines()):
+        if line["custom_id"] == "alone":  # a raw prompt: the completions shape
+            assert Completion.model_validate(line["response"]["body"]).usage.prompt_tokens_details.cached_tokens == 0
+        else:
+            body = ChatCompletion.model_validate(line["response"]["body"])
+            assert body.usage.prompt_tokens_details.cached_tokens == cached

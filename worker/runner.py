@@ -51,6 +51,7 @@ def to_item_result(r: Result) -> work.ItemResult:
         finish_reason=r.finish_reason, prompt_tokens=r.usage.prompt_tokens,
         completion_tokens=r.usage.completion_tokens, started_at=_ts(r.started_at), finished_at=_ts(r.finished_at),
         error_code=r.error_code, error_message=r.error_message, logprobs=r.logprobs,
+        cached_tokens=r.usage.cached_tokens,
         choices=[{"output": c.output, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens,
                   "logprobs": c.logprobs} for c in r.choices] or None)
 
