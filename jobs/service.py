@@ -18,7 +18,7 @@ from .exceptions import InputFileError, InvalidState, JobNotFound
 from .inputs import iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
 from .settings import Settings
-from .work import bump_counters, finish_job_if_done
+from .work import bump_counters, finish_job_if_done, lock_job
 
 # Good lines are stored a batch at a time: this many chunks' worth of rows per round of inserts.
 # Large enough that round trips and statement overhead vanish, small enough to stay flat in memory.
@@ -228,6 +228,8 @@ def list_jobs(session: Session, limit: int = 20) -> list[Job]:
 def cancel(session: Session, job_id: str) -> Job:
     """Cancel pending work now; running micro-batches finish and their results are kept."""
     job = get_job(session, job_id)
+    lock_job(session, job_id)  # first, as every writer of a job's rows does (see work.py)
+    session.refresh(job)
     if job.status in (JobStatus.completed, JobStatus.cancelled):
         raise InvalidState(f"job {job_id} is already {job.status.value}")
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
@@ -241,15 +243,26 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
+# Failures a second try can fix. A bad line (invalid_input), a request the engine cannot run
+# (invalid_request) or a prompt too long for the model (context_length_exceeded) fails again.
+RETRYABLE_ERRORS = ("engine_error", "out_of_memory")
+
+
 def retry(session: Session, job_id: str) -> list[int]:
     """Requeue the failed items that can succeed on a second try; returns the chunks to queue."""
     job = get_job(session, job_id)
+    lock_job(session, job_id)
+    session.refresh(job)
     if job.status not in (JobStatus.completed, JobStatus.cancelled):
         raise InvalidState(f"job {job_id} is {job.status.value}; retry it once it has finished")
-    retryable = (Item.job_id == job_id, Item.status == ItemStatus.failed, Item.chunk_id.is_not(None))
-    chunk_ids = list(session.scalars(select(Item.chunk_id).where(*retryable).distinct()))
+    retryable = (Item.job_id == job_id, Item.status == ItemStatus.failed, Item.chunk_id.is_not(None),
+                 Item.error_code.in_(RETRYABLE_ERRORS))
+    chunk_ids = sorted(session.scalars(select(Item.chunk_id).where(*retryable).distinct()))
     if not chunk_ids:
         return []
+    # Chunks before items (the lock order); a retried chunk gets its full number of attempts again.
+    session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids))
+                    .values(status=ChunkStatus.pending, worker=None, attempts=0, last_error=None))
     n = session.execute(
         update(Item).where(*retryable).values(
             status=ItemStatus.pending, output=None, finish_reason=None, error_code=None, error_message=None,
@@ -257,7 +270,6 @@ def retry(session: Session, job_id: str) -> list[int]:
     ).rowcount
     bump_counters(session, job_id, failed=-n, pending=n)
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
-    session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids)).values(status=ChunkStatus.pending, worker=None))
     return chunk_ids
 
 

@@ -70,8 +70,9 @@ class Heartbeat(threading.Thread):
 
 
 def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: int,
-              on_results: Callable[[list[Result]], None] | None = None) -> ChunkOutcome:
-    chunk: Chunk | None = db.retrying(lambda s: work.claim_chunk(s, chunk_id, worker, lease_seconds))
+              on_results: Callable[[list[Result]], None] | None = None,
+              max_attempts: int = work.DEFAULT_MAX_ATTEMPTS) -> ChunkOutcome:
+    chunk: Chunk | None = db.retrying(lambda s: work.claim_chunk(s, chunk_id, worker, lease_seconds, max_attempts))
     if chunk is None:
         log.info("chunk %s is done or held by a live worker; skipping", chunk_id)
         return ChunkOutcome(claimed=False)
@@ -99,6 +100,11 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
                 break
         db.retrying(lambda s: work.finish_chunk(s, chunk, worker))
         return outcome
+    except Exception as exc:
+        # Keep the cause with the chunk and hand it back now; after max_attempts it is given up.
+        cause = f"{type(exc).__name__}: {exc}"
+        db.retrying(lambda s: work.fail_attempt(s, chunk, worker, cause))
+        raise
     finally:
         heartbeat.stop()
 
