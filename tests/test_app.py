@@ -13,10 +13,14 @@ def test_json_only_late_acks_prefetch_one():
     assert conf.task_ignore_result is True and not conf.result_backend
 
 
-def test_queue_is_named_after_the_model():
-    assert queue_name("smollm2-135m-instruct") == "llmbatch.smollm2-135m-instruct"
-    assert queue_name("meta-llama/Llama-3.1-8B-Instruct") == "llmbatch.meta-llama_Llama-3.1-8B-Instruct"
-    assert queue_name("/models/My Model") == "llmbatch._models_My_Model"
+def test_queue_names_are_readable_and_distinct_for_every_model_name():
+    names = ["smollm2-135m-instruct", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama_Llama-3.1-8B-Instruct",
+             "a/b", "a_b", "a b", "/models/My Model", "/models/My_Model", "x" * 300, "x" * 299 + "y"]
+    queues = [queue_name(n) for n in names]
+    assert len(set(queues)) == len(names), "two models share a queue"
+    assert queue_name("meta-llama/Llama-3.1-8B-Instruct").startswith("llmbatch.meta-llama_Llama-3.1-8B-Instruct.")
+    assert all(q == queue_name(n) for q, n in zip(queues, names))  # stable: submit and worker agree
+    assert all(len(q) < 200 and " " not in q and "/" not in q for q in queues)
 
 
 def test_task_is_registered_under_a_stable_name():

@@ -9,6 +9,8 @@ import redis
 from click.testing import CliRunner
 
 from llmbatch.jobs.cli import cli
+from llmbatch.jobs.settings import DEFAULT_MODEL
+from llmbatch.worker.app import queue_name
 from tests.support import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +34,9 @@ def invoke(db_url, broker_url):
     return run
 
 
-def _queued_messages(broker_url, model="smollm2-135m-instruct"):
+def _queued_messages(broker_url, model=DEFAULT_MODEL):
     client = redis.Redis.from_url(broker_url)
-    raw = client.lrange(f"llmbatch.{model}", 0, -1)
+    raw = client.lrange(queue_name(model), 0, -1)
     return [json.loads(base64.b64decode(json.loads(m)["body"])) for m in raw]
 
 
@@ -48,7 +50,7 @@ def test_submit_stores_and_queues_ids_only(invoke, broker_url, tmp_path):
     assert len(messages) == 3  # 5 items, chunks of 2
     for args, kwargs, _embed in messages:
         assert args[0] == job_id and isinstance(args[1], int) and kwargs == {}
-    assert b"secret prompt" not in b"".join(redis.Redis.from_url(broker_url).lrange("llmbatch.smollm2-135m-instruct", 0, -1))
+    assert b"secret prompt" not in b"".join(redis.Redis.from_url(broker_url).lrange(queue_name(DEFAULT_MODEL), 0, -1))
     status = json.loads(invoke("status", job_id, "--json").stdout)
     assert STATUS_FIELDS <= set(status)
     assert status["status"] == "queued" and status["pending"] == 5 and status["total"] == 5
@@ -59,7 +61,8 @@ def test_submit_json_and_model_queue(invoke, broker_url, tmp_path):
     result = invoke("submit", path, "--json", "--model", "org/Other-Model")
     info = json.loads(result.stdout)
     assert info["model"] == "org/Other-Model" and info["chunks"] == 1
-    assert len(_queued_messages(broker_url, "org_Other-Model")) == 1
+    assert len(_queued_messages(broker_url, "org/Other-Model")) == 1
+    assert _queued_messages(broker_url, "org_Other-Model") == []  # a look-alike name is another queue
     assert _queued_messages(broker_url) == []
 
 

@@ -18,6 +18,8 @@ from sqlalchemy import select
 from llmbatch.jobs.cli import cli
 from llmbatch.jobs.db import Database
 from llmbatch.jobs.models import Chunk, ChunkStatus
+from llmbatch.jobs.settings import DEFAULT_MODEL
+from llmbatch.worker.app import queue_name
 from tests.support import (RedisServer, assert_every_line_has_one_final_result, export_rows, start_worker,
                            stop_worker, wait_for_status, write_jsonl)
 
@@ -147,7 +149,7 @@ def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path
     workers = [start_worker(db_url, broker_url, log, "-n", f"w{i}@%h") for i, log in enumerate(logs)]
     try:
         wait_for_status(invoke, job_id, timeout=240, proc=workers[0], log_path=logs[0])
-        wait_until_drained(broker_url, "llmbatch.smollm2-135m-instruct")  # the duplicates are taken too
+        wait_until_drained(broker_url, queue_name(DEFAULT_MODEL))  # the duplicates are taken too
     finally:
         for w in workers:
             stop_worker(w)
@@ -199,7 +201,7 @@ def test_pickled_message_is_refused_never_executed(sqlite_url, broker_url, tmp_p
     from kombu import Connection, Exchange, Producer, Queue
 
     marker = tmp_path / "pwned"
-    queue = "llmbatch.smollm2-135m-instruct"
+    queue = queue_name(DEFAULT_MODEL)
     with Connection(broker_url) as conn:
         producer = Producer(conn.channel(), exchange=Exchange(queue, type="direct"), routing_key=queue,
                             serializer="pickle")

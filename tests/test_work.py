@@ -1,5 +1,6 @@
 """The chunk state machine: leases, takeover, and exactly-once results."""
 
+import time
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -222,3 +223,58 @@ def test_settle_finishes_a_cancelling_job_whose_released_chunk_was_never_requeue
         states = set(s.scalars(select(Item.status).where(Item.job_id == job.id)))
     assert job.status is JobStatus.cancelled and (job.cancelled, job.running, job.pending) == (8, 0, 0)
     assert states == {ItemStatus.cancelled}
+
+
+def test_a_claim_and_a_cancel_at_once_never_deadlock_on_postgresql(pg_url, tmp_path):
+    """The claim pauses just before it moves the job's counters; the cancel starts meanwhile.
+
+    With claim taking chunk and item locks before the job's, and cancel the job's before the
+    items', the two wait on each other and PostgreSQL kills one as a deadlock. With the job's row
+    locked first everywhere, the cancel simply waits for the claim.
+    """
+    import threading
+
+    from sqlalchemy import event
+
+    from llmbatch.jobs.db import Database
+    from llmbatch.jobs.settings import Settings
+
+    db = Database(pg_url)
+    db.ensure_schema()
+    settings = Settings.from_env(database_url=pg_url, chunk_size=4)
+    out = _job(db, settings, tmp_path, n=8)
+    claim_paused, errors = threading.Event(), []
+    claimer = threading.get_ident
+
+    def pause_before_counters(conn, cursor, statement, *_):
+        if threading.get_ident() == claim_thread_id[0] and statement.lstrip().upper().startswith("UPDATE JOBS"):
+            if not claim_paused.is_set():
+                claim_paused.set()
+                time.sleep(2)  # the cancel runs now, and PostgreSQL's deadlock check (1 s) fires if it can
+
+    claim_thread_id = [None]
+    event.listen(db.engine, "before_cursor_execute", pause_before_counters)
+
+    def claim():
+        claim_thread_id[0] = claimer()
+        try:
+            with db.write() as s:
+                work.claim_chunk(s, out.chunk_ids[0], "w1", 30)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    t = threading.Thread(target=claim)
+    t.start()
+    assert claim_paused.wait(30), "the claim never reached the job's counters"
+    try:
+        with db.write() as s:
+            service.cancel(s, out.job.id)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(exc)
+    t.join(30)
+    event.remove(db.engine, "before_cursor_execute", pause_before_counters)
+    assert not errors, f"deadlock: {errors}"
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+    assert job.status is JobStatus.cancelling and (job.running, job.cancelled, job.pending) == (4, 4, 0)
+    db.dispose()
