@@ -44,15 +44,14 @@ def handle_errors(fn):
         except click.ClickException:
             raise
         except Exception as exc:
-            from sqlalchemy.exc import DBAPIError
+            from .db import driver_error, is_unavailable
 
-            if isinstance(exc, DBAPIError):
-                from .db import is_unavailable
-
+            orig = driver_error(exc)
+            if orig is not None:
                 url = redact_url(click.get_current_context().find_object(Context).settings.database_url)
-                cause = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+                cause = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
                 # "Unavailable" only when it is; a deadlock or a missing table is named as itself.
-                what = "database unavailable" if is_unavailable(exc) else f"database error ({type(exc.orig).__name__})"
+                what = "database unavailable" if is_unavailable(exc) else f"database error ({type(orig).__name__})"
                 raise click.ClickException(f"{what} at {url}: {cause}") from exc
             raise
 

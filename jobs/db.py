@@ -77,6 +77,19 @@ _UNREACHABLE = ("connection refused", "could not connect", "connection failed", 
                 "the database system is shutting down")
 
 
+def driver_error(exc: BaseException) -> BaseException | None:
+    """The database driver's own error behind exc (SQLAlchemy-wrapped, or raw from a cursor), else None."""
+    import sqlite3
+    import sys
+
+    if isinstance(exc, DBAPIError):
+        return exc.orig
+    psycopg = sys.modules.get("psycopg")
+    if isinstance(exc, sqlite3.Error) or (psycopg is not None and isinstance(exc, psycopg.Error)):
+        return exc
+    return None
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """The database cannot be reached at all (not: a deadlock, a lock, a missing table, bad SQL)."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:

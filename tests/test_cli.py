@@ -142,3 +142,49 @@ def test_run_on_the_example_file_exports_every_line(tmp_path, sqlite_url):
         assert row["output"] and row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
         assert row["finish_reason"] in ("stop", "length")
     assert "items" in result.stderr and "tok/s" in result.stderr
+
+
+def test_a_database_error_is_named_as_itself_not_as_unavailable(sqlite_url, broker_url, tmp_path):
+    import sqlite3
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, ["--database-url", sqlite_url, "--broker-url", broker_url, *args])
+
+    job_id = invoke("submit", str(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]))).stdout.strip()
+    conn = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    conn.execute("DROP TABLE items")  # the schema's version still says current
+    conn.commit()
+    conn.close()
+    result = invoke("export", job_id)
+    assert result.exit_code == 1
+    assert "no such table: items" in result.stderr and "unavailable" not in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    result = invoke("cancel", job_id)  # through SQLAlchemy this time
+    assert result.exit_code == 1
+    assert "no such table: items" in result.stderr and "unavailable" not in result.stderr, result.stderr
+    unreachable = runner.invoke(cli, ["--database-url", "postgresql+psycopg://u@127.0.0.1:1/x", "status"])
+    assert unreachable.exit_code == 1 and "database unavailable" in unreachable.stderr
+
+
+def test_llmbatch_engine_env_selects_the_echo_engine_and_results_say_so(tmp_path, sqlite_url):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one two three four", "max_tokens": 2}])
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "run", str(path)],
+                                env={"LLMBATCH_ENGINE": "echo"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    row = json.loads(Path(result.stdout.strip()).read_text())
+    assert row["output"] == "one two"  # the echo engine's output, not the model's
+    assert "[echo engine]" in row["worker"]
+
+
+@pytest.mark.parametrize("spec, message", [("two", "expected all, a count"), ("0,0", "each index once"),
+                                           ("-1", "none negative"), ("0", "at least one GPU")])
+def test_worker_gpus_refuses_bad_values(invoke, spec, message):
+    result = invoke("worker", "--gpus", spec, "--engine", "echo")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_worker_gpus_all_without_a_gpu_is_a_clear_usage_error(invoke):
+    result = invoke("worker", "--gpus", "all", "--engine", "echo", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.exit_code == 2 and "no CUDA GPU is visible" in result.stderr, result.output
