@@ -324,11 +324,13 @@ def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
     # here and stops the worker (worker/tasks.py), so the worker exits with that one error.
     failfile = Path(tempfile.mkdtemp(prefix="llmbatch-worker-")) / "model-failed"
     os.environ[tasks.FAILFILE_ENV] = str(failfile)
+    streams = sys.stdout, sys.stderr
     try:
         app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "--loglevel", loglevel,
                          "-n", hostname or "llmbatch@%h", "--without-gossip", "--without-mingle",
                          "--without-heartbeat"])
     finally:
+        sys.stdout, sys.stderr = streams  # Celery redirected them to its logger
         failed = failfile.read_text() if failfile.exists() else None
         failfile.unlink(missing_ok=True)
         failfile.parent.rmdir()
