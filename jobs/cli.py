@@ -277,8 +277,9 @@ ENGINE_LABELS = {"model": "the model", "echo": "ECHO (a test engine: echoes prom
 @cli.command()
 @click.option("--model", envvar="LLMBATCH_MODEL", help="Model to hold [env LLMBATCH_MODEL].")
 @click.option("--gpus", envvar="LLMBATCH_GPUS",
-              help="`all`, a count N (GPUs 0..N-1) or a list such as `0,1`: one worker process pinned to each "
-                   "GPU [env LLMBATCH_GPUS]. Default: one process on the devices this one sees.")
+              help="`all`, a count N (GPUs 0..N-1) or a list such as `0,1` (`3,` for GPU 3 alone): one worker "
+                   "process pinned to each GPU [env LLMBATCH_GPUS]. Default: one process on the devices "
+                   "this one sees.")
 @click.option("--concurrency", "-c", default=1, show_default=True, help="Worker processes, each with the model.")
 @click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), envvar="LLMBATCH_ENGINE",
               help="`echo` skips the model: for testing and benchmarking the orchestration only "
@@ -300,6 +301,7 @@ def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
         if concurrency != 1:
             raise click.UsageError("--gpus starts one process per GPU; leave --concurrency at 1")
         devices = gpu_procs.parse(gpus)
+        ctx.db  # create or upgrade the schema once, before the processes race to
         click.echo(f"llmbatch worker: one process per GPU, on GPU(s) {','.join(devices)}", err=True)
         code = gpu_procs.run(devices, ctx.settings, model=model, engine=engine_kind, loglevel=loglevel,
                              hostname=hostname)

@@ -31,7 +31,7 @@ def _group_members(pgid: int) -> list[int]:
 
 def test_parse_maps_counts_and_lists_onto_visible_devices(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert parse("2") == ["0", "1"] and parse("1,3") == ["1", "3"]
+    assert parse("2") == ["0", "1"] and parse("1,3") == ["1", "3"] and parse("3,") == ["3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     assert parse("all") == ["4", "5", "6"] and parse("2") == ["4", "5"] and parse("0,2") == ["4", "6"]
     assert node_name(None, "1") == "llmbatch-gpu1@%h" and node_name("w@box", "0") == "w-gpu0@box"

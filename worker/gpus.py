@@ -30,7 +30,8 @@ def visible_devices() -> list[str]:
 
 
 def parse(spec: str) -> list[str]:
-    """`all`, a count N (the first N visible GPUs) or a list `0,1` (indexes of visible GPUs) -> device ids."""
+    """`all`, a count N (the first N visible GPUs) or a list `0,1` (indexes of visible GPUs; `3,` for
+    GPU 3 alone) -> device ids."""
     spec = spec.strip()
     if spec == "all":
         devices = visible_devices()
@@ -39,7 +40,7 @@ def parse(spec: str) -> list[str]:
         return devices
     try:
         if "," in spec or not spec.isdigit():
-            indexes = [int(p) for p in spec.split(",")]
+            indexes = [int(p) for p in spec.split(",") if p.strip()]  # "3," is GPU 3 alone
         else:
             indexes = list(range(int(spec)))
     except ValueError:
