@@ -243,7 +243,9 @@ def bench_backend(backend: str, input_path: Path, lines: int, args, work: Path) 
         step = run_measured(cli("submit", str(input_path), "--model", MODEL, "--json", "--max-tokens", "64"), env)
         info = json.loads(step["stdout"])
         job_id = info["id"]
-        queued = broker.llen("llmbatch." + MODEL)
+        from llmbatch.worker.app import queue_name
+
+        queued = broker.llen(queue_name(MODEL))
         assert info["total"] == lines, info
         assert queued == info["chunks"], (queued, info["chunks"])
         assert step["stdout"].count("\n") == 1, "submit's stdout must be one line"

@@ -44,12 +44,15 @@ def handle_errors(fn):
         except click.ClickException:
             raise
         except Exception as exc:
-            from sqlalchemy.exc import OperationalError
+            from .db import driver_error, is_unavailable
 
-            if isinstance(exc, OperationalError):
-                settings = click.get_current_context().find_object(Context).settings
-                raise click.ClickException(
-                    f"database unavailable at {redact_url(settings.database_url)}: {str(exc.orig).strip()}") from exc
+            orig = driver_error(exc)
+            if orig is not None:
+                url = redact_url(click.get_current_context().find_object(Context).settings.database_url)
+                cause = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+                # "Unavailable" only when it is; a deadlock or a missing table is named as itself.
+                what = "database unavailable" if is_unavailable(exc) else f"database error ({type(orig).__name__})"
+                raise click.ClickException(f"{what} at {url}: {cause}") from exc
             raise
 
     return wrapper
@@ -312,20 +315,43 @@ def retry(ctx, job_id):
     click.echo(f"{job_id}: requeued {len(chunk_ids)} chunk(s)")
 
 
+ENGINE_LABELS = {"model": "the model", "echo": "ECHO (a test engine: echoes prompts, loads no model)"}
+
+
 @cli.command()
 @click.option("--model", envvar="LLMBATCH_MODEL", help="Model to hold [env LLMBATCH_MODEL].")
+@click.option("--gpus", envvar="LLMBATCH_GPUS",
+              help="`all`, a count N (GPUs 0..N-1) or a list such as `0,1` (`3,` for GPU 3 alone): one worker "
+                   "process pinned to each GPU [env LLMBATCH_GPUS]. Default: one process on the devices "
+                   "this one sees.")
 @click.option("--concurrency", "-c", default=1, show_default=True, help="Worker processes, each with the model.")
-@click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), default="model", show_default=True,
-              help="`echo` skips the model: for testing and benchmarking the orchestration only.")
+@click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), envvar="LLMBATCH_ENGINE",
+              help="`echo` skips the model: for testing and benchmarking the orchestration only "
+                   "[env LLMBATCH_ENGINE; default model].")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", help="Celery node name (default llmbatch@HOST).")
 @pass_ctx
 @handle_errors
-def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
+def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
     """Start a Celery worker that holds the model and takes its queue."""
     import logging
+    import tempfile
 
     model = model or ctx.settings.model
+    engine_kind = engine_kind or ctx.settings.engine
+    if gpus is not None:
+        from llmbatch.worker import gpus as gpu_procs
+
+        if concurrency != 1:
+            raise click.UsageError("--gpus starts one process per GPU; leave --concurrency at 1")
+        devices = gpu_procs.parse(gpus)
+        ctx.db  # create or upgrade the schema once, before the processes race to
+        click.echo(f"llmbatch worker: one process per GPU, on GPU(s) {','.join(devices)}", err=True)
+        code = gpu_procs.run(devices, ctx.settings, model=model, engine=engine_kind, loglevel=loglevel,
+                             hostname=hostname)
+        if code:
+            raise click.ClickException(f"a GPU worker process exited with code {code}; stopped the others")
+        return
     # The pool's child processes read these when they load the model.
     os.environ.update(LLMBATCH_MODEL=model, LLMBATCH_ENGINE=engine_kind,
                       LLMBATCH_DATABASE_URL=ctx.settings.database_url, LLMBATCH_BROKER_URL=ctx.settings.broker_url)
@@ -336,10 +362,26 @@ def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
 
     app = celery_app.configure(ctx.settings.broker_url)
     queue = celery_app.queue_name(model)
-    click.echo(f"llmbatch worker: model {model} on queue {queue}, broker {redact_url(ctx.settings.broker_url)}, "
-               f"database {redact_url(ctx.settings.database_url)}", err=True)
-    app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "--loglevel", loglevel,
-                     "-n", hostname or "llmbatch@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    click.echo(f"llmbatch worker: model {model} on queue {queue}, engine {ENGINE_LABELS[engine_kind]}, "
+               f"broker {redact_url(ctx.settings.broker_url)}, database {redact_url(ctx.settings.database_url)}"
+               + (f", CUDA_VISIBLE_DEVICES={devices}" if devices is not None else ""), err=True)
+    # Each pool process loads the model before it takes a message; one that cannot writes why
+    # here and stops the worker (worker/tasks.py), so the worker exits with that one error.
+    failfile = Path(tempfile.mkdtemp(prefix="llmbatch-worker-")) / "model-failed"
+    os.environ[tasks.FAILFILE_ENV] = str(failfile)
+    streams = sys.stdout, sys.stderr
+    try:
+        app.worker_main(["worker", "-Q", queue, "-c", str(concurrency), "--loglevel", loglevel,
+                         "-n", hostname or "llmbatch@%h", "--without-gossip", "--without-mingle",
+                         "--without-heartbeat"])
+    finally:
+        sys.stdout, sys.stderr = streams  # Celery redirected them to its logger
+        failed = failfile.read_text() if failfile.exists() else None
+        failfile.unlink(missing_ok=True)
+        failfile.parent.rmdir()
+    if failed:
+        raise click.ClickException(failed)
 
 
 @cli.command()
@@ -350,7 +392,7 @@ def worker(ctx, model, concurrency, engine_kind, loglevel, hostname):
 @click.option("--model", envvar="LLMBATCH_MODEL", help="Model id or path [env LLMBATCH_MODEL].")
 @click.option("--name")
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any line is bad.")
-@click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), default="model", hidden=True)
+@click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), envvar="LLMBATCH_ENGINE", hidden=True)
 @generation_options
 @adapter_option
 @pass_ctx
@@ -366,10 +408,11 @@ def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs,
                        adapters=collect_adapters(adapter_specs))
     job = submitted.job
     click.echo(f"job {job.id}: {job.total} line(s), {submitted.bad_lines} bad; loading {job.model}", err=True)
+    engine_kind = engine_kind or ctx.settings.engine
     engine = make_engine(job.model, dataclasses.replace(ctx.settings, engine=engine_kind))
     progress = Progress(job.total)
     progress.update(submitted.bad_lines)
-    name = f"run:{os.getpid()}"
+    name = f"run:{os.getpid()}" + (" [echo engine]" if engine_kind == "echo" else "")
     for chunk_id in submitted.chunk_ids:
         run_chunk(ctx.db, engine, chunk_id, name, ctx.settings.lease_seconds,
                   on_results=lambda rs: progress.update(len(rs), sum(r.usage.completion_tokens for r in rs)))

@@ -69,6 +69,35 @@ def is_transient(exc: BaseException) -> bool:
     return any(s in text for s in ("database is locked", "could not serialize", "deadlock detected"))
 
 
+# How drivers say the server cannot be reached (psycopg, sqlite3), as opposed to a query that failed.
+_UNREACHABLE = ("connection refused", "could not connect", "connection failed", "connection timed out",
+                "timeout expired", "could not translate host name", "name or service not known", "no route to host",
+                "server closed the connection", "connection is closed", "terminating connection",
+                "connection reset", "unable to open database file", "the database system is starting up",
+                "the database system is shutting down")
+
+
+def driver_error(exc: BaseException) -> BaseException | None:
+    """The database driver's own error behind exc (SQLAlchemy-wrapped, or raw from a cursor), else None."""
+    import sqlite3
+    import sys
+
+    if isinstance(exc, DBAPIError):
+        return exc.orig
+    psycopg = sys.modules.get("psycopg")
+    if isinstance(exc, sqlite3.Error) or (psycopg is not None and isinstance(exc, psycopg.Error)):
+        return exc
+    return None
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database cannot be reached at all (not: a deadlock, a lock, a missing table, bad SQL)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in _UNREACHABLE)
+
+
 class Database:
     """One engine and its two session factories."""
 

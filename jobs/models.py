@@ -125,9 +125,12 @@ class Chunk(Base):
     status: Mapped[ChunkStatus] = mapped_column(_enum(ChunkStatus), default=ChunkStatus.pending)
     worker: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; LLMBATCH_MAX_ATTEMPTS caps them
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Why the last attempt failed (an engine exception, or a worker that stopped renewing its
+    # lease), kept on the chunk so it outlives the worker that saw it.
+    last_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_chunks_status_lease_until", "status", "lease_until"),)
 

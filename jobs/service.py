@@ -19,12 +19,15 @@ from .exceptions import InputFileError, InvalidState, JobNotFound
 from .inputs import iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
 from .settings import Settings
-from .work import bump_counters, finish_job_if_done
+from .work import bump_counters, finish_job_if_done, lock_job
 
 # Good lines are stored a batch at a time: this many chunks' worth of rows per round of inserts.
 # Large enough that round trips and statement overhead vanish, small enough to stay flat in memory.
 CHUNKS_PER_FLUSH = 64
 BAD_FLUSH = 2000
+# ... and never more than about this many bytes of line data held at once: 64 chunks of 1 MiB
+# lines would otherwise be 64 GiB.
+FLUSH_BYTES = 64 * 1024**2
 
 _ITEM_COLUMNS = ("job_id", "chunk_id", "line", "custom_id", "status", "request", "queued_at", "attempts")
 _BAD_COLUMNS = ("job_id", "line", "custom_id", "status", "queued_at", "finished_at", "attempts", "error_code",
@@ -143,27 +146,44 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     good: list[tuple[int, str, str]] = []  # (line, custom_id, request as JSON text)
     bad: list[tuple] = []
     errors: list[str] = []
+    buffered = [0, 0]  # bytes held in good, in bad
+    # The last chunk, when a flush by bytes wrote it before it was full: [id, items so far].
+    open_chunk: list[int] | None = None
 
     def flush_good() -> None:
+        nonlocal open_chunk
         if not good:
             return
+        rows = []
+        start = 0
+        if open_chunk is not None:  # top up the chunk the previous flush left open
+            start = min(chunk_size - open_chunk[1], len(good))
+            for line, custom_id, request in good[:start]:
+                rows.append((job_id, open_chunk[0], line, custom_id, pending, request, queued_at, 0))
+            session.execute(update(Chunk).where(Chunk.id == open_chunk[0]).values(size=Chunk.size + start))
+            open_chunk[1] += start
+            if open_chunk[1] == chunk_size:
+                open_chunk = None
         first_seq = len(out.chunk_ids)
-        sizes = [min(chunk_size, len(good) - i) for i in range(0, len(good), chunk_size)]
+        sizes = [min(chunk_size, len(good) - i) for i in range(start, len(good), chunk_size)]
         ids = list(session.execute(insert_chunks, [
             dict(job_id=job_id, seq=first_seq + k, size=n, status=ChunkStatus.pending, attempts=0)
             for k, n in enumerate(sizes)
-        ]).scalars())
+        ]).scalars()) if sizes else []
         out.chunk_ids.extend(ids)
-        rows = []
         for k, chunk_id in enumerate(ids):
-            for line, custom_id, request in good[k * chunk_size:(k + 1) * chunk_size]:
+            for line, custom_id, request in good[start + k * chunk_size:start + (k + 1) * chunk_size]:
                 rows.append((job_id, chunk_id, line, custom_id, pending, request, queued_at, 0))
+        if sizes and sizes[-1] < chunk_size:
+            open_chunk = [ids[-1], sizes[-1]]  # later lines fill it up before a new chunk starts
         writer.insert(_ITEM_COLUMNS, rows)
         good.clear()
+        buffered[0] = 0
 
     def flush_bad() -> None:
         writer.insert(_BAD_COLUMNS, bad)
         bad.clear()
+        buffered[1] = 0
 
     total = n_bad = 0
     storing = True  # under --strict, stop storing once the file is known bad
@@ -180,11 +200,14 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
                 else:
                     bad.append((job_id, parsed.line, parsed.custom_id, failed, queued_at, queued_at, 0,
                                 "invalid_input", parsed.error))
-                    if len(bad) >= BAD_FLUSH:
+                    buffered[1] += len(parsed.error) + len(parsed.custom_id or "")
+                    if len(bad) >= BAD_FLUSH or buffered[1] >= FLUSH_BYTES:
                         flush_bad()
             elif storing:
-                good.append((parsed.line, parsed.custom_id, _dumps(parsed.request)))
-                if len(good) >= flush_at:
+                request = _dumps(parsed.request)
+                good.append((parsed.line, parsed.custom_id, request))
+                buffered[0] += len(request) + len(parsed.custom_id)
+                if len(good) >= flush_at or buffered[0] >= FLUSH_BYTES:
                     flush_good()
             if on_line and total % 1000 == 0:
                 on_line(total)
@@ -233,6 +256,8 @@ def list_jobs(session: Session, limit: int = 20) -> list[Job]:
 def cancel(session: Session, job_id: str) -> Job:
     """Cancel pending work now; running micro-batches finish and their results are kept."""
     job = get_job(session, job_id)
+    lock_job(session, job_id)  # first, as every writer of a job's rows does (see work.py)
+    session.refresh(job)
     if job.status in (JobStatus.completed, JobStatus.cancelled):
         raise InvalidState(f"job {job_id} is already {job.status.value}")
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
@@ -246,15 +271,26 @@ def cancel(session: Session, job_id: str) -> Job:
     return job
 
 
+# Failures a second try can fix. A bad line (invalid_input), a request the engine cannot run
+# (invalid_request) or a prompt too long for the model (context_length_exceeded) fails again.
+RETRYABLE_ERRORS = ("engine_error", "out_of_memory")
+
+
 def retry(session: Session, job_id: str) -> list[int]:
     """Requeue the failed items that can succeed on a second try; returns the chunks to queue."""
     job = get_job(session, job_id)
+    lock_job(session, job_id)
+    session.refresh(job)
     if job.status not in (JobStatus.completed, JobStatus.cancelled):
         raise InvalidState(f"job {job_id} is {job.status.value}; retry it once it has finished")
-    retryable = (Item.job_id == job_id, Item.status == ItemStatus.failed, Item.chunk_id.is_not(None))
-    chunk_ids = list(session.scalars(select(Item.chunk_id).where(*retryable).distinct()))
+    retryable = (Item.job_id == job_id, Item.status == ItemStatus.failed, Item.chunk_id.is_not(None),
+                 Item.error_code.in_(RETRYABLE_ERRORS))
+    chunk_ids = sorted(session.scalars(select(Item.chunk_id).where(*retryable).distinct()))
     if not chunk_ids:
         return []
+    # Chunks before items (the lock order); a retried chunk gets its full number of attempts again.
+    session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids))
+                    .values(status=ChunkStatus.pending, worker=None, attempts=0, last_error=None))
     n = session.execute(
         update(Item).where(*retryable).values(
             status=ItemStatus.pending, output=None, finish_reason=None, error_code=None, error_message=None,
@@ -263,7 +299,6 @@ def retry(session: Session, job_id: str) -> list[int]:
     ).rowcount
     bump_counters(session, job_id, failed=-n, pending=n)
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
-    session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids)).values(status=ChunkStatus.pending, worker=None))
     return chunk_ids
 
 

@@ -52,6 +52,8 @@ class Settings:
     shared_prefix_min: int = 64
     # LoRA adapters a worker holds at once (least recently used goes first).
     max_adapters: int = 16
+    # Claims of one chunk before its unfinished items fail with engine_error (a poison chunk).
+    max_attempts: int = 3
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -69,6 +71,7 @@ class Settings:
             double_quant=os.environ.get("LLMBATCH_DOUBLE_QUANT", "").lower() in ("1", "true", "yes"),
             shared_prefix_min=_env_int("LLMBATCH_SHARED_PREFIX_MIN", 64),
             max_adapters=_env_int("LLMBATCH_MAX_ADAPTERS", 16),
+            max_attempts=max(1, _env_int("LLMBATCH_MAX_ATTEMPTS", 3)),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

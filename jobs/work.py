@@ -4,6 +4,17 @@ Every function takes a session inside the caller's write transaction, so each tr
 commits whole or not at all. Guards in the WHERE clauses make each one idempotent: a chunk
 delivered twice, or taken up again after its worker died, never yields a second result for
 an item, and nothing final is overwritten.
+
+Lock order. A transaction that writes rows of more than one table locks the job's row first
+(`lock_job`, SELECT ... FOR UPDATE), then its chunks, then its items, and moves the job's
+counters last (that row is already held). Every such transaction of one job therefore queues on
+the job's row before it holds anything else, so two of them (a claim and a cancel, say) can
+never wait on each other in a cycle on PostgreSQL. SQLite takes the whole database at BEGIN
+IMMEDIATE, so there the order is moot.
+
+Clocks. Leases and heartbeats are stamped and compared with the database's clock (`db_time`),
+never a host's, so a worker whose clock is skewed can neither steal a live chunk nor let its
+own lease lapse early.
 """
 
 from __future__ import annotations
@@ -11,12 +22,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import String, and_, bindparam, func, or_, select, type_coerce, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
-from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
+from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, UTCDateTime, utcnow
 
 ITEMS = Item.__table__
+DEFAULT_MAX_ATTEMPTS = 3
+ENGINE_ERROR = "engine_error"
+
+
+def db_time(session: Session, seconds: int = 0) -> ColumnElement:
+    """The database's current time plus `seconds`, as SQL comparable with UTCDateTime columns."""
+    if session.get_bind().dialect.name == "sqlite":
+        # UTCDateTime stores naive UTC text with microseconds; build the same layout ('%f' is
+        # SS.SSS), so text comparison orders it correctly against stored values.
+        text = func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{seconds:+d} seconds", type_=String).concat("000")
+        return type_coerce(text, UTCDateTime())
+    return func.now() + timedelta(seconds=seconds)
+
+
+def lock_job(session: Session, job_id: str) -> None:
+    """Take the job's row lock: the first lock of any transaction that writes more than one table."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
 
 
 @dataclass(frozen=True)
@@ -46,20 +75,33 @@ def bump_counters(session: Session, job_id: str, **deltas: int) -> None:
         session.execute(update(Job).where(Job.id == job_id).values({cols[k]: cols[k] + v for k, v in deltas.items()}))
 
 
-def claim_chunk(session: Session, chunk_id: int, worker: str, lease_seconds: int) -> Chunk | None:
-    """Take a chunk that is pending, or running under a lapsed lease; None if someone else holds it."""
+def claim_chunk(session: Session, chunk_id: int, worker: str, lease_seconds: int,
+                max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> Chunk | None:
+    """Take a chunk that is pending, or running under a lapsed lease; None if someone else holds it.
+
+    A chunk already tried `max_attempts` times is not run again: its unfinished items fail with
+    engine_error and the last cause (None is returned), so one poison chunk cannot loop forever.
+    """
+    job_id = session.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))  # never changes: no lock needed
+    if job_id is None:
+        return None
+    lock_job(session, job_id)
     now = utcnow()
     taken = session.execute(
         update(Chunk)
         .where(Chunk.id == chunk_id,
                or_(Chunk.status == ChunkStatus.pending,
-                   and_(Chunk.status == ChunkStatus.running, Chunk.lease_until < now)))
-        .values(status=ChunkStatus.running, worker=worker, lease_until=now + timedelta(seconds=lease_seconds),
+                   and_(Chunk.status == ChunkStatus.running, Chunk.lease_until < db_time(session))))
+        .values(status=ChunkStatus.running, worker=worker, lease_until=db_time(session, lease_seconds),
                 attempts=Chunk.attempts + 1)
-    ).rowcount
-    if not taken:
+        .returning(Chunk.attempts)
+    ).scalar()
+    if taken is None:
         return None
     chunk = session.get(Chunk, chunk_id)
+    if taken > max_attempts:
+        give_up_chunk(session, chunk, worker, max_attempts)
+        return None
     started = session.execute(
         update(Item).where(Item.chunk_id == chunk_id, Item.status == ItemStatus.pending)
         .values(status=ItemStatus.running)
@@ -90,11 +132,44 @@ def running_items(session: Session, chunk_id: int) -> list[Item]:
     ))
 
 
+def give_up_chunk(session: Session, chunk: Chunk, worker: str, max_attempts: int) -> int:
+    """Fail the chunk's unfinished items with engine_error and its last cause; the chunk is done."""
+    cause = chunk.last_error or "no cause was recorded"
+    message = f"gave up after {max_attempts} attempt(s) at this chunk; last cause: {cause}"
+    now = utcnow()
+    pending = _count(session, chunk.id, ItemStatus.pending)
+    n = session.execute(
+        update(Item).where(Item.chunk_id == chunk.id, Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+        .values(status=ItemStatus.failed, worker=worker, finished_at=now, error_code=ENGINE_ERROR,
+                error_message=message)
+    ).rowcount
+    session.execute(update(Chunk).where(Chunk.id == chunk.id)
+                    .values(status=ChunkStatus.done, finished_at=now, lease_until=None))
+    bump_counters(session, chunk.job_id, pending=-pending, running=-(n - pending), failed=n)
+    finish_job_if_done(session, chunk.job_id)
+    return n
+
+
+def _count(session: Session, chunk_id: int, status: ItemStatus) -> int:
+    return session.scalar(select(func.count()).where(Item.chunk_id == chunk_id, Item.status == status))
+
+
+def fail_attempt(session: Session, chunk: Chunk, worker: str, cause: str) -> bool:
+    """Record why this attempt failed and hand the chunk back at once (no wait for the lease to lapse).
+
+    Its items stay running: the next claim takes them up, or gives up on them.
+    """
+    return bool(session.execute(
+        update(Chunk).where(Chunk.id == chunk.id, Chunk.worker == worker, Chunk.status == ChunkStatus.running)
+        .values(status=ChunkStatus.pending, worker=None, lease_until=None, last_error=cause[:2000])
+    ).rowcount)
+
+
 def renew_lease(session: Session, chunk_id: int, worker: str, lease_seconds: int) -> bool:
     """Extend our lease; False if the chunk is no longer ours (it lapsed and was taken up)."""
     return bool(session.execute(
         update(Chunk).where(Chunk.id == chunk_id, Chunk.worker == worker, Chunk.status == ChunkStatus.running)
-        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        .values(lease_until=db_time(session, lease_seconds))
     ).rowcount)
 
 
@@ -114,9 +189,10 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
                    lease_seconds: int) -> bool:
     """Write one micro-batch of results in one statement; False (nothing written) if we lost the chunk.
 
-    The lease renewal takes the chunk's row lock first, so a worker that takes the chunk over
-    waits for this transaction, and then sees these items final.
+    The job's row lock, then the lease renewal's chunk row lock, come first, so a worker that
+    takes the chunk over waits for this transaction, and then sees these items final.
     """
+    lock_job(session, chunk.job_id)
     if not renew_lease(session, chunk.id, worker, lease_seconds):
         return False
     if not results:
@@ -163,6 +239,7 @@ def recount_job(session: Session, job_id: str) -> None:
 
 def cancel_running(session: Session, chunk: Chunk) -> int:
     """Mark the chunk's unfinished items cancelled (its job is being cancelled)."""
+    lock_job(session, chunk.job_id)
     n = session.execute(
         update(Item).where(Item.chunk_id == chunk.id, Item.status == ItemStatus.running)
         .values(status=ItemStatus.cancelled, finished_at=utcnow())
@@ -172,11 +249,25 @@ def cancel_running(session: Session, chunk: Chunk) -> int:
     return n
 
 
-def finish_chunk(session: Session, chunk: Chunk, worker: str) -> None:
-    session.execute(
+def finish_chunk(session: Session, chunk: Chunk, worker: str) -> int:
+    """Mark our chunk done. An item the engine returned no result for fails with engine_error
+    rather than staying running forever; returns how many did."""
+    lock_job(session, chunk.job_id)
+    now = utcnow()
+    if not session.execute(
         update(Chunk).where(Chunk.id == chunk.id, Chunk.worker == worker, Chunk.status == ChunkStatus.running)
-        .values(status=ChunkStatus.done, finished_at=utcnow(), lease_until=None)
-    )
+        .values(status=ChunkStatus.done, finished_at=now, lease_until=None)
+    ).rowcount:
+        return 0
+    stranded = session.execute(
+        update(Item).where(Item.chunk_id == chunk.id, Item.status == ItemStatus.running)
+        .values(status=ItemStatus.failed, finished_at=now, error_code=ENGINE_ERROR,
+                error_message="the engine returned no result for this item")
+    ).rowcount
+    if stranded:
+        bump_counters(session, chunk.job_id, running=-stranded, failed=stranded)
+        finish_job_if_done(session, chunk.job_id)
+    return stranded
 
 
 def finish_job_if_done(session: Session, job_id: str) -> None:
@@ -203,8 +294,10 @@ def _by_model(rows) -> Requeue:
 def release_stale_chunks(session: Session) -> Requeue:
     """Hand back chunks whose lease lapsed (their worker died), to be queued again."""
     stale = session.execute(
-        update(Chunk).where(Chunk.status == ChunkStatus.running, Chunk.lease_until < utcnow())
-        .values(status=ChunkStatus.pending, worker=None, enqueued_at=utcnow())
+        update(Chunk).where(Chunk.status == ChunkStatus.running, Chunk.lease_until < db_time(session))
+        .values(status=ChunkStatus.pending, enqueued_at=db_time(session), worker=None,
+                last_error=func.coalesce("worker " + Chunk.worker, "a worker")
+                + " stopped renewing its lease (killed, crashed or cut off)")
         .returning(Chunk.job_id, Chunk.id)
     ).all()
     if not stale:
@@ -213,11 +306,11 @@ def release_stale_chunks(session: Session) -> Requeue:
     return _by_model((models[job_id], job_id, chunk_id) for job_id, chunk_id in sorted(stale, key=lambda r: r[1]))
 
 
-def unstarted_chunks(session: Session, queued_before: datetime) -> Requeue:
-    """Pending chunks queued before `queued_before`: their messages may be lost."""
+def unstarted_chunks(session: Session, older_than_seconds: int) -> Requeue:
+    """Pending chunks queued over `older_than_seconds` ago (database time): their messages may be lost."""
     return _by_model(session.execute(
         select(Job.model, Chunk.job_id, Chunk.id).join(Job, Job.id == Chunk.job_id)
-        .where(Chunk.status == ChunkStatus.pending, Chunk.enqueued_at < queued_before,
+        .where(Chunk.status == ChunkStatus.pending, Chunk.enqueued_at < db_time(session, -older_than_seconds),
                Job.status.in_([JobStatus.queued, JobStatus.running]))
         .order_by(Chunk.id)
     ).all())
@@ -227,4 +320,31 @@ def mark_enqueued(session: Session, chunk_ids: list[int]) -> None:
     """Stamp when these chunks' messages were published (a chunk already taken keeps its stamp)."""
     for i in range(0, len(chunk_ids), 1000):
         session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids[i:i + 1000]), Chunk.status == ChunkStatus.pending)
-                        .values(enqueued_at=utcnow()))
+                        .values(enqueued_at=db_time(session)))
+
+
+def settle_cancelled_chunks(session: Session) -> int:
+    """Finish pending chunks of cancelling jobs without running them; returns how many.
+
+    Such a chunk (released by the sweep, its message maybe never published) would otherwise
+    hold its job in `cancelling` forever: its items are cancelled and the job can finish.
+    """
+    rows = session.execute(
+        select(Chunk.job_id, Chunk.id).join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.status == ChunkStatus.pending, Job.status.in_([JobStatus.cancelling, JobStatus.cancelled]))
+        .order_by(Chunk.job_id, Chunk.id)
+    ).all()
+    settled = 0
+    for job_id, chunk_id in rows:
+        lock_job(session, job_id)
+        if not session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.status == ChunkStatus.pending)
+                               .values(status=ChunkStatus.done, finished_at=utcnow(), lease_until=None)).rowcount:
+            continue  # a worker claimed it meanwhile; it cancels the items itself
+        pending = _count(session, chunk_id, ItemStatus.pending)
+        n = session.execute(update(Item).where(Item.chunk_id == chunk_id,
+                                               Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+                            .values(status=ItemStatus.cancelled, finished_at=utcnow())).rowcount
+        bump_counters(session, job_id, pending=-pending, running=-(n - pending), cancelled=n)
+        finish_job_if_done(session, job_id)
+        settled += 1
+    return settled

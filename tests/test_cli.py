@@ -9,6 +9,8 @@ import redis
 from click.testing import CliRunner
 
 from llmbatch.jobs.cli import cli
+from llmbatch.jobs.settings import DEFAULT_MODEL
+from llmbatch.worker.app import queue_name
 from tests.support import write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +34,9 @@ def invoke(db_url, broker_url):
     return run
 
 
-def _queued_messages(broker_url, model="smollm2-135m-instruct"):
+def _queued_messages(broker_url, model=DEFAULT_MODEL):
     client = redis.Redis.from_url(broker_url)
-    raw = client.lrange(f"llmbatch.{model}", 0, -1)
+    raw = client.lrange(queue_name(model), 0, -1)
     return [json.loads(base64.b64decode(json.loads(m)["body"])) for m in raw]
 
 
@@ -48,7 +50,7 @@ def test_submit_stores_and_queues_ids_only(invoke, broker_url, tmp_path):
     assert len(messages) == 3  # 5 items, chunks of 2
     for args, kwargs, _embed in messages:
         assert args[0] == job_id and isinstance(args[1], int) and kwargs == {}
-    assert b"secret prompt" not in b"".join(redis.Redis.from_url(broker_url).lrange("llmbatch.smollm2-135m-instruct", 0, -1))
+    assert b"secret prompt" not in b"".join(redis.Redis.from_url(broker_url).lrange(queue_name(DEFAULT_MODEL), 0, -1))
     status = json.loads(invoke("status", job_id, "--json").stdout)
     assert STATUS_FIELDS <= set(status)
     assert status["status"] == "queued" and status["pending"] == 5 and status["total"] == 5
@@ -59,7 +61,8 @@ def test_submit_json_and_model_queue(invoke, broker_url, tmp_path):
     result = invoke("submit", path, "--json", "--model", "org/Other-Model")
     info = json.loads(result.stdout)
     assert info["model"] == "org/Other-Model" and info["chunks"] == 1
-    assert len(_queued_messages(broker_url, "org_Other-Model")) == 1
+    assert len(_queued_messages(broker_url, "org/Other-Model")) == 1
+    assert _queued_messages(broker_url, "org_Other-Model") == []  # a look-alike name is another queue
     assert _queued_messages(broker_url) == []
 
 
@@ -170,3 +173,49 @@ def test_response_format_flags_set_the_job_default(invoke, db_url, tmp_path):
     assert unreadable.exit_code == 2 and "not a JSON file" in unreadable.output
     out_of_range = invoke("submit", path, "--temperature", "5")
     assert out_of_range.exit_code == 2 and "'temperature' must be between 0 and 2, got 5.0" in out_of_range.output
+
+
+def test_a_database_error_is_named_as_itself_not_as_unavailable(sqlite_url, broker_url, tmp_path):
+    import sqlite3
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, ["--database-url", sqlite_url, "--broker-url", broker_url, *args])
+
+    job_id = invoke("submit", str(write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]))).stdout.strip()
+    conn = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    conn.execute("DROP TABLE items")  # the schema's version still says current
+    conn.commit()
+    conn.close()
+    result = invoke("export", job_id)
+    assert result.exit_code == 1
+    assert "no such table: items" in result.stderr and "unavailable" not in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    result = invoke("cancel", job_id)  # through SQLAlchemy this time
+    assert result.exit_code == 1
+    assert "no such table: items" in result.stderr and "unavailable" not in result.stderr, result.stderr
+    unreachable = runner.invoke(cli, ["--database-url", "postgresql+psycopg://u@127.0.0.1:1/x", "status"])
+    assert unreachable.exit_code == 1 and "database unavailable" in unreachable.stderr
+
+
+def test_llmbatch_engine_env_selects_the_echo_engine_and_results_say_so(tmp_path, sqlite_url):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one two three four", "max_tokens": 2}])
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "run", str(path)],
+                                env={"LLMBATCH_ENGINE": "echo"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    row = json.loads(Path(result.stdout.strip()).read_text())
+    assert row["output"] == "one two"  # the echo engine's output, not the model's
+    assert "[echo engine]" in row["worker"]
+
+
+@pytest.mark.parametrize("spec, message", [("two", "expected all, a count"), ("0,0", "each index once"),
+                                           ("-1", "none negative"), ("0", "at least one GPU")])
+def test_worker_gpus_refuses_bad_values(invoke, spec, message):
+    result = invoke("worker", "--gpus", spec, "--engine", "echo")
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_worker_gpus_all_without_a_gpu_is_a_clear_usage_error(invoke):
+    result = invoke("worker", "--gpus", "all", "--engine", "echo", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.exit_code == 2 and "no CUDA GPU is visible" in result.stderr, result.output

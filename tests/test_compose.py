@@ -164,6 +164,7 @@ def test_every_llmbatch_command_parses_with_the_cli(services):
     ["workr"],                                    # unknown command
     ["worker", "--concurency", "1"],              # unknown option
     ["worker", "--concurrency", "one"],           # wrong type
+    ["worker", "--engine", "fast"],               # bad choice
     ["db"],                                       # group without a subcommand
     ["db", "migrate"],                            # unknown subcommand
     ["export"],                                   # missing argument
@@ -181,8 +182,9 @@ def test_worker_command(services):
     name, cmd, rest = cli.resolve_command(ctx, [*protected, *ctx.args])
     params = cmd.make_context(name, rest, parent=ctx).params
     assert params["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert params["gpus"] == "all", "the worker must start one process per GPU of the host"
     assert params["concurrency"] == 1
-    assert params["engine_kind"] == "model"
+    assert params["engine_kind"] in (None, "model")
     # The model is overridable from the host's LLMBATCH_MODEL.
     raw = " ".join(as_argv(services["worker"]["command"]))
     assert "LLMBATCH_MODEL" in variables(raw)

@@ -13,11 +13,13 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from llmbatch.jobs.cli import cli
 from llmbatch.jobs.db import Database
-from llmbatch.jobs.models import Chunk, ChunkStatus
+from llmbatch.jobs.models import Chunk, ChunkStatus, Item
+from llmbatch.jobs.settings import DEFAULT_MODEL
+from llmbatch.worker.app import queue_name
 from tests.support import (RedisServer, assert_every_line_has_one_final_result, export_rows, start_worker,
                            stop_worker, wait_for_status, write_jsonl)
 
@@ -147,7 +149,7 @@ def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path
     workers = [start_worker(db_url, broker_url, log, "-n", f"w{i}@%h") for i, log in enumerate(logs)]
     try:
         wait_for_status(invoke, job_id, timeout=240, proc=workers[0], log_path=logs[0])
-        wait_until_drained(broker_url, "llmbatch.smollm2-135m-instruct")  # the duplicates are taken too
+        wait_until_drained(broker_url, queue_name(DEFAULT_MODEL))  # the duplicates are taken too
     finally:
         for w in workers:
             stop_worker(w)
@@ -165,23 +167,29 @@ def test_every_chunk_delivered_twice_to_two_workers(db_url, broker_url, tmp_path
 
 
 def test_cancel_mid_run_stops_within_one_micro_batch_and_keeps_results(db_url, broker_url, tmp_path):
-    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=20)
-    n = 20
+    """Judged by when rows finished, not by how fast this machine is: every row generated after the
+    cancel committed belongs to the micro-batch in flight, and the cancel met a running chunk."""
+    from datetime import datetime, timezone
+
+    n, batch = 40, 2
+    invoke = make_invoke(db_url, broker_url, LLMBATCH_CHUNK_SIZE=n)
     job_id = invoke("submit", write_jsonl(tmp_path / "in.jsonl", prompts(n, max_tokens=32))).stdout.strip()
     log = tmp_path / "w.log"
-    batch = 2
     w = start_worker(db_url, broker_url, log, env={"LLMBATCH_MAX_BATCH_SIZE": str(batch)})
     try:
         wait_for_status(invoke, job_id, lambda s: s["succeeded"] >= 2, timeout=180, proc=w, log_path=log)
-        invoke("cancel", job_id)
-        at_cancel = json.loads(invoke("status", job_id, "--json").stdout)
+        out = invoke("cancel", job_id).stdout
+        cancelled_at = datetime.now(timezone.utc)  # the cancel has committed
+        assert "cancelling" in out, f"the job was not running when cancelled: {out}"
         status = wait_for_status(invoke, job_id, ("cancelled",), timeout=120, proc=w, log_path=log)
     finally:
         stop_worker(w)
     assert status["succeeded"] + status["cancelled"] == n and status["failed"] == 0
-    assert status["succeeded"] - at_cancel["succeeded"] <= batch, "ran on for more than one micro-batch"
     rows = assert_every_line_has_one_final_result(invoke, job_id, n)
     assert all(r["output"] for r in rows if r["status"] == "succeeded")
+    late = [r for r in rows if r["status"] == "succeeded" and datetime.fromisoformat(r["finished_at"]) > cancelled_at]
+    assert len(late) <= batch, f"{len(late)} rows were generated after the cancel: it ran on past the micro-batch"
+    assert status["cancelled"] >= n - status["succeeded"] and status["cancelled"] > n // 2
     assert invoke("retry", job_id).stdout.strip().endswith("nothing to retry")
 
 
@@ -199,7 +207,7 @@ def test_pickled_message_is_refused_never_executed(sqlite_url, broker_url, tmp_p
     from kombu import Connection, Exchange, Producer, Queue
 
     marker = tmp_path / "pwned"
-    queue = "llmbatch.smollm2-135m-instruct"
+    queue = queue_name(DEFAULT_MODEL)
     with Connection(broker_url) as conn:
         producer = Producer(conn.channel(), exchange=Exchange(queue, type="direct"), routing_key=queue,
                             serializer="pickle")
@@ -269,18 +277,36 @@ def test_postgres_unreachable_for_a_few_seconds(pg_url, broker_url, tmp_path):
 
 
 def test_sqlite_locked_for_a_few_seconds(sqlite_url, broker_url, tmp_path):
+    """An exclusive lock held over several micro-batches' time: the worker's writes wait it out.
+
+    That a write really met the lock is checked after the fact: some item finished generating
+    while the lock was held (its results are written right after), so its write had to wait."""
     import sqlite3
+    from datetime import datetime, timezone
+
+    path = sqlite_url.removeprefix("sqlite:///")
+    window = {}
 
     def lock():
-        locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        db = Database(sqlite_url)
+        with db.read() as s:  # how long the first micro-batch took: hold the lock for several
+            first = s.execute(select(func.min(Item.started_at), func.min(Item.finished_at))).one()
+        db.dispose()
+        hold = max(5.0, 4 * (first[1] - first[0]).total_seconds())
+        locker = sqlite3.connect(path, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
-        time.sleep(5)
+        window["from"] = datetime.now(timezone.utc)
+        time.sleep(hold)
+        window["to"] = datetime.now(timezone.utc)
         locker.execute("ROLLBACK")
         locker.close()
 
     invoke, job_id, status, _ = run_with_fault(sqlite_url, broker_url, tmp_path, lock, n=8, max_tokens=16)
     assert status["succeeded"] == 8
-    assert_every_line_has_one_final_result(invoke, job_id, 8)
+    rows = assert_every_line_has_one_final_result(invoke, job_id, 8)
+    finished = [datetime.fromisoformat(r["finished_at"]) for r in rows]
+    assert any(window["from"] < f < window["to"] for f in finished), \
+        f"no write met the lock: items finished at {sorted(finished)}, lock held {window}"
 
 
 def test_bad_input_corpus(db_url, broker_url, tmp_path):

@@ -111,3 +111,50 @@ def test_the_next_chunk_starts_before_the_last_item_of_the_previous_one_finishes
     assert first[0].completion_tokens > max(i.completion_tokens for i in second)  # the long item
     assert min(i.started_at for i in second) < max(i.finished_at for i in first)
     assert not run_chunk(db, eng, out.chunk_ids[1], "w2", 30).claimed  # its message is a no-op now
+
+
+class Crashes(EchoEngine):
+    """An engine that fails the whole chunk every time (a poison chunk)."""
+
+    def generate(self, requests, more=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield  # pragma: no cover - makes this a generator
+
+
+def test_a_chunk_that_keeps_failing_is_given_up_after_max_attempts(db, settings, tmp_path):
+    import pytest
+
+    out = _submit(db, settings, tmp_path, 4)
+    for attempt in range(3):
+        with pytest.raises(RuntimeError):
+            run_chunk(db, Crashes(), out.chunk_ids[0], f"w{attempt}", 30)  # default: 3 attempts
+        with db.read() as s:  # handed back at once, with the cause kept on the chunk
+            chunk = s.get(Chunk, out.chunk_ids[0])
+            assert chunk.status is ChunkStatus.pending and "illegal memory access" in chunk.last_error
+    outcome = run_chunk(db, Crashes(), out.chunk_ids[0], "w3", 30)
+    assert not outcome.claimed  # the engine is not called a fourth time
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+        items = s.scalars(select(Item).where(Item.job_id == job.id)).all()
+    assert job.status is JobStatus.completed and (job.failed, job.running, job.pending) == (4, 0, 0)
+    for item in items:
+        assert item.status is ItemStatus.failed and item.error_code == "engine_error"
+        assert "RuntimeError: CUDA error: an illegal memory access" in item.error_message
+
+
+class DropsTheLastResult(EchoEngine):
+    def generate(self, requests, more=None):
+        for batch in super().generate(requests[:-1]):
+            yield batch
+
+
+def test_items_the_engine_returned_no_result_for_fail_instead_of_running_forever(db, settings, tmp_path):
+    out = _submit(db, settings, tmp_path, 4)
+    outcome = run_chunk(db, DropsTheLastResult(), out.chunk_ids[0], "w", 30)
+    assert outcome.claimed and outcome.done == 3
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+        items = s.scalars(select(Item).where(Item.job_id == job.id).order_by(Item.line)).all()
+    assert [i.status for i in items] == [ItemStatus.succeeded] * 3 + [ItemStatus.failed]
+    assert items[-1].error_code == "engine_error" and "no result" in items[-1].error_message
+    assert job.status is JobStatus.completed and (job.succeeded, job.failed, job.running) == (3, 1, 0)

@@ -146,3 +146,56 @@ def test_retry_requeues_only_failed_items(db, settings, tmp_path):
         retried = s.scalars(select(Item).where(Item.job_id == job.id, Item.line.in_([2, 7]))).all()
     assert job.status is JobStatus.completed and (job.succeeded, job.failed) == (8, 1)
     assert all(i.status is ItemStatus.succeeded and i.error_code is None for i in retried)
+
+
+def test_submit_holds_a_bounded_number_of_bytes_and_still_fills_every_chunk(db, settings, tmp_path, monkeypatch):
+    """Big lines are flushed by bytes, long before the line-count bound; chunks stay full."""
+    monkeypatch.setattr(service, "FLUSH_BYTES", 40_000, raising=False)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": f"c{i}", "prompt": f"{i} " + "x" * 9_000}
+                                               for i in range(23)])
+    written = []
+    insert = service._ItemWriter.insert
+
+    def spy(self, columns, rows):
+        written.append(sum(len(r[5]) for r in rows))  # the request JSON of each row
+        return insert(self, columns, rows)
+
+    monkeypatch.setattr(service._ItemWriter, "insert", spy)
+    out = submit(db, settings, path)  # chunk_size=4: 23 lines would be one flush by line count
+    assert len(written) > 3 and max(written) <= 40_000 + 9_100, written
+    with db.read() as s:
+        chunks = s.execute(select(Chunk.id, Chunk.size).where(Chunk.job_id == out.job.id).order_by(Chunk.seq)).all()
+        lines = {cid: s.scalars(select(Item.line).where(Item.chunk_id == cid).order_by(Item.line)).all()
+                 for cid, _ in chunks}
+    assert [size for _, size in chunks] == [4, 4, 4, 4, 4, 3]
+    assert [lines[cid] for cid, _ in chunks] == [list(range(1 + 4 * k, min(24, 5 + 4 * k))) for k in range(6)]
+    assert [cid for cid, _ in chunks] == out.chunk_ids
+
+
+def _finish_with_codes(db, chunk_ids, codes):
+    """Claim each chunk and fail the lines in `codes` with that error code; the rest succeed."""
+    for chunk_id in chunk_ids:
+        with db.write() as s:
+            chunk = work.claim_chunk(s, chunk_id, "w1", 30)
+            items = work.running_items(s, chunk_id)
+        results = [work.ItemResult(item_id=i.id, status=ItemStatus.failed if i.line in codes else ItemStatus.succeeded,
+                                   output="x", finish_reason="stop", error_code=codes.get(i.line))
+                   for i in items]
+        with db.write() as s:
+            work.record_results(s, chunk, "w1", results, 30)
+            work.finish_chunk(s, chunk, "w1")
+
+
+def test_retry_requeues_only_errors_a_second_try_can_fix(db, settings, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(8)])
+    out = submit(db, settings, path)
+    _finish_with_codes(db, out.chunk_ids, {1: "context_length_exceeded", 2: "invalid_request", 5: "engine_error",
+                                           6: "out_of_memory"})
+    with db.write() as s:
+        chunk_ids = service.retry(s, out.job.id)
+    with db.read() as s:
+        pending = s.scalars(select(Item.line).where(Item.job_id == out.job.id, Item.status == ItemStatus.pending)).all()
+        job = s.get(Job, out.job.id)
+    assert sorted(pending) == [5, 6]
+    assert chunk_ids == [out.chunk_ids[1]]  # lines 1 and 2 sit in the first chunk: it is not queued again
+    assert (job.failed, job.pending, job.succeeded) == (2, 2, 4)

@@ -5,6 +5,7 @@ Imported by the CLI to queue work, so it must stay light: no torch, no transform
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from celery import Celery
@@ -15,8 +16,13 @@ TASK_RUN_CHUNK = "llmbatch.run_chunk"
 
 
 def queue_name(model: str) -> str:
-    """One queue per model, so a worker only takes work for the model it holds."""
-    return "llmbatch." + re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    """One queue per model, so a worker only takes work for the model it holds.
+
+    A readable slug of the name, plus a hash of the exact name: `a/b` and `a_b` share a slug
+    but never a queue.
+    """
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:120]
+    return f"llmbatch.{slug}.{hashlib.sha256(model.encode()).hexdigest()[:10]}"
 
 
 def make_app(broker_url: str) -> Celery:

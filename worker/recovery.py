@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 
 from llmbatch.jobs import work
 from llmbatch.jobs.db import Database
-from llmbatch.jobs.models import utcnow
 from llmbatch.worker.app import app, enqueue_chunks, queue_name
 
 log = logging.getLogger(__name__)
@@ -45,8 +43,12 @@ def _requeue(db: Database, chunks_by_model: work.Requeue, why: str) -> int:
 def sweep(db: Database, lease_seconds: int) -> int:
     """Requeue chunks of dead workers and chunks whose messages were lost; returns how many."""
     requeued = _requeue(db, db.retrying(work.release_stale_chunks), "their worker stopped renewing its lease")
+    # A cancelling job's chunk that is back to pending is finished here, not requeued: its
+    # message may never have been published, and the job must still reach `cancelled`.
+    if settled := db.retrying(work.settle_cancelled_chunks):
+        log.info("cancelled the items of %d unclaimed chunk(s) of cancelling jobs", settled)
     with db.read() as s:
-        waiting = work.unstarted_chunks(s, utcnow() - timedelta(seconds=lease_seconds))
+        waiting = work.unstarted_chunks(s, lease_seconds)
     # A queue that holds as many messages as it has chunks waiting may simply be busy.
     lost = {model: chunks for model, chunks in waiting.items() if messages_held(model) < len(chunks)}
     return requeued + _requeue(db, lost, "the broker holds fewer messages than there are chunks waiting")

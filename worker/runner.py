@@ -86,9 +86,10 @@ class Held:
     waiting: set[int]
 
 
-def _take(db: Database, chunk_id: int, worker: str, lease_seconds: int):
-    """Claim a chunk and read its job and unfinished items; None if it is done or held elsewhere."""
-    chunk = db.retrying(lambda s: work.claim_chunk(s, chunk_id, worker, lease_seconds))
+def _take(db: Database, chunk_id: int, worker: str, lease_seconds: int, max_attempts: int):
+    """Claim a chunk and read its job and unfinished items; None if it is done, held elsewhere, or
+    given up (after max_attempts claims its unfinished items fail)."""
+    chunk = db.retrying(lambda s: work.claim_chunk(s, chunk_id, worker, lease_seconds, max_attempts))
     if chunk is None:
         return None
     job, items = db.retrying(lambda s: (s.get(Job, chunk.job_id), work.running_items(s, chunk_id)), write=False)
@@ -96,9 +97,10 @@ def _take(db: Database, chunk_id: int, worker: str, lease_seconds: int):
 
 
 def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: int,
-              on_results: Callable[[list[Result]], None] | None = None, prefetch: bool = True) -> ChunkOutcome:
+              on_results: Callable[[list[Result]], None] | None = None, prefetch: bool = True,
+              max_attempts: int = work.DEFAULT_MAX_ATTEMPTS) -> ChunkOutcome:
     """Run the chunk and, with prefetch, the job's next pending chunks as the engine asks for more."""
-    taken = _take(db, chunk_id, worker, lease_seconds)
+    taken = _take(db, chunk_id, worker, lease_seconds, max_attempts)
     if taken is None:
         log.info("chunk %s is done or held by a live worker; skipping", chunk_id)
         return ChunkOutcome(claimed=False)
@@ -123,7 +125,7 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
             next_id = db.retrying(lambda s: work.next_pending_chunk(s, job.id), write=False)
             if next_id is None:
                 return []
-            nxt = _take(db, next_id, worker, lease_seconds)
+            nxt = _take(db, next_id, worker, lease_seconds, max_attempts)
             if nxt is not None:  # else another worker took it first: look again
                 log.info("job %s: feeding chunk %s while chunk(s) %s finish", job.id, next_id, sorted(held))
                 return hold(nxt[0], nxt[2])
@@ -167,6 +169,12 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
         for h in held.values():  # the engine ended without a result for some items
             db.retrying(lambda s: work.finish_chunk(s, h.chunk, worker))
         return outcome
+    except Exception as exc:
+        # Keep the cause with each chunk held and hand them back now; after max_attempts one is given up.
+        cause = f"{type(exc).__name__}: {exc}"
+        for h in held.values():
+            db.retrying(lambda s: work.fail_attempt(s, h.chunk, worker, cause))
+        raise
     finally:
         heartbeat.stop()
 

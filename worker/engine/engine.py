@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import loading, lora
+from . import chat, loading, lora
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .runner import BLOCK, Dims, Runner, supports
@@ -166,29 +166,21 @@ class Engine:
                 ok.append(p)
         return ok, failed
 
-    def _prompt_text(self, request: Request) -> tuple[str, bool]:
-        """(text, add_special_tokens). A chat template already holds the BOS token."""
-        if request.messages is not None:
-            return self.tokenizer.apply_chat_template(request.messages, tokenize=False,
-                                                      add_generation_prompt=True), False
-        return request.prompt or "", True
-
     def _prepare(self, requests: list[Request]) -> tuple[list[Prepared], list[Result]]:
         prepared, failed = [], []
-        texts: dict[bool, list[tuple[Request, str]]] = {True: [], False: []}
-        for r in requests:
-            try:
-                text, special = self._prompt_text(r)
-            except Exception as exc:  # a template that rejects these messages fails this item only
-                failed.append(Result.failure(r.id, "invalid_request", f"chat template failed: {exc}"))
-                continue
-            texts[special].append((r, text))
-        for special, group in texts.items():
-            if not group:
-                continue
-            # One call for the whole group: the fast tokenizer batches in Rust.
-            encoded = self.tokenizer([t for _, t in group], add_special_tokens=special)["input_ids"]
-            for (r, _), ids in zip(group, encoded):
+        raw = [r for r in requests if r.messages is None]
+        chats = [r for r in requests if r.messages is not None]
+        # Raw prompts are the user's own text, tokenized as given (special-token text included);
+        # chat contents are tokenized so that such text stays text (chat.py).
+        encoded = self.tokenizer([r.prompt or "" for r in raw], add_special_tokens=True)["input_ids"] if raw else []
+        groups = [list(zip(raw, encoded)), []]
+        for r, ids in zip(chats, chat.encode_chats(self.tokenizer, [r.messages for r in chats])):
+            if isinstance(ids, Exception):  # a template that rejects these messages fails this item only
+                failed.append(Result.failure(r.id, "invalid_request", f"chat template failed: {ids}"))
+            else:
+                groups[1].append((r, ids))
+        for group in groups:
+            for r, ids in group:
                 room = self.context_length - len(ids)
                 if not ids:
                     failed.append(Result.failure(r.id, "invalid_request", "the prompt is empty"))

@@ -88,6 +88,9 @@ def resolve_checkpoint(config: EngineConfig) -> str:
         if not (out / "config.json").exists():
             convert_gguf(bundled_gguf(config.model), out)
         return str(out)
+    if config.model.startswith(("/", "./", "../", "~")) and not Path(config.model).expanduser().is_dir():
+        # A path, not a hub id: say so plainly instead of the hub's complaint about repo id syntax.
+        raise FileNotFoundError(f"no model directory at {config.model}")
     return config.model
 
 
