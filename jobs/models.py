@@ -89,7 +89,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
-    name: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200), index=True)  # jobs are looked up by name too
     model: Mapped[str] = mapped_column(String(300))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued, index=True)
     source: Mapped[str | None] = mapped_column(Text)  # the input file's path, for people
@@ -154,6 +154,8 @@ class Item(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # A note on a result that is not an error, e.g. that the context left less room than max_tokens.
+    warning: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # One row per line: export order, and what makes a double submit of a line impossible.
