@@ -270,7 +270,7 @@ def retry(session: Session, job_id: str) -> list[int]:
     session.execute(
         update(Item).where(*retryable).values(
             status=ItemStatus.pending, output=None, finish_reason=None, error_code=None, error_message=None,
-            prompt_tokens=None, completion_tokens=None, finished_at=None, latency_ms=None, queued_at=utcnow()))
+            warning=None, prompt_tokens=None, completion_tokens=None, finished_at=None, latency_ms=None, queued_at=utcnow()))
     bump_counters(session, job_id, failed=-n_failed, cancelled=-n_cancelled, pending=n_failed + n_cancelled)
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
     session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids)).values(status=ChunkStatus.pending, worker=None))

@@ -33,6 +33,7 @@ class ItemResult:
     finished_at: datetime | None = None
     error_code: str | None = None
     error_message: str | None = None
+    warning: str | None = None
 
 
 def bump_counters(session: Session, job_id: str, **deltas: int) -> None:
@@ -95,7 +96,7 @@ _WRITE_RESULT = (
     .values(status=bindparam("_status"), output=bindparam("_output"), finish_reason=bindparam("_finish"),
             prompt_tokens=bindparam("_pt"), completion_tokens=bindparam("_ct"),
             started_at=bindparam("_started"), finished_at=bindparam("_finished"), latency_ms=bindparam("_latency"),
-            error_code=bindparam("_code"), error_message=bindparam("_message"))
+            error_code=bindparam("_code"), error_message=bindparam("_message"), warning=bindparam("_warning"))
 )
 
 
@@ -117,7 +118,8 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
             latency = max(0, int((r.finished_at - r.started_at).total_seconds() * 1000))
         rows.append(dict(_id=r.item_id, _status=r.status.value, _output=r.output, _finish=r.finish_reason,
                          _pt=r.prompt_tokens, _ct=r.completion_tokens, _started=r.started_at,
-                         _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message))
+                         _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message,
+                         _warning=r.warning))
     written = session.execute(_WRITE_RESULT, rows).rowcount
     if written == len(rows):
         ok = sum(r.status is ItemStatus.succeeded for r in results)

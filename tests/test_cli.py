@@ -1,6 +1,8 @@
 """The command line, driven through CliRunner against real Redis, SQLite and PostgreSQL."""
 
 import base64
+import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -310,3 +312,31 @@ def test_status_watch_without_a_job_refreshes_the_table(invoke, db_url, tmp_path
     tables = result.stdout.split("ID ")[1:]
     assert len(tables) >= 3, result.stdout  # it kept refreshing while the job was queued
     assert "queued" in tables[0] and "cancelled" in tables[-1]
+
+
+def test_run_writes_line_numbers_prompt_lengths_and_warnings(engine, tmp_path, sqlite_url, monkeypatch):
+    """Engine errors name the line, a too-long prompt records its real length, a cut max_tokens is said."""
+    from llmbatch.worker import engines
+    from tests.test_engine import variant
+
+    small = variant(engine)
+    small.context_length = 24
+    monkeypatch.setattr(engines, "make_engine", lambda model, settings: small)
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "Hi", "max_tokens": 2},
+        {"prompt": " ".join(["word"] * 40), "max_tokens": 2},
+        {"prompt": "one two three four five six seven eight nine ten", "max_tokens": 64},
+    ])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(cli, ["--database-url", sqlite_url, "run", str(path), "-o", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["status"] == "succeeded" and rows[0]["warning"] is None
+    assert rows[1]["error"]["code"] == "context_length_exceeded"
+    assert rows[1]["error"]["message"].startswith("line 2: prompt is ") and rows[1]["prompt_tokens"] > 24
+    assert rows[2]["status"] == "succeeded" and rows[2]["warning"].startswith("max_tokens 64 cut to ")
+    job_id = result.stderr.split()[1].rstrip(":")  # "job job_...: 3 line(s), ..."
+    as_csv = CliRunner().invoke(cli, ["--database-url", sqlite_url, "export", job_id, "--format", "csv"])
+    table = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [r["warning"] for r in table] == [r["warning"] or "" for r in rows]

@@ -39,12 +39,17 @@ def _ts(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
-def to_item_result(r: Result) -> work.ItemResult:
+def to_item_result(r: Result, line: int | None = None) -> work.ItemResult:
+    """The row to write; `line` prefixes an error message, as bad input lines' errors are (the
+    engine knows requests, not lines)."""
+    message = r.error_message
+    if message is not None and line is not None:
+        message = f"line {line}: {message}"
     return work.ItemResult(
         item_id=r.id, status=ItemStatus.succeeded if r.ok else ItemStatus.failed, output=r.output,
         finish_reason=r.finish_reason, prompt_tokens=r.usage.prompt_tokens,
         completion_tokens=r.usage.completion_tokens, started_at=_ts(r.started_at), finished_at=_ts(r.finished_at),
-        error_code=r.error_code, error_message=r.error_message)
+        error_code=r.error_code, error_message=message, warning=r.warning)
 
 
 class Heartbeat(threading.Thread):
@@ -82,9 +87,10 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
         return outcome
     heartbeat = Heartbeat(db, chunk_id, worker, lease_seconds)
     heartbeat.start()
+    lines = {item.id: item.line for item in items}
     try:
         for results in engine.generate([to_request(item, job) for item in items]):
-            rows = [to_item_result(r) for r in results]
+            rows = [to_item_result(r, lines.get(r.id)) for r in results]
             if not db.retrying(lambda s: work.record_results(s, chunk, worker, rows, lease_seconds)):
                 log.warning("lost the lease on chunk %s; another worker has it", chunk_id)
                 outcome.lost = True

@@ -30,6 +30,7 @@ class Prepared:
     request: Request
     ids: list[int]
     params: SamplingParams  # max_tokens clamped to the context left
+    warning: str | None = None  # set when that clamp cut max_tokens, so the result can say so
 
 
 class Engine:
@@ -120,12 +121,15 @@ class Engine:
                 if room <= 0:
                     failed.append(Result.failure(
                         r.id, "context_length_exceeded",
-                        f"prompt is {len(ids)} tokens; the model's context is {self.context_length}"))
+                        f"prompt is {len(ids)} tokens; the model's context is {self.context_length}",
+                        usage=Usage(prompt_tokens=len(ids))))  # the real length, not 0
                     continue
-                params = r.params
+                params, warning = r.params, None
                 if params.max_tokens > room:
+                    warning = (f"max_tokens {params.max_tokens} cut to {room}: the prompt is {len(ids)} tokens "
+                               f"of the model's context of {self.context_length}")
                     params = SamplingParams(**{**params.__dict__, "max_tokens": room})
-                prepared.append(Prepared(r, ids, params))
+                prepared.append(Prepared(r, ids, params, warning))
         return prepared, failed
 
     def _run(self, batch: list[Prepared], slots: int) -> Iterator[list[Result]]:
@@ -207,7 +211,8 @@ class Engine:
         return Result(id=p.request.id, output=decode_output(self.tokenizer, row, self.eos_ids),
                       finish_reason=row.finish_reason,
                       usage=Usage(prompt_tokens=len(p.ids), completion_tokens=len(row.tokens)),
-                      started_at=row.started_at or started, finished_at=row.finished_at, token_ids=row.tokens)
+                      started_at=row.started_at or started, finished_at=row.finished_at, token_ids=row.tokens,
+                      warning=p.warning)
 
     def _free_memory(self) -> None:
         if self.runner is not None:
