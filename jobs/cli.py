@@ -233,14 +233,25 @@ def status(ctx, job, as_json, watch, interval, limit):
 
 
 def _read_summary(ctx: Context, ref: str) -> dict:
+    from . import quickread
+
+    # Reads one row: the counters are kept in step with the items, never counted. The driver alone
+    # first, for a fast start; SQLAlchemy when that path cannot tell (quickread.py).
+    summary = quickread.job_summary(ctx.settings.database_url, ref)
+    if summary is not None:
+        return summary
     from . import service
 
-    # Reads one row: the counters are kept in step with the items, never counted.
     with ctx.db.read() as s:
         return service.job_summary(service.get_job(s, ref))
 
 
 def _read_table(ctx: Context, limit: int) -> list[dict]:
+    from . import quickread
+
+    jobs = quickread.recent_jobs(ctx.settings.database_url, limit)
+    if jobs is not None:
+        return jobs
     from . import service
 
     with ctx.db.read() as s:
