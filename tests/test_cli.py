@@ -340,3 +340,14 @@ def test_run_writes_line_numbers_prompt_lengths_and_warnings(engine, tmp_path, s
     as_csv = CliRunner().invoke(cli, ["--database-url", sqlite_url, "export", job_id, "--format", "csv"])
     table = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert [r["warning"] for r in table] == [r["warning"] or "" for r in rows]
+
+
+@pytest.mark.parametrize("command,option", [
+    ("status", "as_json"), ("run", "name"), ("submit", "top_p"), ("submit", "top_k"), ("submit", "seed"),
+    ("run", "top_p"), ("run", "top_k"), ("run", "seed"), ("export", "only"),
+])
+def test_options_are_described_in_help(command, option):
+    param = next(p for p in cli.commands[command].params if p.name == option)
+    assert param.help and len(param.help) > 10
+    shown = CliRunner().invoke(cli, [command, "--help"]).stdout
+    assert param.help.split()[0] in shown

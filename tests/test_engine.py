@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -187,3 +188,18 @@ def test_prompt_length_is_recorded_and_a_cut_max_tokens_is_said(engine):
     assert res[1].warning == f"max_tokens 64 cut to {24 - n_fits}: the prompt is {n_fits} tokens of the model's context of 24"
     ok = small.generate_all([Request(id=2, prompt=fits, params=greedy(2))])[0]
     assert ok.ok and ok.warning is None
+
+
+def test_the_converted_bundled_model_is_stored_in_16_bits(engine):
+    """Half the float32 copy; the loader quantizes it to NF4 anyway."""
+    from safetensors import safe_open
+
+    from llmbatch.worker.engine.loading import resolve_checkpoint
+
+    checkpoint = Path(resolve_checkpoint(engine.config))
+    files = list(checkpoint.glob("*.safetensors"))
+    assert files and checkpoint.name.endswith("-f16")
+    with safe_open(str(files[0]), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"F16"}
+    assert sum(p.stat().st_size for p in files) < 300 * 1024**2
