@@ -43,13 +43,13 @@ def make_engine(url: str) -> Engine:
             _configure_sqlite(engine)
             return engine
         return create_engine(url, pool_pre_ping=True)
-    except ArgumentError as exc:
-        raise DatabaseURLError(
-            f"not a database URL: {url!r}; expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB") from exc
-    except (NoSuchModuleError, ImportError) as exc:
+    except (NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError: first
         scheme = url.split(":", 1)[0]
         raise DatabaseURLError(f"cannot use {redact_url(url)}: no driver for {scheme!r} is installed "
                                f"(llmbatch supports SQLite and PostgreSQL; {exc})") from exc
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise DatabaseURLError(f"not a database URL: {redact_url(url)!r}; expected sqlite:///PATH or "
+                               f"postgresql://USER@HOST:PORT/DB") from exc
 
 
 def _check_sqlite_dir(url: str) -> None:

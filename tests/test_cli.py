@@ -185,12 +185,13 @@ def test_postgres_url_in_libpq_form_just_works(pg_url, broker_url, tmp_path):
 @pytest.mark.parametrize("url,problem", [
     ("mysql://user@localhost/db", "no driver for 'mysql' is installed"),
     ("not-a-url", "not a database URL"),
+    ("postgresql://u:secret@h:abc/db", "not a database URL: 'postgresql+psycopg://u:***@h:abc/db'"),
 ])
 def test_unusable_database_url_is_one_clean_line(url, problem):
     result = CliRunner().invoke(cli, ["--database-url", url, "status"])
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and problem in result.stderr, result.stderr
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "secret" not in result.output
 
 
 def test_mistyped_sqlite_path_is_refused_and_creates_nothing(tmp_path):
