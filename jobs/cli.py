@@ -14,9 +14,10 @@ import click
 
 from .exceptions import BrokerUnavailable, LLMBatchError
 from .inputs import PARAM_NAMES, validate_params
-from .settings import Settings, redact_url
+from .settings import Limits, Settings, redact_url
 
 FINAL_JOB_STATES = ("completed", "cancelled")
+ITEM_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 
 
 class Context:
@@ -58,15 +59,36 @@ def handle_errors(fn):
     return wrapper
 
 
+def _checked(name: str):
+    """A callback that checks a flag with the same rules as a per-line parameter (jobs/inputs.py)."""
+
+    def check(ctx, param, value):
+        if value is None or value == ():
+            return value
+        try:
+            validate_params({name: list(value) if param.multiple else value}, limits=Limits())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix(f"{name!r} ")) from None
+        return value
+
+    return check
+
+
 def generation_options(fn):
     """The job-wide generation defaults; per-line parameters override them."""
     options = [
-        click.option("--max-tokens", type=int, help="Most new tokens per item (default 256)."),
-        click.option("--temperature", type=float, help="0 = greedy (default)."),
-        click.option("--top-p", type=float),
-        click.option("--top-k", type=int),
-        click.option("--seed", type=int),
-        click.option("--stop", multiple=True, help="Stop string; repeat for several."),
+        click.option("--max-tokens", type=int, callback=_checked("max_tokens"),
+                     help="Most new tokens per item (default 256)."),
+        click.option("--temperature", type=float, callback=_checked("temperature"),
+                     help="0 to 2; 0 = greedy (default)."),
+        click.option("--top-p", type=float, callback=_checked("top_p"),
+                     help="Nucleus sampling: keep the smallest set of tokens whose probability reaches P (0 < P <= 1)."),
+        click.option("--top-k", type=int, callback=_checked("top_k"),
+                     help="Sample only from the K most likely tokens (0 = off)."),
+        click.option("--seed", type=int, callback=_checked("seed"),
+                     help="Random seed for sampling, so a run with temperature > 0 can be repeated."),
+        click.option("--stop", multiple=True, callback=_checked("stop"),
+                     help="Stop string; repeat for several (at most 4)."),
         # issue 10: job-wide structured output; a line's own response_format overrides it.
         click.option("--response-format", type=click.Choice(["text", "json"]),
                      help="json: every output is one JSON object."),
@@ -175,7 +197,7 @@ def _store(ctx: Context, file: Path, *, model, name, params, strict, adapters=No
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", envvar="LLMBATCH_MODEL", help="Model id or path [env LLMBATCH_MODEL].")
-@click.option("--name", help="A name to find the job by.")
+@click.option("--name", help="A name to find the job by (status, export, cancel and retry take it for the id).")
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any line is bad.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the id.")
 @generation_options
@@ -214,95 +236,142 @@ def validate(ctx, file):
 
 
 def _status_line(job) -> str:
-    return (f"{job['id']}  {job['status']:<10}  {job['succeeded']}/{job['total']} succeeded, {job['failed']} failed, "
+    name = f" ({job['name']})" if job.get("name") else ""
+    return (f"{job['id']}{name}  {job['status']:<10}  {job['succeeded']}/{job['total']} succeeded, {job['failed']} failed, "
             f"{job['pending']} pending, {job['running']} running, {job['cancelled']} cancelled")
 
 
+def _status_table(jobs: list[dict]) -> str:
+    lines = [f"{'ID':<20}  {'NAME':<16}  {'STATUS':<10}  {'MODEL':<28}  {'DONE':>15}  {'FAILED':>7}  CREATED"]
+    for j in jobs:
+        done = f"{j['succeeded'] + j['failed'] + j['cancelled']}/{j['total']}"
+        name = j["name"] or "-"
+        name = name if len(name) <= 16 else name[:15] + "…"
+        lines.append(f"{j['id']:<20}  {name:<16}  {j['status']:<10}  {j['model'][:28]:<28}  {done:>15}  "
+                     f"{j['failed']:>7}  {j['created_at'][:19]}")
+    return "\n".join(lines)
+
+
 @cli.command()
-@click.argument("job_id", required=False)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--watch", is_flag=True, help="Refresh until the job finishes.")
-@click.option("--interval", default=2.0, show_default=True, help="Seconds between --watch refreshes.")
-@click.option("--limit", default=20, show_default=True, help="Jobs in the table.")
+@click.argument("job", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one object for a job, a list for the table.")
+@click.option("--watch", is_flag=True, help="Refresh until the job (or every job in the table) finishes.")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds between --watch refreshes.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="Jobs in the table.")
 @pass_ctx
 @handle_errors
-def status(ctx, job_id, as_json, watch, interval, limit):
-    """Show one job's state and counts, or a table of recent jobs."""
-    from . import service
-
-    if not job_id:
-        with ctx.db.read() as s:
-            jobs = [service.job_summary(j) for j in service.list_jobs(s, limit)]
-        if as_json:
-            click.echo(json.dumps(jobs))
-            return
-        click.echo(f"{'ID':<21}  {'STATUS':<10}  {'MODEL':<28}  {'DONE':>15}  {'FAILED':>7}  CREATED")
-        for j in jobs:
-            done = f"{j['succeeded'] + j['failed'] + j['cancelled']}/{j['total']}"
-            click.echo(f"{j['id']:<21}  {j['status']:<10}  {j['model'][:28]:<28}  {done:>15}  {j['failed']:>7}  "
-                       f"{j['created_at'][:19]}")
-        return
+def status(ctx, job, as_json, watch, interval, limit):
+    """Show one job's state and counts (JOB is an id or a unique name), or a table of recent jobs."""
     while True:
-        # Reads one row: the counters are kept in step with the items, never counted.
-        with ctx.db.read() as s:
-            summary = service.job_summary(service.get_job(s, job_id))
-        click.echo(json.dumps(summary) if as_json else _status_line(summary))
-        if not watch or summary["status"] in FINAL_JOB_STATES:
+        if job:
+            summary = _read_summary(ctx, job)
+            click.echo(json.dumps(summary) if as_json else _status_line(summary))
+            finished = summary["status"] in FINAL_JOB_STATES
+        else:
+            jobs = _read_table(ctx, limit)
+            if watch and not as_json and sys.stdout.isatty():
+                click.clear()
+            click.echo(json.dumps(jobs) if as_json else _status_table(jobs))
+            finished = all(j["status"] in FINAL_JOB_STATES for j in jobs)
+        if not watch or finished:
             return
         time.sleep(interval)
 
 
+def _read_summary(ctx: Context, ref: str) -> dict:
+    from . import quickread
+
+    # Reads one row: the counters are kept in step with the items, never counted. The driver alone
+    # first, for a fast start; SQLAlchemy when that path cannot tell (quickread.py).
+    summary = quickread.job_summary(ctx.settings.database_url, ref)
+    if summary is not None:
+        return summary
+    from . import service
+
+    with ctx.db.read() as s:
+        return service.job_summary(service.get_job(s, ref))
+
+
+def _read_table(ctx: Context, limit: int) -> list[dict]:
+    from . import quickread
+
+    jobs = quickread.recent_jobs(ctx.settings.database_url, limit)
+    if jobs is not None:
+        return jobs
+    from . import service
+
+    with ctx.db.read() as s:
+        return [service.job_summary(j) for j in service.list_jobs(s, limit)]
+
+
 @cli.command()
-@click.argument("job_id")
+@click.argument("job")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="File to write; default stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv"]), default="jsonl", show_default=True)
-@click.option("--only", type=click.Choice(["succeeded", "failed", "cancelled"]))
+@click.option("--only", type=click.Choice(ITEM_STATES), help="Only rows with this status.")
 @pass_ctx
 @handle_errors
-def export(ctx, job_id, output, fmt, only):
-    """Stream a job's results, in line order."""
-    _export(ctx, job_id, output, fmt, only)
+def export(ctx, job, output, fmt, only):
+    """Stream a job's results, in line order (JOB is an id or a unique name)."""
+    _export(ctx, job, output, fmt, only)
 
 
-def _export(ctx: Context, job_id: str, output: Path | None, fmt: str, only: str | None = None) -> int:
+def _export(ctx: Context, job_ref: str, output: Path | None, fmt: str, only: str | None = None) -> int:
     from . import service
     from .export import export as write
 
     with ctx.db.read() as s:
-        job = service.get_job(s, job_id)
+        job = service.get_job(s, job_ref)
+        if job.status.value not in FINAL_JOB_STATES:
+            # Its rows are a snapshot: some still say pending or running.
+            click.echo(f"warning: job {job.id} is {job.status.value}, not finished: {job.pending} pending and "
+                       f"{job.running} running of {job.total}; those rows are exported with that status", err=True)
         if output is None:
             return write(s, job, sys.stdout, fmt, only)
         tmp = output.with_name(output.name + ".part")
-        with open(tmp, "w", encoding="utf-8", newline="", buffering=1 << 20) as out:
-            rows = write(s, job, out, fmt, only)
-        tmp.replace(output)  # never leave a half-written export under the real name
+        try:
+            out = open(tmp, "w", encoding="utf-8", newline="", buffering=1 << 20)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
+        try:
+            with out:
+                rows = write(s, job, out, fmt, only)
+            tmp.replace(output)  # never leave a half-written export under the real name
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
         return rows
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job")
 @pass_ctx
 @handle_errors
-def cancel(ctx, job_id):
-    """Cancel a job's pending work; finished results are kept."""
+def cancel(ctx, job):
+    """Cancel a job's pending work; finished results are kept (JOB is an id or a unique name)."""
     from . import service
 
     with ctx.db.write() as s:
-        job = service.cancel(s, job_id)
-    click.echo(f"{job.id} {job.status.value}: {job.cancelled} item(s) cancelled")
+        job = service.cancel(s, job)
+    # A claimed chunk's items are all `running`, so on a small job most of what stops is running.
+    stopping = f", {job.running} running item(s) stop after the micro-batch in flight" if job.running else ""
+    click.echo(f"{job.id} {job.status.value}: {job.cancelled} item(s) cancelled{stopping}; "
+               f"{job.succeeded + job.failed} finished result(s) kept. `llmbatch retry {job.id}` requeues "
+               f"the cancelled items once the job is cancelled")
 
 
 @cli.command()
-@click.argument("job_id")
+@click.argument("job")
 @pass_ctx
 @handle_errors
-def retry(ctx, job_id):
-    """Requeue a finished job's failed items."""
+def retry(ctx, job):
+    """Requeue a finished job's failed and cancelled items (JOB is an id or a unique name)."""
     from . import service
 
     with ctx.db.write() as s:
-        job = service.get_job(s, job_id)
-        model = job.model
+        job = service.get_job(s, job)
+        model, job_id = job.model, job.id
         # Chunks that never reached the broker (it was down at submit) are queued whatever the state.
         unqueued = service.unqueued_chunks(s, job_id)
         finished = job.status.value in FINAL_JOB_STATES
@@ -390,7 +459,7 @@ def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
               help="Results file (default: FILE's name with .results.jsonl, or .results.csv).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv"]), default="jsonl", show_default=True)
 @click.option("--model", envvar="LLMBATCH_MODEL", help="Model id or path [env LLMBATCH_MODEL].")
-@click.option("--name")
+@click.option("--name", help="A name to find the job by (status, export, cancel and retry take it for the id).")
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any line is bad.")
 @click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), envvar="LLMBATCH_ENGINE", hidden=True)
 @generation_options

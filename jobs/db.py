@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from .exceptions import DatabaseURLError
+from .settings import home_dir, normalize_database_url, redact_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,14 +34,38 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _configure_sqlite(engine)
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    """An engine for `url`; DatabaseURLError for a URL that cannot work, before anything connects."""
+    url = normalize_database_url(url)
+    try:
+        if url.startswith("sqlite"):
+            _check_sqlite_dir(url)
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            _configure_sqlite(engine)
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError: first
+        scheme = url.split(":", 1)[0]
+        raise DatabaseURLError(f"cannot use {redact_url(url)}: no driver for {scheme!r} is installed "
+                               f"(llmbatch supports SQLite and PostgreSQL; {exc})") from exc
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise DatabaseURLError(f"not a database URL: {redact_url(url)!r}; expected sqlite:///PATH or "
+                               f"postgresql://USER@HOST:PORT/DB") from exc
+
+
+def _check_sqlite_dir(url: str) -> None:
+    """Create the default database's directory under LLMBATCH_HOME; refuse any other missing one.
+
+    A typo in a path would otherwise quietly create directories and an empty database.
+    """
+    path = url.split("///", 1)[-1].split("?", 1)[0] if "///" in url else ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    parent = Path(path).expanduser().parent.absolute()
+    home = home_dir().absolute()
+    if parent == home:
+        parent.mkdir(parents=True, exist_ok=True)
+    elif not parent.is_dir():
+        raise DatabaseURLError(f"cannot open the SQLite database {path}: the directory {parent} does not exist")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -102,8 +129,8 @@ class Database:
     """One engine and its two session factories."""
 
     def __init__(self, url: str):
-        self.url = url
-        self.engine = make_engine(url)
+        self.url = normalize_database_url(url)
+        self.engine = make_engine(self.url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         writer = self.engine.execution_options(sqlite_begin="IMMEDIATE") if self.is_sqlite else self.engine
         self._write = sessionmaker(writer, expire_on_commit=False)

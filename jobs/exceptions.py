@@ -23,7 +23,19 @@ class InputFileError(LLMBatchError):
 
 class JobNotFound(LLMBatchError):
     def __init__(self, job_id: str):
-        super().__init__(f"no job with id {job_id!r}")
+        super().__init__(f"no job with id or name {job_id!r}")
+
+
+class AmbiguousJob(LLMBatchError):
+    """A job name that several jobs share: the user must pick one by id."""
+
+    def __init__(self, name: str, matches: list[tuple[str, str, str]]):
+        listed = ", ".join(f"{job_id} ({status}, created {created[:19]})" for job_id, status, created in matches)
+        super().__init__(f"the name {name!r} matches {len(matches)} jobs: {listed}; give a job id instead")
+
+
+class DatabaseURLError(LLMBatchError):
+    """A database URL that cannot be used: malformed, no driver installed, or a missing directory."""
 
 
 class InvalidState(LLMBatchError):

@@ -17,7 +17,7 @@ from .models import Item, ItemStatus, Job
 
 FORMATS = ("jsonl", "openai", "csv")
 COLUMNS = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens",
-           "queued_at", "started_at", "finished_at", "latency_ms", "worker", "error")
+           "queued_at", "started_at", "finished_at", "latency_ms", "worker", "error", "warning")
 # issue 10: native lines carry these only when the line asked for them (n > 1, logprobs); CSV always
 # has the columns, as JSON text, empty when absent.
 OPTIONAL_COLUMNS = ("outputs", "logprobs", "cached_tokens")
@@ -43,9 +43,10 @@ def escape_cell(value) -> str:
 
 # Row positions: the native columns, then (openai only) what openai_row needs from `request`.
 (_CID, _LINE, _STATUS, _OUTPUT, _FINISH, _PT, _CT, _QUEUED, _STARTED, _FINISHED, _LATENCY, _WORKER, _CODE,
- _MESSAGE, _LOGPROBS, _CHOICES, _CACHED, _URL, _BODY_MODEL, _HAS_PROMPT) = range(20)
+ _MESSAGE, _WARNING, _LOGPROBS, _CHOICES, _CACHED, _URL, _BODY_MODEL, _HAS_PROMPT) = range(21)
 _NATIVE = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "queued_at",
-           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message", "logprobs", "choices", "cached_tokens")
+           "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message", "warning", "logprobs",
+           "choices", "cached_tokens")
 _encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode  # json.dumps(x, ensure_ascii=False)
 _encode_ascii = json.JSONEncoder().encode  # json.dumps(x)
 
@@ -201,7 +202,7 @@ def _native_dicts(rows: list[tuple], iso: _Iso) -> Iterator[dict]:
             "finish_reason": r[_FINISH], "prompt_tokens": r[_PT], "completion_tokens": r[_CT],
             "queued_at": iso(r[_QUEUED]), "started_at": iso(r[_STARTED]), "finished_at": iso(r[_FINISHED]),
             "latency_ms": r[_LATENCY], "worker": r[_WORKER],
-            "error": {"code": code, "message": r[_MESSAGE]} if code else None,
+            "error": {"code": code, "message": r[_MESSAGE]} if code else None, "warning": r[_WARNING],
         }
         if r[_LOGPROBS] is not None or r[_CHOICES] is not None:  # issue 10
             d.update(optional_fields(r[_OUTPUT], json_value(r[_LOGPROBS]), json_value(r[_CHOICES])))
@@ -280,7 +281,7 @@ def _csv_rows(rows: list[tuple], iso: _Iso) -> Iterator[list]:
                escape_cell(r[_PT]), escape_cell(r[_CT]),
                cell(iso(r[_QUEUED])), cell(iso(r[_STARTED])), cell(iso(r[_FINISHED])),
                escape_cell(r[_LATENCY]), cell(r[_WORKER]),
-               escape_cell(_encode_ascii({"code": code, "message": r[_MESSAGE]})) if code else "",
+               escape_cell(_encode_ascii({"code": code, "message": r[_MESSAGE]})) if code else "", cell(r[_WARNING]),
                # issue 10: JSON text, empty when the line did not ask
                _json_cell(optional_fields(r[_OUTPUT], None, json_value(r[_CHOICES])).get("outputs")),
                _json_cell(json_value(r[_LOGPROBS])), r[_CACHED] or ""]

@@ -391,7 +391,7 @@ _NOT_PARAMS = _TOP_KEYS - _PARAM_KEYS  # a line with only these keys has no per-
 
 
 def _parse(raw: bytes, line: int, limits: Limits) -> tuple[ParsedLine, bool]:
-    """parse_line, plus whether the line was JSON at all (for the is-this-JSONL check)."""
+    """parse_line, plus whether the line was a JSON object (for the is-this-JSONL check)."""
     cid = f"line-{line}"
 
     def fail(msg: str) -> ParsedLine:
@@ -415,7 +415,8 @@ def _parse(raw: bytes, line: int, limits: Limits) -> tuple[ParsedLine, bool]:
     except ValueError as e:  # NaN/Infinity, or an integer with too many digits
         return fail(f"invalid JSON: {e}"), False
     if not isinstance(obj, dict):
-        return fail(f"expected a JSON object, got {_json_type(obj)}"), True
+        # Not evidence of JSONL: a file holding one JSON array (or other value) is a JSON document.
+        return fail(f"expected a JSON object, got {_json_type(obj)}"), False
     if "custom_id" in obj:
         given = obj["custom_id"]
         if not isinstance(given, str):
@@ -518,7 +519,7 @@ def iter_parsed(fp: typing.BinaryIO, limits: Limits | None = None) -> Iterator[P
             yield parsed
             continue
         head.append(parsed)
-        if is_json:  # one JSON line is enough evidence: release what we held back
+        if is_json:  # one JSON object line is enough evidence: release what we held back
             yield from head
             head = None
         elif len(head) == _SNIFF_LINES:
@@ -533,6 +534,6 @@ def iter_parsed(fp: typing.BinaryIO, limits: Limits | None = None) -> Iterator[P
 def _refuse_not_jsonl(head: list[ParsedLine]) -> typing.NoReturn:
     # A CSV or plain-text file would otherwise become thousands of failed items.
     raise InputFileError(
-        "input file does not look like JSONL: first lines are not JSON",
+        "input file does not look like JSONL: first lines are not JSON objects",
         [p.error for p in head if p.error],
     )

@@ -89,7 +89,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
-    name: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200), index=True)  # jobs are looked up by name too
     model: Mapped[str] = mapped_column(String(300))
     status: Mapped[JobStatus] = mapped_column(_enum(JobStatus), default=JobStatus.queued, index=True)
     source: Mapped[str | None] = mapped_column(Text)  # the input file's path, for people
@@ -164,6 +164,8 @@ class Item(Base):
     # choices: choices 1..n-1 of an n > 1 line, [{"output", "finish_reason", "completion_tokens", "logprobs"}].
     logprobs: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     choices: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
+    # A note on a result that is not an error, e.g. that the context left less room than max_tokens.
+    warning: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         # One row per line: export order, and what makes a double submit of a line impossible.

@@ -11,11 +11,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import adapters as adapters_
-from .exceptions import InputFileError, InvalidState, JobNotFound
+from .exceptions import AmbiguousJob, InputFileError, InvalidState, JobNotFound
 from .inputs import iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
 from .settings import Settings
@@ -54,11 +54,21 @@ class Submitted:
     bad_lines: int = 0
 
 
-def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
+def get_job(session: Session, ref: str) -> Job:
+    """The job with this id, else the one job with this name (AmbiguousJob if several share it)."""
+    job = session.get(Job, ref)
+    if job is not None:
+        return job
+    named = list(session.scalars(select(Job).where(Job.name == ref).order_by(Job.created_at.desc())
+                                 .limit(MAX_LISTED_MATCHES + 1)))
+    if not named:
+        raise JobNotFound(ref)
+    if len(named) > 1:
+        raise AmbiguousJob(ref, [(j.id, j.status.value, j.created_at.isoformat()) for j in named])
+    return named[0]
+
+
+MAX_LISTED_MATCHES = 10  # jobs named in an ambiguous-name error
 
 
 class _ItemWriter:
@@ -256,6 +266,7 @@ def list_jobs(session: Session, limit: int = 20) -> list[Job]:
 def cancel(session: Session, job_id: str) -> Job:
     """Cancel pending work now; running micro-batches finish and their results are kept."""
     job = get_job(session, job_id)
+    job_id = job.id  # job_id may have been its name
     lock_job(session, job_id)  # first, as every writer of a job's rows does (see work.py)
     session.refresh(job)
     if job.status in (JobStatus.completed, JobStatus.cancelled):
@@ -277,27 +288,33 @@ RETRYABLE_ERRORS = ("engine_error", "out_of_memory")
 
 
 def retry(session: Session, job_id: str) -> list[int]:
-    """Requeue the failed items that can succeed on a second try; returns the chunks to queue."""
+    """Requeue the failed items that can succeed on a second try, and cancelled items (so a
+    cancelled job can be resumed); returns the chunks to queue."""
     job = get_job(session, job_id)
+    job_id = job.id  # job_id may have been its name
     lock_job(session, job_id)
     session.refresh(job)
     if job.status not in (JobStatus.completed, JobStatus.cancelled):
         raise InvalidState(f"job {job_id} is {job.status.value}; retry it once it has finished")
-    retryable = (Item.job_id == job_id, Item.status == ItemStatus.failed, Item.chunk_id.is_not(None),
-                 Item.error_code.in_(RETRYABLE_ERRORS))
+    # Failed items a second try can fix, and cancelled items (a cancelled job resumes). Bad input
+    # lines have no chunk.
+    retryable = (Item.job_id == job_id, Item.chunk_id.is_not(None),
+                 or_(and_(Item.status == ItemStatus.failed, Item.error_code.in_(RETRYABLE_ERRORS)),
+                     Item.status == ItemStatus.cancelled))
     chunk_ids = sorted(session.scalars(select(Item.chunk_id).where(*retryable).distinct()))
     if not chunk_ids:
         return []
+    moved = dict(session.execute(select(Item.status, func.count()).where(*retryable).group_by(Item.status)).all())
+    n_failed, n_cancelled = moved.get(ItemStatus.failed, 0), moved.get(ItemStatus.cancelled, 0)
     # Chunks before items (the lock order); a retried chunk gets its full number of attempts again.
     session.execute(update(Chunk).where(Chunk.id.in_(chunk_ids))
                     .values(status=ChunkStatus.pending, worker=None, attempts=0, last_error=None))
-    n = session.execute(
+    session.execute(
         update(Item).where(*retryable).values(
             status=ItemStatus.pending, output=None, finish_reason=None, error_code=None, error_message=None,
-            prompt_tokens=None, completion_tokens=None, cached_tokens=None, finished_at=None, latency_ms=None,
-            queued_at=utcnow())
-    ).rowcount
-    bump_counters(session, job_id, failed=-n, pending=n)
+            warning=None, prompt_tokens=None, completion_tokens=None, cached_tokens=None, finished_at=None,
+            latency_ms=None, queued_at=utcnow()))
+    bump_counters(session, job_id, failed=-n_failed, cancelled=-n_cancelled, pending=n_failed + n_cancelled)
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
     return chunk_ids
 

@@ -15,6 +15,17 @@ def _env_int(name: str, default: int) -> int:
     return int(raw) if raw not in (None, "") else default
 
 
+def normalize_database_url(url: str) -> str:
+    """Accept the libpq/Heroku spellings of a PostgreSQL URL and use the driver we ship (psycopg 3).
+
+    SQLAlchemy reads `postgresql://` as psycopg2, which is not installed, and refuses `postgres://`.
+    """
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 def home_dir() -> Path:
     return Path(os.environ.get("LLMBATCH_HOME") or Path.home() / ".llmbatch").expanduser()
 
@@ -74,6 +85,7 @@ class Settings:
             max_attempts=max(1, _env_int("LLMBATCH_MAX_ATTEMPTS", 3)),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values["database_url"] = normalize_database_url(values["database_url"])
         return cls(**values)
 
 

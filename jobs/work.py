@@ -65,6 +65,7 @@ class ItemResult:
     logprobs: list | None = None  # issue 10
     choices: list | None = None  # issue 10: choices 1..n-1
     cached_tokens: int = 0  # of prompt_tokens, from a shared prefix
+    warning: str | None = None
 
 
 def bump_counters(session: Session, job_id: str, **deltas: int) -> None:
@@ -179,7 +180,7 @@ _WRITE_RESULT = (
     .values(status=bindparam("_status"), output=bindparam("_output"), finish_reason=bindparam("_finish"),
             prompt_tokens=bindparam("_pt"), completion_tokens=bindparam("_ct"), cached_tokens=bindparam("_cached"),
             started_at=bindparam("_started"), finished_at=bindparam("_finished"), latency_ms=bindparam("_latency"),
-            error_code=bindparam("_code"), error_message=bindparam("_message"),
+            error_code=bindparam("_code"), error_message=bindparam("_message"), warning=bindparam("_warning"),
             logprobs=bindparam("_logprobs", type_=ITEMS.c.logprobs.type),
             choices=bindparam("_choices", type_=ITEMS.c.choices.type))
 )
@@ -205,7 +206,7 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
         rows.append(dict(_id=r.item_id, _status=r.status.value, _output=r.output, _finish=r.finish_reason,
                          _pt=r.prompt_tokens, _ct=r.completion_tokens, _started=r.started_at,
                          _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message,
-                         _logprobs=r.logprobs, _choices=r.choices, _cached=r.cached_tokens))
+                         _logprobs=r.logprobs, _choices=r.choices, _cached=r.cached_tokens, _warning=r.warning))
     written = session.execute(_WRITE_RESULT, rows).rowcount
     if written == len(rows):
         ok = sum(r.status is ItemStatus.succeeded for r in results)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -23,10 +22,16 @@ PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main s
 
 @pytest.fixture(scope="session", autouse=True)
 def _test_env(tmp_path_factory):
-    """Keep every test's state out of the real ~/.llmbatch; convert the bundled model once."""
+    """Keep every test's state out of the real ~/.llmbatch, except the converted bundled model.
+
+    That one is shared with the user's runs (one copy on disk, converted once): it is written
+    atomically (a rename) and only read after, so tests and users cannot disturb each other.
+    """
+    from llmbatch.jobs.settings import home_dir
+
+    os.environ.setdefault("LLMBATCH_MODEL_CACHE", str(home_dir() / "models"))  # before HOME moves
     home = tmp_path_factory.mktemp("llmbatch-home")
     os.environ["LLMBATCH_HOME"] = str(home)
-    os.environ.setdefault("LLMBATCH_MODEL_CACHE", str(Path.home() / ".cache" / "llmbatch-test-models"))
     os.environ.pop("LLMBATCH_DATABASE_URL", None)
     os.environ.pop("LLMBATCH_MODEL", None)
     yield

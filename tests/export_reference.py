@@ -42,7 +42,7 @@ def native_row(item: Item) -> dict:
         "finish_reason": item.finish_reason, "prompt_tokens": item.prompt_tokens,
         "completion_tokens": item.completion_tokens, "queued_at": _iso(item.queued_at),
         "started_at": _iso(item.started_at), "finished_at": _iso(item.finished_at),
-        "latency_ms": item.latency_ms, "worker": item.worker, "error": error,
+        "latency_ms": item.latency_ms, "worker": item.worker, "error": error, "warning": item.warning,
         **optional_fields(item.output, item.logprobs, item.choices),
         **({"cached_tokens": item.cached_tokens} if item.cached_tokens else {}),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -214,3 +215,46 @@ def test_top_p_zero_keeps_the_most_likely_token(engine):
     sampled = engine.generate_all([Request(id=0, prompt=PROMPTS[1], params=params)])[0]
     greedy_run = engine.generate_all([Request(id=0, prompt=PROMPTS[1], params=greedy(4))])[0]
     assert sampled.ok and sampled.token_ids == greedy_run.token_ids
+
+
+def test_a_cut_in_the_middle_of_a_character_drops_it(engine):
+    """max_tokens can end between the byte tokens of one character: no U+FFFD at the end."""
+    from llmbatch.worker.engine.generate import RowOutput, decode_output
+
+    ids = engine.tokenizer.encode("Hi 😀", add_special_tokens=False)
+    assert engine.tokenizer.decode(ids[:-1]).endswith("\ufffd")  # the emoji takes more than one token
+    cut = RowOutput(tokens=ids[:-1], finish_reason="length")
+    assert decode_output(engine.tokenizer, cut, engine.eos_ids) == "Hi "
+    whole = RowOutput(tokens=ids, finish_reason="length")
+    assert decode_output(engine.tokenizer, whole, engine.eos_ids) == "Hi 😀"
+
+
+def test_prompt_length_is_recorded_and_a_cut_max_tokens_is_said(engine):
+    small = variant(engine)
+    small.context_length = 24  # a small context, so short prompts reach it
+    too_long = " ".join(["word"] * 40)
+    fits = "one two three four five six seven eight nine ten"
+    n_long = len(engine.tokenizer(too_long)["input_ids"])
+    n_fits = len(engine.tokenizer(fits)["input_ids"])
+    res = small.generate_all([Request(id=0, prompt=too_long, params=greedy(4)),
+                              Request(id=1, prompt=fits, params=greedy(64, ignore_eos=True))])
+    assert res[0].error_code == "context_length_exceeded" and res[0].usage.prompt_tokens == n_long > 24
+    assert res[1].ok and res[1].usage.completion_tokens == 24 - n_fits and res[1].finish_reason == "length"
+    assert res[1].warning == f"max_tokens 64 cut to {24 - n_fits}: the prompt is {n_fits} tokens of the model's context of 24"
+    ok = small.generate_all([Request(id=2, prompt=fits, params=greedy(2))])[0]
+    assert ok.ok and ok.warning is None
+
+
+def test_the_converted_bundled_model_is_stored_in_16_bits(engine):
+    """Half the float32 copy; the loader quantizes it to NF4 anyway."""
+    from safetensors import safe_open
+
+    from llmbatch.worker.engine.loading import resolve_checkpoint
+
+    checkpoint = Path(resolve_checkpoint(engine.config))
+    files = list(checkpoint.glob("*.safetensors"))
+    assert files and checkpoint.name.endswith("-f16")
+    with safe_open(str(files[0]), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"F16"}
+    assert sum(p.stat().st_size for p in files) < 300 * 1024**2

@@ -179,3 +179,24 @@ def test_rich_export_equals_the_reference_rendering(db, settings, tmp_path):
         with db.read() as s:
             expected = "".join(export_reference.render(export_reference.iter_items(s, job.id), fmt, job))
         assert _export(db, job, fmt)[1] == expected, fmt
+
+
+def test_a_result_warning_is_exported_in_native_rows_and_csv_only(db, settings, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    with db.write() as s, open(path, "rb") as fp:
+        out = service.submit(s, fp, settings)
+    with db.write() as s:
+        chunk = work.claim_chunk(s, out.chunk_ids[0], "w", 30)
+        items = work.running_items(s, chunk.id)
+        work.record_results(s, chunk, "w", [
+            work.ItemResult(item_id=items[0].id, status=ItemStatus.succeeded, output="x", finish_reason="length",
+                            prompt_tokens=1, completion_tokens=1, warning="max_tokens 9 cut to 1: ..."),
+            work.ItemResult(item_id=items[1].id, status=ItemStatus.succeeded, output="y", finish_reason="stop",
+                            prompt_tokens=1, completion_tokens=1)], 30)
+    with db.read() as s:
+        job = s.get(Job, out.job.id)
+    rows = [json.loads(line) for line in _export(db, job, "jsonl")[1].splitlines()]
+    assert [r["warning"] for r in rows] == ["max_tokens 9 cut to 1: ...", None]
+    table = list(csv.DictReader(io.StringIO(_export(db, job, "csv")[1])))
+    assert [r["warning"] for r in table] == ["max_tokens 9 cut to 1: ...", ""]
+    assert all("warning" not in json.loads(line) for line in _export(db, job, "openai")[1].splitlines())

@@ -315,11 +315,15 @@ def test_jsonl_sniff_looks_at_five_lines_and_yields_nothing_first():
     it = iter_parsed(io.BytesIO(bad + _jsonl({"prompt": "x"})), LIMITS)
     with pytest.raises(InputFileError, match="does not look like JSONL"):
         next(it)
-    # One JSON value (even a non-object) among the first five is enough; bad lines become errors.
-    parsed = parse_all(b"not json\n" * 4 + b"[1]\n" + b"nope\n")
+    # One JSON object among the first five is enough; bad lines become errors.
+    parsed = parse_all(b"not json\n" * 3 + b"[1]\n" + _jsonl({"prompt": "x"}) + b"nope\n")
     assert [p.line for p in parsed] == [1, 2, 3, 4, 5, 6]
-    assert parsed[4].error == "line 5: expected a JSON object, got array"
+    assert parsed[3].error == "line 4: expected a JSON object, got array"
+    assert parsed[4].error is None
     assert parsed[5].error.startswith("line 6: invalid JSON:")
+    # Other JSON values are no evidence: a file of arrays is a JSON document, not JSONL.
+    with pytest.raises(InputFileError, match="does not look like JSONL"):
+        parse_all(b"[1]\n" * 5 + _jsonl({"prompt": "x"}))
 
 
 def test_max_items():

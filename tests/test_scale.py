@@ -231,7 +231,8 @@ def test_export_renders_every_state_like_the_reference(db, settings, tmp_path):
                                    prompt_tokens=3, completion_tokens=4 if i.line % 2 else 0,
                                    started_at=i.started_at, finished_at=i.started_at,
                                    error_code=None if i.line % 2 else "engine_error",
-                                   error_message=None if i.line % 2 else "@boom, \"quoted\" ünïcode")
+                                   error_message=None if i.line % 2 else "@boom, \"quoted\" ünïcode",
+                                   warning="=max_tokens cut, \"ü\"" if i.line % 4 == 1 else None)
                    for i in items]
         work.record_results(s, chunk, "w", results, 60)
     with db.write() as s:  # second chunk claimed and left running; the rest cancelled
@@ -241,7 +242,7 @@ def test_export_renders_every_state_like_the_reference(db, settings, tmp_path):
         job = s.get(Job, out.job.id)
         assert job.counts() == _aggregates(s, job.id)
     for fmt in export.FORMATS:
-        for only in (None, "succeeded", "failed", "cancelled"):
+        for only in (None, "succeeded", "failed", "cancelled", "pending", "running"):
             n, text = _export(db, job, fmt, only)
             assert text == _reference(db, job, fmt, only), (fmt, only)
 

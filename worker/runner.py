@@ -45,12 +45,17 @@ def _ts(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
-def to_item_result(r: Result) -> work.ItemResult:
+def to_item_result(r: Result, line: int | None = None) -> work.ItemResult:
+    """The row to write; `line` prefixes an error message, as bad input lines' errors are (the
+    engine knows requests, not lines)."""
+    message = r.error_message
+    if message is not None and line is not None:
+        message = f"line {line}: {message}"
     return work.ItemResult(
         item_id=r.id, status=ItemStatus.succeeded if r.ok else ItemStatus.failed, output=r.output,
         finish_reason=r.finish_reason, prompt_tokens=r.usage.prompt_tokens,
         completion_tokens=r.usage.completion_tokens, started_at=_ts(r.started_at), finished_at=_ts(r.finished_at),
-        error_code=r.error_code, error_message=r.error_message, logprobs=r.logprobs,
+        error_code=r.error_code, error_message=message, warning=r.warning, logprobs=r.logprobs,
         cached_tokens=r.usage.cached_tokens,
         choices=[{"output": c.output, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens,
                   "logprobs": c.logprobs} for c in r.choices] or None)
@@ -111,11 +116,13 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
         return outcome
     held: dict[int, Held] = {}
     owner: dict[int, int] = {}  # item id -> chunk id
+    lines: dict[int, int] = {}  # item id -> its input line
     heartbeat = Heartbeat(db, worker, lease_seconds)
 
     def hold(c: Chunk, its_items: list[Item]) -> list[Request]:
         held[c.id] = Held(c, {i.id for i in its_items})
         owner.update((i.id, c.id) for i in its_items)
+        lines.update((i.id, i.line) for i in its_items)
         heartbeat.chunks.add(c.id)
         return [to_request(i, job) for i in its_items]
 
@@ -142,7 +149,7 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
                 h = held.get(cid)
                 if h is None:
                     continue  # lost earlier: another worker has it
-                rows = [to_item_result(r) for r in rs]
+                rows = [to_item_result(r, lines.get(r.id)) for r in rs]
                 if not db.retrying(lambda s: work.record_results(s, h.chunk, worker, rows, lease_seconds)):
                     log.warning("lost the lease on chunk %s; another worker has it", cid)
                     outcome.lost = True

@@ -35,6 +35,7 @@ class Prepared:
     params: SamplingParams  # max_tokens clamped to the context left
     grammar: Any = None  # compiled grammar for json_object / json_schema
     adapter: int = -1  # stack slot of its LoRA adapter in self.lora; -1 = none
+    warning: str | None = None  # set when that clamp cut max_tokens, so the result can say so
 
     @property
     def need(self) -> int:
@@ -188,17 +189,20 @@ class Engine:
                 if room <= 0:
                     failed.append(Result.failure(
                         r.id, "context_length_exceeded",
-                        f"prompt is {len(ids)} tokens; the model's context is {self.context_length}"))
+                        f"prompt is {len(ids)} tokens; the model's context is {self.context_length}",
+                        usage=Usage(prompt_tokens=len(ids))))  # the real length, not 0
                     continue
-                params = r.params
+                params, warning = r.params, None
                 if params.max_tokens > room:
+                    warning = (f"max_tokens {params.max_tokens} cut to {room}: the prompt is {len(ids)} tokens "
+                               f"of the model's context of {self.context_length}")
                     params = SamplingParams(**{**params.__dict__, "max_tokens": room})
                 try:
                     grammar = self._grammar(params)
                 except ValueError as exc:
                     failed.append(Result.failure(r.id, "invalid_request", str(exc)))
                     continue
-                prepared.append(Prepared(r, ids, params, grammar))
+                prepared.append(Prepared(r, ids, params, grammar, warning=warning))
         return prepared, failed
 
     @property
@@ -360,7 +364,8 @@ class Engine:
                                   cached_tokens=row.cached),
                       started_at=row.started_at or started,
                       finished_at=max([row.finished_at, *(c.finished_at for c in more)]),
-                      token_ids=row.tokens, logprobs=self._logprobs(row), choices=choices)
+                      token_ids=row.tokens, logprobs=self._logprobs(row), choices=choices,
+                      warning=p.warning)
 
     def _text(self, token: int) -> str:
         if token not in self._token_text:

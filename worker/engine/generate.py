@@ -117,6 +117,10 @@ def decode_output(tokenizer, row: RowOutput, eos_ids: set[int], stops: tuple[str
     ended_by_eos = row.finish_reason == "stop" and row.stop_text is None
     tokens = row.tokens[:-1] if ended_by_eos and row.tokens and row.tokens[-1] in eos_ids else row.tokens
     text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if row.finish_reason == "length":
+        # max_tokens can end between the byte tokens of one character, which decodes to U+FFFD:
+        # drop that incomplete character rather than return a replacement mark.
+        text = text.rstrip("\ufffd")
     if row.stop_text:
         # Cut at the earliest match of any stop string: the one that ended the row, or another that
         # the same token completed further left.

@@ -92,17 +92,19 @@ class Result:
     # usage.completion_tokens counts every choice.
     logprobs: list[dict] | None = None
     choices: list["Choice"] = field(default_factory=list)
+    warning: str | None = None  # a note on a result that is not an error (max_tokens cut by the context)
 
     @property
     def ok(self) -> bool:
         return self.error_code is None
 
     @classmethod
-    def failure(cls, request_id: Any, code: str, message: str, started_at: float = 0.0) -> "Result":
+    def failure(cls, request_id: Any, code: str, message: str, started_at: float = 0.0,
+                usage: Usage | None = None) -> "Result":
         import time
 
         now = time.time()
-        return cls(id=request_id, error_code=code, error_message=message,
+        return cls(id=request_id, error_code=code, error_message=message, usage=usage or Usage(),
                    started_at=started_at or now, finished_at=now)
 
 
