@@ -535,6 +535,9 @@ def json_tokenizer(args, engine: Engine):
         return engine.tokenizer
     from transformers import AutoTokenizer
 
+    if args.json_tokenizer:  # a GPU machine without the bundled model: its tokenizer files, carried
+        return AutoTokenizer.from_pretrained(args.json_tokenizer)
+
     from llmbatch.worker.engine import loading
 
     path = loading.resolve_checkpoint(EngineConfig(model="smollm2-135m-instruct", cache_dir=args.cache_dir))
@@ -791,6 +794,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variant-prompts", type=int, help="prompts for the ablations (default --prompts)")
     ap.add_argument("--micro", action="store_true", help="also time one decode step, eager vs graph")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-tokenizer", help="workload json on the random model: a tokenizer directory (default: "
+                                                "the bundled SmolLM2's)")
     ap.add_argument("--fp32-check", action="store_true", help="shared workloads: sharing on vs off in float32")
     ap.add_argument("--adapter-dir", default="/tmp/llmbatch-random-adapters", help="workload adapters: where they go")
     ap.add_argument("--adapter-len", type=int, default=256, help="workload adapters: prompt length in tokens")
