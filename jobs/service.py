@@ -113,8 +113,10 @@ class _ItemWriter:
 
 def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: str | None = None,
            name: str | None = None, params: dict | None = None, strict: bool = False, source: str | None = None,
-           on_line: Callable[[int], None] | None = None) -> Submitted:
+           on_line: Callable[[int], None] | None = None, job: Job | None = None) -> Submitted:
     """Parse and store a JSONL file as a job, its items and its chunks.
+
+    `job`: an existing, still empty job row to fill (an HTTP batch, created before its file is parsed).
 
     Streams the file and stores it a batch at a time: the chunk rows of a batch in one
     multi-row INSERT ... RETURNING, then its items in bulk (COPY on PostgreSQL, executemany on
@@ -124,11 +126,12 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     """
     params = validate_params(params or {}, "job parameters", limits=settings.limits)
     now = utcnow()
-    job = Job(model=model or settings.model, name=name, params=params, source=source, status=JobStatus.queued,
-              created_at=now, total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
-              prompt_tokens=0, completion_tokens=0)
-    session.add(job)
-    session.flush()
+    if job is None:
+        job = Job(model=model or settings.model, name=name, params=params, source=source, status=JobStatus.queued,
+                  created_at=now, total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
+                  prompt_tokens=0, completion_tokens=0)
+        session.add(job)
+        session.flush()
     job_id = job.id
     out = Submitted(job=job)
     writer = _ItemWriter(session)
@@ -228,7 +231,7 @@ def list_jobs(session: Session, limit: int = 20) -> list[Job]:
 def cancel(session: Session, job_id: str) -> Job:
     """Cancel pending work now; running micro-batches finish and their results are kept."""
     job = get_job(session, job_id)
-    if job.status in (JobStatus.completed, JobStatus.cancelled):
+    if job.status in (JobStatus.completed, JobStatus.cancelled, JobStatus.failed):
         raise InvalidState(f"job {job_id} is already {job.status.value}")
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
     n = session.execute(

@@ -48,6 +48,8 @@ class Settings:
     # Rows generated together; 0 lets the engine size batches from the memory it has.
     max_batch_size: int = 0
     double_quant: bool = False
+    # Files uploaded over the HTTP API (`llmbatch serve`).
+    files_dir: Path | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -63,6 +65,7 @@ class Settings:
             engine=os.environ.get("LLMBATCH_ENGINE") or "model",
             max_batch_size=_env_int("LLMBATCH_MAX_BATCH_SIZE", 0),
             double_quant=os.environ.get("LLMBATCH_DOUBLE_QUANT", "").lower() in ("1", "true", "yes"),
+            files_dir=Path(os.environ.get("LLMBATCH_FILES_DIR") or home / "files"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
