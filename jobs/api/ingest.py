@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import lru_cache
 from threading import Lock
@@ -27,6 +28,11 @@ def _database(url: str) -> Database:
     return Database(url)
 
 
+def _lower_priority() -> None:
+    # Parsing is background work: on a busy machine, requests to the server go first.
+    os.nice(10)
+
+
 def _ingest(settings: Settings, job_id: str) -> str:
     """Runs in the child process."""
     return batches.ingest(_database(settings.database_url), settings, job_id)
@@ -37,7 +43,8 @@ class Ingestor:
 
     def __init__(self, settings: Settings, processes: int = 1):
         self.settings = settings
-        self.pool = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_lower_priority)
         self.in_flight: set[str] = set()
         self.lock = Lock()
 
