@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -222,6 +223,7 @@ def run(args) -> dict:
         if args.backend == "postgresql":
             _pg_schema(args.postgres_url, schema, drop=True)
         _drop_queue(args.redis_url, "api-load-model")
+        shutil.rmtree(run_dir, ignore_errors=True)  # the database and the uploaded copy: hundreds of MB
     ms = [x * 1000 for x in latencies]
     return {
         "backend": args.backend, "lines": args.lines, "input_mb": input_path.stat().st_size / 1e6,
