@@ -28,6 +28,8 @@ RUN useradd --create-home --uid 1000 llmbatch \
  && chown llmbatch:llmbatch /data
 USER llmbatch
 VOLUME ["/data"]
+# `llmbatch serve` (the api service in docker-compose.yml).
+EXPOSE 8000
 
 ENTRYPOINT ["llmbatch"]
 CMD ["--help"]

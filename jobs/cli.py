@@ -16,7 +16,7 @@ from .exceptions import BrokerUnavailable, LLMBatchError
 from .inputs import PARAM_NAMES, validate_params
 from .settings import Limits, Settings, redact_url
 
-FINAL_JOB_STATES = ("completed", "cancelled")
+FINAL_JOB_STATES = ("completed", "cancelled", "failed")
 ITEM_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 
 
@@ -495,6 +495,44 @@ def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs,
         job = get_job(s, job.id)
     click.echo(f"{job.succeeded} succeeded, {job.failed} failed; {rows} result(s) written to", err=True)
     click.echo(str(output))
+
+
+@cli.command()
+@click.option("--host", envvar="LLMBATCH_HOST", default="127.0.0.1", show_default=True,
+              help="Address to bind [env LLMBATCH_HOST]; without API keys only a loopback address.")
+@click.option("--port", envvar="LLMBATCH_PORT", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="[env LLMBATCH_PORT]")
+@click.option("--loglevel", default="info", show_default=True)
+@pass_ctx
+@handle_errors
+def serve(ctx, host, port, loglevel):
+    """Serve the OpenAI Files and Batches API, the dashboard and /metrics over HTTP.
+
+    API keys come only from the environment (LLMBATCH_API_KEYS, comma-separated), never a flag,
+    so they stay out of process listings and shell history.
+    """
+    import ipaddress
+    import logging
+
+    import uvicorn
+
+    from .api.app import create_app
+    from .api.auth import keys_from_env
+
+    keys = keys_from_env()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not keys and not loopback:
+        raise click.ClickException(
+            f"refusing to serve on {host} without API keys: anyone who can reach it could read and cancel every "
+            f"job. Set LLMBATCH_API_KEYS, or bind a loopback address such as 127.0.0.1")
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(ctx.settings, keys)
+    click.echo(f"llmbatch serve: http://{host}:{port}/ ({len(keys)} API key(s)), database "
+               f"{redact_url(ctx.settings.database_url)}, broker {redact_url(ctx.settings.broker_url)}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=loglevel.lower())
 
 
 @cli.group()

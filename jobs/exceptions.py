@@ -44,3 +44,20 @@ class InvalidState(LLMBatchError):
 
 class BrokerUnavailable(LLMBatchError):
     """The job is stored but its work could not be queued."""
+
+
+class FileNotFound(LLMBatchError):
+    def __init__(self, file_id: str):
+        super().__init__(f"no file with id {file_id!r}")
+
+
+class FileTooLarge(InputFileError):
+    """An upload over LLMBATCH_MAX_FILE_BYTES; nothing of it is kept."""
+
+
+class InvalidRequest(LLMBatchError):
+    """An HTTP API request with a missing or wrong parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

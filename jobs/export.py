@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Iterator
 
-from sqlalchemy import String, func, literal, select
+from sqlalchemy import String, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from .models import Item, ItemStatus, Job
@@ -74,17 +74,20 @@ def _adapter_column(dialect: str):
     return func.json_extract(r, literal("$.adapter", String))
 
 
-def _query(dialect: str, job_id: str, only: str | None, with_request: bool, with_adapter: bool = False):
+def _query(dialect: str, job_id: str, only: str | tuple[str, ...] | None, with_request: bool,
+           with_adapter: bool = False):
     t = Item.__table__
     cols = [t.c[name] for name in _NATIVE] + (_request_columns(dialect) if with_request else [])
     cols += [_adapter_column(dialect)] if with_adapter else []  # last: row[-1]
     query = select(*cols).where(t.c.job_id == literal(job_id, String)).order_by(t.c.line)
     if only:
-        query = query.where(t.c.status == literal(ItemStatus(only).value, String))
+        # OR of equalities, not IN: an IN list compiles to a parameter the raw cursor cannot take.
+        states = (only,) if isinstance(only, str) else only
+        query = query.where(or_(*[t.c.status == literal(ItemStatus(s).value, String) for s in states]))
     return query
 
 
-def _rows(session: Session, job_id: str, only: str | None, with_request: bool,
+def _rows(session: Session, job_id: str, only: str | tuple[str, ...] | None, with_request: bool,
           with_adapter: bool = False) -> Iterator[list[tuple]]:
     """Batches of plain tuples, in line order, from one SELECT in the session's transaction.
 
@@ -291,8 +294,9 @@ def _json_cell(value) -> str:
     return "" if value is None else escape_cell(_encode(value))
 
 
-def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl", only: str | None = None) -> int:
-    """Write the export to `out`; returns the rows written.
+def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl",
+           only: str | tuple[str, ...] | None = None) -> int:
+    """Write the export to `out`; returns the rows written. `only`: one item status, or several.
 
     One SELECT inside one read transaction, so the export is a consistent snapshot even while
     workers keep writing. Rows are read and written a batch at a time: memory stays flat.

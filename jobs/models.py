@@ -29,6 +29,10 @@ def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex[:16]
 
 
+def new_file_id() -> str:
+    return "file-" + uuid.uuid4().hex[:24]
+
+
 class UTCDateTime(TypeDecorator):
     """Aware UTC datetimes on every backend: SQLite stores them naive, so tag them on the way out."""
 
@@ -51,6 +55,8 @@ class Base(DeclarativeBase):
 
 
 class JobStatus(str, enum.Enum):
+    validating = "validating"  # an HTTP batch whose input file is not parsed yet
+    failed = "failed"  # that file could not be used at all (empty, not JSONL, over a limit)
     queued = "queued"
     running = "running"
     completed = "completed"
@@ -108,6 +114,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # SHA-256 of the API key that created the job over HTTP (never the key); None from the CLI.
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
 
     COUNTERS = ("pending", "running", "succeeded", "failed", "cancelled")
 
@@ -172,3 +180,30 @@ class Item(Base):
         Index("uq_items_job_id_line", "job_id", "line", unique=True),
         Index("ix_items_job_id_status", "job_id", "status"),
     )
+
+
+class File(Base):
+    """An uploaded input file (OpenAI Files API); its bytes live under LLMBATCH_FILES_DIR/<id>."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_file_id)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)  # SHA-256 of the API key
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Batch(Base):
+    """The OpenAI Batches API's view of a job created over HTTP: one row per such job, same id."""
+
+    __tablename__ = "batches"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    input_file_id: Mapped[str] = mapped_column(String(40))  # no FK: deleting the file keeps the batch
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    # `metadata` is taken on declarative classes.
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    error: Mapped[str | None] = mapped_column(Text)  # why validation failed (job status `failed`)

@@ -127,8 +127,11 @@ class _ItemWriter:
 
 def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: str | None = None,
            name: str | None = None, params: dict | None = None, strict: bool = False, source: str | None = None,
-           on_line: Callable[[int], None] | None = None, adapters: adapters_.Adapters | None = None) -> Submitted:
+           on_line: Callable[[int], None] | None = None, adapters: adapters_.Adapters | None = None,
+           job: Job | None = None) -> Submitted:
     """Parse and store a JSONL file as a job, its items and its chunks.
+
+    `job`: an existing, still empty job row to fill (an HTTP batch, created before its file is parsed).
 
     Streams the file and stores it a batch at a time: the chunk rows of a batch in one
     multi-row INSERT ... RETURNING, then its items in bulk (COPY on PostgreSQL, executemany on
@@ -139,12 +142,13 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     params = validate_params(params or {}, "job parameters", limits=settings.limits)
     adapters = adapters_.check_sources(adapters or adapters_.Adapters())  # issue 11: before anything is stored
     now = utcnow()
-    job = Job(model=model or settings.model, name=name, params=params, source=source, status=JobStatus.queued,
-              adapters=adapters.names or None,
-              created_at=now, total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
-              prompt_tokens=0, completion_tokens=0, cached_tokens=0)
-    session.add(job)
-    session.flush()
+    if job is None:  # the HTTP API makes the job first, while its file is validated
+        job = Job(model=model or settings.model, name=name, params=params, source=source, status=JobStatus.queued,
+                  adapters=adapters.names or None,
+                  created_at=now, total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
+                  prompt_tokens=0, completion_tokens=0, cached_tokens=0)
+        session.add(job)
+        session.flush()
     job_id = job.id
     out = Submitted(job=job)
     writer = _ItemWriter(session)
@@ -269,7 +273,7 @@ def cancel(session: Session, job_id: str) -> Job:
     job_id = job.id  # job_id may have been its name
     lock_job(session, job_id)  # first, as every writer of a job's rows does (see work.py)
     session.refresh(job)
-    if job.status in (JobStatus.completed, JobStatus.cancelled):
+    if job.status in (JobStatus.completed, JobStatus.cancelled, JobStatus.failed):
         raise InvalidState(f"job {job_id} is already {job.status.value}")
     session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
     n = session.execute(

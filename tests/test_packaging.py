@@ -18,6 +18,9 @@ def test_a_real_install_exposes_only_the_llmbatch_namespace(tmp_path):
     # From a directory other than the repository, with only the install on the path.
     probe = ("import importlib.util as u, llmbatch.jobs.cli, llmbatch.worker.app, llmbatch.jobs.db as d;"
              "assert d.MIGRATIONS_DIR.joinpath('versions').is_dir(), d.MIGRATIONS_DIR;"
+             # The dashboard's templates ship with the package, and load from the install.
+             "import llmbatch.jobs.api.dashboard as dash; assert dash.__file__.startswith(sys.path[0]), dash.__file__;"
+             "dash.TEMPLATES.get_template('index.html'); dash.TEMPLATES.get_template('job.html');"
              "print([n for n in ('jobs', 'worker', 'migrations') if u.find_spec(n)])")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,1 @@
+"""`llmbatch serve`: the HTTP API (OpenAI Files and Batches), the dashboard and /metrics."""
