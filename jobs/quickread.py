@@ -20,19 +20,41 @@ from .exceptions import AmbiguousJob, JobNotFound
 COLUMNS = ("id", "name", "status", "model", "total", "pending", "running", "succeeded", "failed", "cancelled",
            "prompt_tokens", "completion_tokens", "created_at", "started_at", "finished_at")
 _TIMES = ("created_at", "started_at", "finished_at")
-_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM jobs"
 MAX_LISTED_MATCHES = 10  # as service.MAX_LISTED_MATCHES
+# Literal statements, one per driver's placeholder style (no SQL is built by formatting strings);
+# the columns are COLUMNS, in order.
+_QUERIES = {
+    "?": {
+        "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                 "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs WHERE id = ?",
+        "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                   "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                   "WHERE name = ? ORDER BY created_at DESC LIMIT ?",
+        "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                  "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                  "ORDER BY created_at DESC LIMIT ?",
+    },
+    "%s": {
+        "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                 "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs WHERE id = %s",
+        "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                   "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                   "WHERE name = %s ORDER BY created_at DESC LIMIT %s",
+        "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                  "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                  "ORDER BY created_at DESC LIMIT %s",
+    },
+}
 
 
 class _Reader:
     def __init__(self, conn, placeholder: str, sqlite: bool):
         self.conn, self.ph, self.sqlite = conn, placeholder, sqlite
 
-    def rows(self, where: str, args: tuple) -> list[dict]:
-        sql = _SELECT + where.replace("?", self.ph)
+    def rows(self, query: str, args: tuple) -> list[dict]:
         cur = self.conn.cursor()
         try:
-            cur.execute(sql, args)
+            cur.execute(_QUERIES[self.ph][query], args)
             return [self._summary(row) for row in cur.fetchall()]
         finally:
             cur.close()
@@ -89,10 +111,10 @@ def job_summary(url: str, ref: str) -> dict | None:
     """service.job_summary(service.get_job(ref)); None when only the full path can tell."""
 
     def find(r: _Reader) -> dict:
-        by_id = r.rows(" WHERE id = ?", (ref,))
+        by_id = r.rows("by_id", (ref,))
         if by_id:
             return by_id[0]
-        named = r.rows(f" WHERE name = ? ORDER BY created_at DESC LIMIT {MAX_LISTED_MATCHES + 1}", (ref,))
+        named = r.rows("by_name", (ref, MAX_LISTED_MATCHES + 1))
         if not named:
             raise JobNotFound(ref)
         if len(named) > 1:
@@ -104,4 +126,4 @@ def job_summary(url: str, ref: str) -> dict | None:
 
 def recent_jobs(url: str, limit: int) -> list[dict] | None:
     """[service.job_summary(j) for j in service.list_jobs(limit)]; None when only the full path can tell."""
-    return _read(url, lambda r: r.rows(" ORDER BY created_at DESC LIMIT ?", (int(limit),)))
+    return _read(url, lambda r: r.rows("recent", (int(limit),)))
