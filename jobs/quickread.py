@@ -18,7 +18,7 @@ from .exceptions import AmbiguousJob, JobNotFound
 
 # service.job_summary's keys, in its order; the SELECT reads them in this order.
 COLUMNS = ("id", "name", "status", "model", "total", "pending", "running", "succeeded", "failed", "cancelled",
-           "prompt_tokens", "completion_tokens", "created_at", "started_at", "finished_at")
+           "prompt_tokens", "completion_tokens", "cached_tokens", "created_at", "started_at", "finished_at")
 _TIMES = ("created_at", "started_at", "finished_at")
 MAX_LISTED_MATCHES = 10  # as service.MAX_LISTED_MATCHES
 # Literal statements, one per driver's placeholder style (no SQL is built by formatting strings);
@@ -26,22 +26,22 @@ MAX_LISTED_MATCHES = 10  # as service.MAX_LISTED_MATCHES
 _QUERIES = {
     "?": {
         "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                 "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs WHERE id = ?",
+                 "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs WHERE id = ?",
         "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                   "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                   "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
                    "WHERE name = ? ORDER BY created_at DESC LIMIT ?",
         "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                  "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                  "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
                   "ORDER BY created_at DESC LIMIT ?",
     },
     "%s": {
         "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                 "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs WHERE id = %s",
+                 "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs WHERE id = %s",
         "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                   "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                   "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
                    "WHERE name = %s ORDER BY created_at DESC LIMIT %s",
         "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                  "prompt_tokens, completion_tokens, created_at, started_at, finished_at FROM jobs "
+                  "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
                   "ORDER BY created_at DESC LIMIT %s",
     },
 }
