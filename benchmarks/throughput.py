@@ -843,6 +843,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif wl == "adapters":  # issue 11: contenders of its own
             print(f"== adapters: {args.prompts} prompts", flush=True)
             res["workloads"][wl] = adapters_benchmark(engine, args, words)
+        if wl in EXTRA_WORKLOADS + SHARED_WORKLOADS + ("adapters",):
             continue
         items = make_workload(wl, args.prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
         out: dict = {"prompts": len(items)}
