@@ -145,10 +145,10 @@ def test_single_item_oom_fails_alone(engine, monkeypatch):
     poison = engine.tokenizer(PROMPTS[2])["input_ids"]
     real_prefill = Runner.prefill
 
-    def prefill(self, first_slot, ids, lengths):
+    def prefill(self, first_slot, ids, lengths, *shared):
         if any(row[:len(poison)] == poison for row in ids.tolist()):
             raise torch.OutOfMemoryError("pretend this prompt needs more memory than the device has")
-        return real_prefill(self, first_slot, ids, lengths)
+        return real_prefill(self, first_slot, ids, lengths, *shared)
 
     monkeypatch.setattr(Runner, "prefill", prefill)
     e = variant(engine)
@@ -199,10 +199,10 @@ def test_poison_in_generation_fails_alone(engine, monkeypatch):
     poison = engine.tokenizer(PROMPTS[3])["input_ids"]
     real_prefill = Runner.prefill
 
-    def prefill(self, first_slot, ids, lengths):
+    def prefill(self, first_slot, ids, lengths, *shared):
         if any(row[:len(poison)] == poison for row in ids.tolist()):
             raise RuntimeError("poisoned prompt")
-        return real_prefill(self, first_slot, ids, lengths)
+        return real_prefill(self, first_slot, ids, lengths, *shared)
 
     monkeypatch.setattr(Runner, "prefill", prefill)
     res = variant(engine).generate_all([Request(id=i, prompt=p, params=greedy(4)) for i, p in enumerate(PROMPTS)])

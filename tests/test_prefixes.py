@@ -13,8 +13,12 @@ SYSTEM = ("You are a careful assistant that sorts customer messages into one of 
           "and nothing else. Be consistent and do not explain your answer. ") * 2
 OTHER = ("You translate English into French. Keep the tone of the original, keep names as they are, and answer "
          "with the translation only, without quotes or notes of any kind, however short the text is. ") * 2
+# On the CPU, bitsandbytes' 4-bit matmuls give slightly different hidden states for the same positions
+# in forwards of different lengths (transformers' own forward too: 0.03 at layer 15 of SmolLM2 between
+# a 111- and a 120-token pass), so shared and unshared runs agree token for token only where the model
+# has a clear choice. These questions have no near-tie ("Hello!" has one: 30.99 against 30.91).
 QUESTIONS = ["My package never arrived.", "I was charged twice.", "The app crashes on start.",
-             "Can I send it back?", "Hello!", "Where is my refund?"]
+             "Can I send it back?", "My card was declined.", "Where is my refund?"]
 
 
 def variant(engine, **overrides) -> Engine:
@@ -81,9 +85,10 @@ def test_two_prefixes_in_one_batch_and_a_prompt_equal_to_the_whole_prefix(engine
 
 
 def test_rows_that_finish_are_refilled_while_the_prefix_is_shared(engine):
-    # A cache of 12 blocks: a few rows at a time, so finished rows make room for waiting ones.
+    # Room for one stored prefix and about 12 blocks: a few rows at a time, so finished rows make room for
+    # waiting ones.
     requests = [chat(i, SYSTEM, QUESTIONS[i % 6] + " " * (i // 6), n=2 + i % 5) for i in range(12)]
-    e = variant(engine, max_batch_tokens=12 * 16)
+    e = variant(engine, max_batch_tokens=4 * 16 + 2 * 128)
     on = e.generate_all(requests)
     assert e.stats.prefills > 2  # admitted in several rounds
     off = variant(engine, shared_prefix_min=0).generate_all(requests)

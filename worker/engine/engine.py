@@ -297,11 +297,15 @@ class Engine:
         CPU it is as large as this batch needs (at least 4,096 tokens, so fed chunks fit too).
         """
         r, c = self.runner, self.config
-        prefixes = c.prefix_slots if c.shared_prefix_min > 0 else 0
+        total = self.token_budget()
         prefix_len = c.prefix_max_len if self.device.type == "cuda" else \
             min(c.prefix_max_len, max((len(p.ids) for p in batch), default=1))
-        # The prefix store comes out of the same budget as the blocks.
-        budget = max(1, (self.token_budget() - prefixes * prefix_len) // BLOCK)
+        # The prefix store comes out of the same budget as the blocks, half of it at most; with no
+        # room for one prefix worth sharing, there is none.
+        prefixes = min(c.prefix_slots, total // 2 // max(prefix_len, 1)) if c.shared_prefix_min > 0 else 0
+        if not prefixes or prefix_len < c.shared_prefix_min:
+            prefixes = prefix_len = 0
+        budget = max(1, (total - prefixes * prefix_len) // BLOCK)
         if self.device.type == "cuda":
             want, rows = budget, c.max_batch_size
         else:

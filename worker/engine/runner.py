@@ -124,6 +124,7 @@ class Runner:
         self.block_table = torch.full((slots, self.width), blocks, dtype=torch.int32, device=self.device)
         self.free_blocks = list(range(blocks - 1, -1, -1))  # a stack: pop() takes the lowest id
         self.refs = [0] * blocks  # rows holding each block: several when they share a prompt (fork)
+        self.held = 0  # free blocks promised to forks that follow a prefill
         self.owned: list[list[int]] = [[] for _ in range(slots)]  # host copy of each slot's blocks
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] token fed to each row
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] its position
