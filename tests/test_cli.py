@@ -175,7 +175,7 @@ def test_response_format_flags_set_the_job_default(invoke, db_url, tmp_path):
     unreadable = invoke("submit", path, "--json-schema", bad)
     assert unreadable.exit_code == 2 and "not a JSON file" in unreadable.output
     out_of_range = invoke("submit", path, "--temperature", "5")
-    assert out_of_range.exit_code == 2 and "'temperature' must be between 0 and 2, got 5.0" in out_of_range.output
+    assert out_of_range.exit_code == 2 and "must be between 0 and 2, got 5.0" in out_of_range.output
 
 
 def test_a_database_error_is_named_as_itself_not_as_unavailable(sqlite_url, broker_url, tmp_path):

@@ -70,7 +70,8 @@ def test_openai_format(db, settings, tmp_path):
     body = chat["response"]["body"]
     assert body["object"] == "chat.completion" and body["model"] == "gpt-4o"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "@here"}
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert text["response"]["body"]["object"] == "text_completion"
     assert text["response"]["body"]["choices"][0]["text"] == "plain"
     assert bad["response"] is None and bad["error"]["code"] == "invalid_input"

@@ -198,7 +198,7 @@ def test_export_of_10k_results_is_complete_in_order_and_matches_the_reference(bi
 
     n, text = _export(db, job, "csv")
     table = list(csv.reader(io.StringIO(text, newline="")))
-    assert n == N and table[0] == list(export.COLUMNS) and len(table) == N + 1
+    assert n == N and table[0] == list(export.CSV_COLUMNS) and len(table) == N + 1
     assert [int(r[1]) for r in table[1:]] == list(range(1, N + 1))
     assert [r[0] for r in table[1:]] == ids
     for r in table[1:]:
@@ -277,11 +277,22 @@ def test_status_reads_the_job_row_and_never_the_items(big):
     def seen(conn, cursor, statement, parameters, context, executemany):
         statements.append(statement.lower())
 
+    # status reads through the DB-API driver first (quickread.py), SQLAlchemy when that cannot tell.
+    from llmbatch.jobs import quickread
+
+    real_rows = quickread._Reader.rows
+
+    def rows(self, query, args):
+        statements.append(quickread._QUERIES[self.ph][query].lower())
+        return real_rows(self, query, args)
+
     event.listen(Engine, "before_cursor_execute", seen)
+    quickread._Reader.rows = rows
     try:
         result = CliRunner().invoke(cli, ["--database-url", db.url, "status", job_id, "--json"])
     finally:
         event.remove(Engine, "before_cursor_execute", seen)
+        quickread._Reader.rows = real_rows
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["pending"] == N - N // BAD_EVERY + 1000 and summary["total"] == N

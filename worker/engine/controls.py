@@ -163,4 +163,7 @@ class StepControls:
                 r.out.logprobs.append((tokens[j], lp, list(zip(ti[:k], tl[:k]))))
         for j in b["grammar"]:
             # A refused token cannot happen (it was masked); should it, the row ends by max_tokens.
-            accept(self.rows[lo + j].matcher, tokens[j])
+            # A terminated matcher belongs to a finished row taking its one extra step: nothing to accept.
+            m = self.rows[lo + j].matcher
+            if not m.is_terminated():
+                accept(m, tokens[j])

@@ -380,11 +380,12 @@ class Engine:
         """The row's (id, logprob, top) triples as OpenAI-shaped entries with token text."""
         if row.logprobs is None:
             return None
+        # One entry per kept token: a finished row's one extra step (scheduler.py) made one more.
         # A token the grammar forbids has logprob -inf, which JSON cannot hold: it is left out of the
         # alternatives; OpenAI's floor, -9999.0, stands for it anywhere else.
         return [{"token": self._text(t), "logprob": max(lp, -9999.0),
                  "top_logprobs": [{"token": self._text(a), "logprob": alp} for a, alp in top if alp > -1e30]}
-                for t, lp, top in row.logprobs]
+                for t, lp, top in row.logprobs[:len(row.tokens)]]
 
     def _free_memory(self) -> None:
         if self.runner is not None:

@@ -85,8 +85,16 @@ class Grammars:
         return self.xgr.GrammarMatcher(compiled)
 
     def fill(self, matchers: list, rows: list[int], bitmask: torch.Tensor) -> None:
-        """Write the allowed next tokens of matchers[i] into bitmask[rows[i]] (CPU int32 [B, W])."""
-        self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        """Write the allowed next tokens of matchers[i] into bitmask[rows[i]] (CPU int32 [B, W]).
+
+        A matcher that has accepted its stop token has no next token: its row (a finished row that
+        the scheduler decodes one step more, and whose token it drops) allows every token."""
+        live = [(m, r) for m, r in zip(matchers, rows) if not m.is_terminated()]
+        for m, r in zip(matchers, rows):
+            if m.is_terminated():
+                bitmask[r] = -1
+        if live:
+            self.batch.batch_fill_next_token_bitmask([m for m, _ in live], bitmask, [r for _, r in live])
 
 
 def _reason(exc: Exception) -> str:
