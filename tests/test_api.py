@@ -362,18 +362,21 @@ def test_metrics(serve, tmp_path, broker_url):
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
                                   extra_body={"model": "metrics-model"})
     wait_batch(client, batch.id, ("in_progress",))
+    from llmbatch.worker.app import queue_name
+
+    queue = queue_name("metrics-model")  # a readable slug plus a hash
     # The chunk is published just after the parse commits (which makes the batch in_progress).
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         text = http("GET", server.url + "/metrics").text
-        if 'queue="llmbatch.metrics-model"} 0.0' not in text:
+        if f'queue="{queue}"}} 0.0' not in text:
             break
         time.sleep(0.2)
     assert 'llmbatch_items{model="metrics-model",state="pending"} 3.0' in text
     assert 'llmbatch_items{model="metrics-model",state="failed"} 1.0' in text
     assert 'llmbatch_tokens_total{kind="completion",model="metrics-model"} 0.0' in text
     # No worker takes this model: its one chunk (chunks of 1024) waits in its Redis list.
-    assert 'llmbatch_queue_depth{model="metrics-model",queue="llmbatch.metrics-model"} 1.0' in text
+    assert f'llmbatch_queue_depth{{model="metrics-model",queue="{queue}"}} 1.0' in text
     assert "llmbatch_broker_up 1.0" in text
 
 
