@@ -190,7 +190,11 @@ def test_cancel_mid_run_stops_within_one_micro_batch_and_keeps_results(db_url, b
     late = [r for r in rows if r["status"] == "succeeded" and datetime.fromisoformat(r["finished_at"]) > cancelled_at]
     assert len(late) <= batch, f"{len(late)} rows were generated after the cancel: it ran on past the micro-batch"
     assert status["cancelled"] >= n - status["succeeded"] and status["cancelled"] > n // 2
-    assert invoke("retry", job_id).stdout.strip().endswith("nothing to retry")
+    # retry resumes a cancelled job: its cancelled items go back to pending, the succeeded ones stay.
+    assert invoke("retry", job_id).stdout.strip().endswith("requeued 1 chunk(s)")
+    after = json.loads(invoke("status", job_id, "--json").stdout)
+    assert (after["status"], after["pending"], after["succeeded"]) == ("queued", status["cancelled"],
+                                                                       status["succeeded"])
 
 
 class _Exploit:
