@@ -23,7 +23,7 @@ def test_smoke_runs_every_workload_and_the_engine_computes_what_generate_does(tm
     # Greedy in float32: the paged engine and `generate` choose the same tokens, up to one near-tie of six.
     # On the CPU, bitsandbytes' 4-bit path gives slightly different numbers for the same row in a padded
     # batch of four and in the engine's own shapes; tests/test_engine.py compares at equal shapes, exactly.
-    assert w["fixed"]["match32"] >= 5 / 6
+    assert w["fixed"]["match32"] >= 0.83  # 5 of 6 (match_rate rounds to 4 places)
     # Mixed: one long line of 8x the tokens, all made, judged against fixed's engine.
     assert w["mixed"]["engine"]["output_tokens"] == (n - 1) * new + 8 * new
     assert "baseline" not in w["mixed"] and w["mixed"]["vs_fixed"] > 0
@@ -70,7 +70,7 @@ def test_smoke_shared_prefix_workloads(tmp_path):
         n = w["prompts"]  # --smoke keeps 6
         assert w["on"]["errors"] == w["off"]["errors"] == 0
         assert w["on"]["output_tokens"] == w["off"]["output_tokens"] == w["baseline"]["output_tokens"] == n * 8
-        assert w["match32_on_off"] >= 5 / 6  # float32 on the CPU: the same tokens, up to one near-tie (above)
+        assert w["match32_on_off"] >= 0.83  # 5 of 6; float32 on the CPU: the same tokens, up to one near-tie (above)
         # Each distinct prefix is prefilled once instead of once per line.
         saved = w["off"]["prompt_tokens_computed"] - w["on"]["prompt_tokens_computed"]
         assert saved >= (n - prefixes) * (w["prefix_tokens"] - 16), (name, saved)
