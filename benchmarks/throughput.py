@@ -492,6 +492,22 @@ def check_kernel(engine: Engine) -> dict:
             out[f"{str(dtype)[6:]}_rows{B}"] = round(err, 7)
             if not err < tol or not torch.allclose(lse, ref_lse, atol=tol * 10):
                 raise SystemExit(f"paged kernel disagrees with the reference: {dtype} rows {B} rel err {err}")
+        # The shared-prefix kernel against its reference: 4 prefixes, rows in no order, some with none.
+        pk, pv = (torch.randn(4, d.kv_heads, 1100, d.head_dim, device=dev, dtype=dtype) for _ in range(2))
+        plens = torch.tensor([1024, 1100, 64, 300], device=dev)
+        for B in (5, 300):
+            prefix_of = torch.randint(-1, 4, (B,), device=dev)
+            q = torch.randn(B, d.q_heads, d.head_dim, device=dev, dtype=dtype)
+            ref, ref_lse = paged.attend_prefixes(q, pk, pv, prefix_of, plens, 0.088)
+            order, starts = paged.prefix_rows(prefix_of, 4)
+            o, lse = paged.attend_prefixes_triton(q, pk, pv, order, starts, plens, 0.088,
+                                                  paged.prefix_splits(B, d.q_heads, d.kv_heads))
+            got, lse = paged.merge(o, lse, dim=2)
+            err = ((got - ref).norm() / ref.norm()).item()
+            some = prefix_of >= 0
+            out[f"prefix_{str(dtype)[6:]}_rows{B}"] = round(err, 7)
+            if not err < tol or not torch.allclose(lse[some], ref_lse[some], atol=tol * 10):
+                raise SystemExit(f"prefix kernel disagrees with the reference: {dtype} rows {B} rel err {err}")
     print("kernel check (relative error vs gather):", out, flush=True)
     return out
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import paged
 
@@ -305,10 +306,9 @@ class Runner:
         block = torch.where(real, table.gather(1, (positions // BLOCK).clamp(max=self.width - 1)),
                             self.scratch).reshape(-1)
         offset = (positions % BLOCK).reshape(-1)
-        mask = None
-        if prefix >= 0:  # the prefix in full, then the rows' own tokens causally: [1, 1, T, L + T]
-            own = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-            mask = torch.cat([torch.ones(T, prefix_len, dtype=torch.bool, device=ids.device), own], 1)[None, None]
+        # With a prefix, query i (position prefix_len + i) sees keys [0, prefix_len + i]: causal aligned
+        # to the lower right, which flash attention runs as such (no [T, L + T] mask materialized).
+        mask = causal_lower_right(T, prefix_len + T) if prefix >= 0 else None
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, self.dims.head_dim)
@@ -343,17 +343,18 @@ class Runner:
         lens = own + 1
         splits = paged.splits_for(B, d.kv_heads)
         P = self.prefixes_live
+        rows = paged.prefix_rows(self.prefix_of[:B], P) if P and self.device.type == "cuda" else None
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, d.head_dim)
             self._write(i, block, offset, key[:, :, 0], val[:, :, 0])
-            o, lse = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
-                                  attn.scaling, max_len, splits)  # [B, Hq, D]
             if P:
-                po, plse = paged.attend_prefixes(q[:, :, 0], self.prefix_kv[i, 0, :P], self.prefix_kv[i, 1, :P],
-                                                 self.prefix_of[:B], self.prefix_lens[:P], attn.scaling)
-                o, _ = paged.merge(torch.stack([o.float(), po], 2), torch.stack([lse, plse], 2), dim=2)
-                o = o.to(q.dtype)
+                o = paged.attend_shared(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
+                                        attn.scaling, max_len, splits, self.prefix_kv[i, 0, :P],
+                                        self.prefix_kv[i, 1, :P], self.prefix_of[:B], self.prefix_lens[:P], rows)
+            else:
+                o, _ = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
+                                    attn.scaling, max_len, splits)  # [B, Hq, D]
             x = x + attn.o_proj(o.reshape(B, 1, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         return self.model.lm_head(rms_norm(self.base.norm, x))[:, 0]
