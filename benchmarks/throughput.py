@@ -572,6 +572,7 @@ def _run_requests(engine: Engine, requests: list[Request]) -> tuple[dict, list]:
     stats = _finish(engine.device, t0, sum(r.usage.prompt_tokens for r in rs), sum(r.usage.completion_tokens for r in rs),
                     s.prefill_slots + s.decode_slots, errors=sum(not r.ok for r in rs),
                     decode_ms_per_step=round(1000 * s.decode_s / max(1, s.steps), 2), steps=s.steps,
+                    controls_ms_per_step=round(1000 * s.controls_s / max(1, s.steps), 2),
                     prefill_tokens_computed=s.prefill_tokens)
     return stats, rs
 

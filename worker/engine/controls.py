@@ -26,12 +26,18 @@ from typing import Any
 import torch
 
 from . import logits as L
-from .grammar import Grammars, accept, bitmask_words
+from .grammar import Grammars, accept_all, bitmask_words
 from .types import SamplingParams
 
 
 def needs_controls(p: SamplingParams) -> bool:
     return p.response_format != "text" or p.logprobs or p.uses_penalties or bool(p.logit_bias)
+
+
+def _on(device: torch.device, values: list) -> torch.Tensor:
+    """A small host list on the device without waiting for the step in flight (a plain copy would)."""
+    t = torch.tensor(values)
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 @dataclass
@@ -99,15 +105,14 @@ class StepControls:
                 "penalties": bool(pen),
             }
             if pen:
-                b["frequency"] = torch.tensor([r.params.frequency_penalty if r else 0.0 for r in rows], device=dev)
-                b["presence"] = torch.tensor([r.params.presence_penalty if r else 0.0 for r in rows], device=dev)
-                b["repetition"] = torch.tensor([r.params.repetition_penalty if r else 1.0 for r in rows], device=dev)
+                b["frequency"] = _on(dev, [r.params.frequency_penalty if r else 0.0 for r in rows])
+                b["presence"] = _on(dev, [r.params.presence_penalty if r else 0.0 for r in rows])
+                b["repetition"] = _on(dev, [r.params.repetition_penalty if r else 1.0 for r in rows])
             if bias:
-                b["bias"] = (torch.tensor([j for j, _, _ in bias], device=dev),
-                             torch.tensor([t for _, t, _ in bias], device=dev),
-                             torch.tensor([v for _, _, v in bias], device=dev))
+                b["bias"] = (_on(dev, [j for j, _, _ in bias]), _on(dev, [t for _, t, _ in bias]),
+                             _on(dev, [v for _, _, v in bias]))
             if b["grammar"]:
-                b["grammar_rows"] = torch.tensor(b["grammar"], device=dev)
+                b["grammar_rows"] = _on(dev, b["grammar"])
         self._batch, self._batch_key = b, (lo, B)
         return b
 
@@ -115,18 +120,19 @@ class StepControls:
     def process(self, lo: int, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] for slots [lo, lo + B) -> the logits to sample from (float32 when changed)."""
         B = logits.shape[0]
-        b = self._tensors(lo, B)
-        if b is None:
-            return logits
-        mask = None
-        if b["grammar"]:
-            # CPU work first: on CUDA the decode step is still running, so this costs no GPU time.
+        # CPU work first, before anything that could wait for the device: on CUDA the decode step is
+        # still running, so filling the masks costs no GPU time.
+        matchers = [r.matcher for r in self.rows[lo:lo + B] if r is not None and r.matcher is not None]
+        if matchers:
             if self.bitmask is None:
                 self.bitmask = torch.empty(len(self.rows), bitmask_words(self.vocab), dtype=torch.int32,
                                            pin_memory=self.device.type == "cuda")
-            R = len(b["grammar"])  # the grammar rows' masks go to bitmask rows [0, R), pinned, copied async
-            self.grammars.fill([self.rows[lo + j].matcher for j in b["grammar"]], list(range(R)), self.bitmask)
-            mask = self.bitmask[:R].to(self.device, non_blocking=True)
+            # The grammar rows' masks go to bitmask rows [0, R) in slot order, pinned, copied async.
+            self.grammars.fill(matchers, list(range(len(matchers))), self.bitmask)
+        b = self._tensors(lo, B)
+        if b is None:
+            return logits
+        mask = self.bitmask[:len(matchers)].to(self.device, non_blocking=True) if matchers else None
         logits = logits.float() if logits.dtype != torch.float32 else logits
         if b["penalties"]:
             L.apply_penalties(logits, self.counts[lo:lo + B], self.seen[lo:lo + B], b["frequency"],
@@ -161,9 +167,8 @@ class StepControls:
                 r = self.rows[lo + j]
                 k = r.params.top_logprobs
                 r.out.logprobs.append((tokens[j], lp, list(zip(ti[:k], tl[:k]))))
-        for j in b["grammar"]:
-            # A refused token cannot happen (it was masked); should it, the row ends by max_tokens.
-            # A terminated matcher belongs to a finished row taking its one extra step: nothing to accept.
-            m = self.rows[lo + j].matcher
-            if not m.is_terminated():
-                accept(m, tokens[j])
+        # A refused token cannot happen (it was masked); should it, the row ends by max_tokens.
+        # A terminated matcher belongs to a finished row taking its one extra step: nothing to accept.
+        live = [(self.rows[lo + j].matcher, tokens[j]) for j in b["grammar"]]
+        live = [(m, t) for m, t in live if not m.is_terminated()]
+        accept_all([m for m, _ in live], [t for _, t in live])

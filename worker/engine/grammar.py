@@ -17,6 +17,7 @@ into a CPU int32 bitmask [B, ceil(V / 32)] (bit t of a row set = token t allowed
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import OrderedDict
 from typing import Any
@@ -43,7 +44,7 @@ def cache_key(response_format: str, schema: str | None) -> str:
 class Grammars:
     """Compiles and caches grammars for one tokenizer, and fills masks for a batch of matchers."""
 
-    def __init__(self, tokenizer, vocab: int, stop_ids: set[int], threads: int | str = "auto"):
+    def __init__(self, tokenizer, vocab: int, stop_ids: set[int], threads: int | None = None):
         import xgrammar as xgr  # imports torch: worker-side only
 
         self.xgr = xgr
@@ -51,7 +52,10 @@ class Grammars:
         # vocab: the logits' width, which may exceed the tokenizer's (padded embedding tables).
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=sorted(stop_ids))
         self.compiler = xgr.GrammarCompiler(info, cache_enabled=False)  # we cache, by schema hash
-        self.batch = xgr.BatchGrammarMatcher(threads)
+        # Every core this process may use: xgrammar's "auto" takes half the hardware threads, and a
+        # step's masks (hundreds of rows, ~0.3 ms each inside a free string) must be ready before
+        # the GPU's step is, or the step waits for them.
+        self.batch = xgr.BatchGrammarMatcher(threads or min(32, max(1, len(os.sched_getaffinity(0)))))
         self.cache: OrderedDict[str, Any] = OrderedDict()  # key -> CompiledGrammar or GrammarError
         self.compiles = 0  # grammars actually compiled (a test counts them)
 
@@ -109,3 +113,12 @@ _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 def accept(matcher, token: int) -> bool:
     """Advance a row's matcher by its sampled token; False if the grammar refuses it."""
     return matcher.accept_token(token)
+
+
+def accept_all(matchers: list, tokens: list[int]) -> list[bool]:
+    """accept() for many rows in one call into the library (a step's rows, without a Python loop)."""
+    if not matchers:
+        return []
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)

@@ -192,6 +192,7 @@ class Stats:
     prefills: int = 0
     prefill_s: float = 0.0  # host wall time launching and waiting on prefill chunks
     decode_s: float = 0.0  # host wall time in the decode loop outside prefill, bookkeeping included
+    controls_s: float = 0.0  # of which in per-step controls (grammar masks, logprobs), not waiting for tokens
 
     def add(self, other: "Stats") -> None:
         for k in self.__dataclass_fields__:
@@ -257,13 +258,18 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 logits = runner.decode(B, max(s.pos for s in active))
                 ctl = controls.ctl
                 if ctl is not None:  # masks filled on the CPU while the forward runs, applied on the GPU
+                    t_ctl = time.perf_counter()
                     logits = ctl.process(0, logits)
+                    stats.controls_s += time.perf_counter() - t_ctl
                 nxt = sample(logits, sampling, runner.pos[:B] + 1)  # [B], stays on the device
                 runner.tokens[:B] = nxt
                 runner.pos[:B] += 1
                 launch = Launch.of(list(active), nxt)
                 if ctl is not None:  # penalty counts on the device; grammar and logprobs need the tokens here
-                    ctl.after(0, logits, nxt, launch.values() if ctl.needs_tokens(0, B) else None)
+                    tokens = launch.values() if ctl.needs_tokens(0, B) else None
+                    t_ctl = time.perf_counter()
+                    ctl.after(0, logits, nxt, tokens)
+                    stats.controls_s += time.perf_counter() - t_ctl
                 for s in active:
                     s.pos += 1
                 stats.steps += 1
