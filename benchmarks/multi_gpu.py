@@ -37,7 +37,7 @@ def texts_for(args) -> list[str]:
     from llmbatch.worker.engine.loading import resolve_checkpoint
 
     tok = AutoTokenizer.from_pretrained(resolve_checkpoint(EngineConfig(model=args.model, cache_dir=args.cache_dir)))
-    return workload(args, tok)
+    return [item.text for item in workload(args, tok)]
 
 
 def run_on(devices: list[str], args, texts: list[str], broker: str, workdir: Path) -> dict:
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layer-std", type=float, default=0.002)
     ap.add_argument("--cache-dir")
     ap.add_argument("--engine", choices=["model", "echo"], default="model")
+    ap.add_argument("--workload", default="varied", help="a benchmarks/throughput.py workload")
     ap.add_argument("--prompts", type=int, default=4096)
     ap.add_argument("--chunk-size", type=int, default=512, help="items per chunk: enough chunks to share")
     ap.add_argument("--min-len", type=int, default=16)
