@@ -9,7 +9,8 @@ at four points (each marked `# issue 10:` in scheduler.py):
                                                  grammar masks on the CPU while the GPU decodes,
                                                  then applies penalties, bias and masks on the GPU
   after(lo, logits, chosen, tokens)              once the step's tokens are chosen: counts for the
-                                                 penalties, logprobs, grammar matchers advanced
+                                                 penalties, logprobs; the grammar matchers take the
+                                                 tokens at the next process(), while the GPU works
 
 `lo` is the slot of logits' first row (0 for a decode step, the chunk's first slot for a prefill).
 Nothing is allocated for a batch that uses none of this: the scheduler makes a StepControls only
@@ -21,7 +22,7 @@ top-p and top-k: the distribution the request asked for, not the sampler's trunc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -56,6 +57,8 @@ class StepControls:
         self.bitmask: torch.Tensor | None = None  # [S, W] int32 on the CPU (pinned with CUDA), refilled per step
         self._batch: dict | None = None  # per-row tensors for the current rows; rebuilt when rows change
         self._batch_key: tuple | None = None
+        # (tokens(), [(matcher, row)]): tokens chosen for grammar rows, not yet accepted (_catch_up)
+        self.pending: list[tuple[Callable[[], list[int]], list[tuple[Any, int]]]] = []
 
     # -- slot bookkeeping -------------------------------------------------------
 
@@ -121,8 +124,12 @@ class StepControls:
         """logits [B, V] for slots [lo, lo + B) -> the logits to sample from (float32 when changed)."""
         B = logits.shape[0]
         # CPU work first, before anything that could wait for the device: on CUDA the decode step is
-        # still running, so filling the masks costs no GPU time.
+        # still running, so advancing the matchers and filling the masks costs no GPU time.
         matchers = [r.matcher for r in self.rows[lo:lo + B] if r is not None and r.matcher is not None]
+        if self.pending and matchers:  # a prefill's fresh rows have nothing pending: no wait for them
+            mine = {id(m) for m in matchers}
+            if any(id(m) in mine for _, rows in self.pending for m, _ in rows):
+                self._catch_up()
         if matchers:
             if self.bitmask is None:
                 self.bitmask = torch.empty(len(self.rows), bitmask_words(self.vocab), dtype=torch.int32,
@@ -143,15 +150,10 @@ class StepControls:
             L.apply_bitmask(logits, mask, b["grammar_rows"])
         return logits
 
-    def needs_tokens(self, lo: int, B: int) -> bool:
-        """Whether after() needs the chosen tokens on the host: grammar matchers and logprobs do;
-        penalties are counted on the device."""
-        b = self._tensors(lo, B)
-        return b is not None and bool(b["grammar"] or b["logprobs"])
-
     @torch.inference_mode()
-    def after(self, lo: int, logits: torch.Tensor, chosen: torch.Tensor, tokens: list[int] | None) -> None:
-        """Record the chosen tokens [B] (tensor, and host list when needs_tokens) of slots [lo, lo + B)."""
+    def after(self, lo: int, logits: torch.Tensor, chosen: torch.Tensor, tokens: Callable[[], list[int]]) -> None:
+        """Record the chosen tokens [B] of slots [lo, lo + B): `chosen` on the device, and `tokens()`
+        their host copy, which waits for the step (only logprobs call it here)."""
         B = chosen.shape[0]
         b = self._tensors(lo, B)
         if b is None:
@@ -161,14 +163,26 @@ class StepControls:
             self.counts.index_put_((rows, chosen), torch.ones_like(chosen, dtype=torch.int32), accumulate=True)
             self.seen[rows, chosen] = True
         if b["logprobs"]:
-            idx = torch.tensor(b["logprobs"], device=self.device)
+            idx = _on(self.device, b["logprobs"])
             mine, top, ids = L.token_logprobs(logits[idx], chosen[idx], b["top"])
+            host = tokens()
             for j, lp, tl, ti in zip(b["logprobs"], mine.tolist(), top.tolist(), ids.tolist()):
                 r = self.rows[lo + j]
                 k = r.params.top_logprobs
-                r.out.logprobs.append((tokens[j], lp, list(zip(ti[:k], tl[:k]))))
-        # A refused token cannot happen (it was masked); should it, the row ends by max_tokens.
-        # A terminated matcher belongs to a finished row taking its one extra step: nothing to accept.
-        live = [(self.rows[lo + j].matcher, tokens[j]) for j in b["grammar"]]
-        live = [(m, t) for m, t in live if not m.is_terminated()]
+                r.out.logprobs.append((host[j], lp, list(zip(ti[:k], tl[:k]))))
+        if b["grammar"]:
+            # The matchers take these tokens at the next process(), after the next step is launched:
+            # waiting for them here, and accepting (tens of microseconds a row inside a string),
+            # would idle the GPU.
+            self.pending.append((tokens, [(self.rows[lo + j].matcher, j) for j in b["grammar"]]))
+
+    def _catch_up(self) -> None:
+        """Advance the matchers by the tokens after() recorded (before any mask is filled).
+        A refused token cannot happen (it was masked); should it, the row ends by max_tokens.
+        A terminated matcher belongs to a finished row taking its one extra step: nothing to accept."""
+        live = []
+        for tokens, rows in self.pending:
+            host = tokens()
+            live += [(m, host[j]) for m, j in rows if not m.is_terminated()]
+        self.pending = []
         accept_all([m for m, _ in live], [t for _, t in live])

@@ -12,8 +12,9 @@ overlaps the GPU. A row found finished at step t has computed one token too many
 is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes.
 
 Rows with per-step controls (controls.py: grammar masks, penalties, logit_bias, logprobs) have
-their masks filled on the CPU while the step's forward runs; grammar and logprobs need the
-chosen tokens on the host before the next step, so a batch with such rows waits for each step.
+their masks filled on the CPU while the step's forward runs: the grammar matchers take step t's
+tokens (waiting for them) only once step t+1 is queued, so the GPU keeps going while the host
+advances them and fills the masks. Logprobs are recorded as each step's tokens arrive.
 An item with n > 1 choices is prefilled once; its other choices fork the prompt's cache blocks.
 
 Prompts that share a token prefix of at least `prefix_min` tokens (a system prompt, few-shot
@@ -265,10 +266,9 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 runner.tokens[:B] = nxt
                 runner.pos[:B] += 1
                 launch = Launch.of(list(active), nxt)
-                if ctl is not None:  # penalty counts on the device; grammar and logprobs need the tokens here
-                    tokens = launch.values() if ctl.needs_tokens(0, B) else None
+                if ctl is not None:  # penalty counts on the device; logprobs need the tokens here
                     t_ctl = time.perf_counter()
-                    ctl.after(0, logits, nxt, tokens)
+                    ctl.after(0, logits, nxt, launch.values)
                     stats.controls_s += time.perf_counter() - t_ctl
                 for s in active:
                     s.pos += 1
@@ -409,7 +409,7 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
         runner.pos[first_slot:first_slot + k] = at
         launch = Launch.of(seqs, first)
         if ctl is not None:
-            ctl.after(first_slot, logits, first, launch.values() if ctl.needs_tokens(first_slot, k) else None)
+            ctl.after(first_slot, logits, first, launch.values)
         launches.append(launch)
         free -= k
         stats.prefills += 1
