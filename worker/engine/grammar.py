@@ -55,7 +55,8 @@ class Grammars:
         # Every core this process may use: xgrammar's "auto" takes half the hardware threads, and a
         # step's masks (hundreds of rows, ~0.3 ms each inside a free string) must be ready before
         # the GPU's step is, or the step waits for them.
-        self.batch = xgr.BatchGrammarMatcher(threads or min(32, max(1, len(os.sched_getaffinity(0)))))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.batch = xgr.BatchGrammarMatcher(threads or min(32, max(1, cores)))
         self.cache: OrderedDict[str, Any] = OrderedDict()  # key -> CompiledGrammar or GrammarError
         self.compiles = 0  # grammars actually compiled (a test counts them)
 

@@ -95,6 +95,9 @@ def sample(logits: torch.Tensor, s: RowSampling, position: torch.Tensor) -> torc
         before = desc.cumsum(dim=-1) - desc
         kept = (before < s.top_p[:, None]).sum(dim=-1).clamp(min=1)  # [B]
         floor = desc.gather(1, (kept - 1)[:, None])  # the smallest kept probability
+        # A row without top_p keeps everything: float32 sums over the vocabulary can reach 1 before its
+        # last tokens, which would cut its tail only when a batch mate made this path run.
+        floor = floor.masked_fill(s.top_p[:, None] >= 1, 0.0)
         probs = probs.masked_fill(probs < floor, 0.0)
     cdf = probs.cumsum(dim=-1)  # [B, V], in vocabulary order: any fixed order samples exactly
     u = (uniform(s.seed, position) * cdf[:, -1].double()).float()
