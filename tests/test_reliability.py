@@ -305,7 +305,10 @@ def test_sqlite_locked_for_a_few_seconds(sqlite_url, broker_url, tmp_path):
         locker.execute("ROLLBACK")
         locker.close()
 
-    invoke, job_id, status, _ = run_with_fault(sqlite_url, broker_url, tmp_path, lock, n=8, max_tokens=16)
+    # One chunk: claiming a further chunk is a write too, made from the engine's loop, so under the lock
+    # it would hold generation up (no item could finish while locked, and this check would race it).
+    invoke, job_id, status, _ = run_with_fault(sqlite_url, broker_url, tmp_path, lock, n=8, chunk_size=8,
+                                               max_tokens=16)
     assert status["succeeded"] == 8
     rows = assert_every_line_has_one_final_result(invoke, job_id, 8)
     finished = [datetime.fromisoformat(r["finished_at"]) for r in rows]
