@@ -19,20 +19,25 @@ LINES = [
 OUTPUTS = ["+SUM(A1:A2)", "-1", "@here", "plain"]
 
 
-def _done_job(db, settings, tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", LINES)
+def _finished_job(db, settings, path, result_of):
+    """Submit the file and play the worker: every item gets result_of(item) (a work.ItemResult)."""
     with db.write() as s, open(path, "rb") as fp:
         out = service.submit(s, fp, settings)
     for chunk_id in out.chunk_ids:
         with db.write() as s:
             chunk = work.claim_chunk(s, chunk_id, "w", 30)
             items = work.running_items(s, chunk_id)
-        rows = [work.ItemResult(item_id=i.id, status=ItemStatus.succeeded, output=OUTPUTS[i.line - 1],
-                                finish_reason="stop", prompt_tokens=4, completion_tokens=2) for i in items]
+        rows = [result_of(i) for i in items]
         with db.write() as s:
             work.record_results(s, chunk, "w", rows, 30)
     with db.read() as s:
         return s.get(Job, out.job.id)
+
+
+def _done_job(db, settings, tmp_path):
+    return _finished_job(db, settings, write_jsonl(tmp_path / "in.jsonl", LINES), lambda i: work.ItemResult(
+        item_id=i.id, status=ItemStatus.succeeded, output=OUTPUTS[i.line - 1], finish_reason="stop",
+        prompt_tokens=4, completion_tokens=2))
 
 
 def _export(db, job, fmt, only=None):
@@ -114,26 +119,16 @@ RICH_LINES = [
 
 
 def _rich_job(db, settings, tmp_path):
-    path = write_jsonl(tmp_path / "rich.jsonl", RICH_LINES)
-    with db.write() as s, open(path, "rb") as fp:
-        out = service.submit(s, fp, settings)
-    for chunk_id in out.chunk_ids:
-        with db.write() as s:
-            chunk = work.claim_chunk(s, chunk_id, "w", 30)
-            items = work.running_items(s, chunk_id)
-        rows = []
-        for i in items:
-            params = i.request["params"]
-            lp = LP if params.get("logprobs") else None
-            more = [{"output": "Bye", "finish_reason": "length", "completion_tokens": 2, "logprobs": lp}] \
-                if params.get("n", 1) > 1 else None
-            rows.append(work.ItemResult(item_id=i.id, status=ItemStatus.succeeded, output="Hé!", finish_reason="stop",
-                                        prompt_tokens=4, completion_tokens=4 if more else 2, logprobs=lp, choices=more,
-                                        started_at=utcnow(), finished_at=utcnow()))
-        with db.write() as s:
-            work.record_results(s, chunk, "w", rows, 30)
-    with db.read() as s:
-        return s.get(Job, out.job.id)
+    def result_of(i):
+        params = i.request["params"]
+        lp = LP if params.get("logprobs") else None
+        more = [{"output": "Bye", "finish_reason": "length", "completion_tokens": 2, "logprobs": lp}] \
+            if params.get("n", 1) > 1 else None
+        return work.ItemResult(item_id=i.id, status=ItemStatus.succeeded, output="Hé!", finish_reason="stop",
+                               prompt_tokens=4, completion_tokens=4 if more else 2, logprobs=lp, choices=more,
+                               started_at=utcnow(), finished_at=utcnow())
+
+    return _finished_job(db, settings, write_jsonl(tmp_path / "rich.jsonl", RICH_LINES), result_of)
 
 
 def test_openai_package_parses_choices_and_logprobs(db, settings, tmp_path):

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from . import logits as L
-from .grammar import Grammars, accept_all, bitmask_words
+from .grammar import Grammars, bitmask_words
 from .types import SamplingParams
 
 
@@ -185,4 +185,4 @@ class StepControls:
             host = tokens()
             live += [(m, host[j]) for m, j in rows if not m.is_terminated()]
         self.pending = []
-        accept_all([m for m, _ in live], [t for _, t in live])
+        self.grammars.accept([m for m, _ in live], [t for _, t in live])

@@ -101,6 +101,11 @@ class Grammars:
         if live:
             self.batch.batch_fill_next_token_bitmask([m for m, _ in live], bitmask, [r for _, r in live])
 
+    def accept(self, matchers: list, tokens: list[int]) -> list[bool]:
+        """Advance each matcher by its row's sampled token, in one call into the library; False where
+        the grammar refuses it."""
+        return self.xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens) if matchers else []
+
 
 def _reason(exc: Exception) -> str:
     """The library's message without its C++ log prefix ("[09:56:41] /project/cpp/x.cc:4950: ")."""
@@ -109,17 +114,3 @@ def _reason(exc: Exception) -> str:
 
 
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-
-
-def accept(matcher, token: int) -> bool:
-    """Advance a row's matcher by its sampled token; False if the grammar refuses it."""
-    return matcher.accept_token(token)
-
-
-def accept_all(matchers: list, tokens: list[int]) -> list[bool]:
-    """accept() for many rows in one call into the library (a step's rows, without a Python loop)."""
-    if not matchers:
-        return []
-    import xgrammar as xgr
-
-    return xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
