@@ -169,12 +169,14 @@ def through_worker(args, workdir: Path) -> dict:
 
 
 def main() -> None:
+    from benchmarks.throughput import WORKLOADS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint (default: the random Llama-3.1-8B, built if missing)")
     ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b")
     ap.add_argument("--cache-dir")
     ap.add_argument("--prompts", type=int, default=8192)
-    ap.add_argument("--workload", default="varied", help="a benchmarks/throughput.py workload")
+    ap.add_argument("--workload", default="varied", choices=WORKLOADS, help="a benchmarks/throughput.py workload")
     ap.add_argument("--chunk-size", type=int, default=1024, help="the job's chunk size (1024 is the default)")
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)

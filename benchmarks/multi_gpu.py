@@ -117,6 +117,8 @@ def run_on(devices: list[str], args, texts: list[str], broker: str, workdir: Pat
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.throughput import WORKLOADS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="0,1", help="the devices of the multi-GPU run (the baseline uses the first)")
     ap.add_argument("--model", help="checkpoint (default: the random Llama-3.1-8B, built if missing)")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layer-std", type=float, default=0.002)
     ap.add_argument("--cache-dir")
     ap.add_argument("--engine", choices=["model", "echo"], default="model")
-    ap.add_argument("--workload", default="varied", help="a benchmarks/throughput.py workload")
+    ap.add_argument("--workload", default="varied", choices=WORKLOADS, help="a benchmarks/throughput.py workload")
     ap.add_argument("--prompts", type=int, default=4096)
     ap.add_argument("--chunk-size", type=int, default=512, help="items per chunk: enough chunks to share")
     ap.add_argument("--min-len", type=int, default=16)

@@ -113,6 +113,9 @@ STOPS = ("<never-a-stop>", "qq zz")  # two stop strings that never match: their 
 LONG_TOKENS = 1024  # mixed: the long lines' max_tokens
 
 
+WORKLOADS = ("fixed", "varied", "sampled", "mixed")  # make_workload's kinds
+
+
 def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int, tokenizer, seed: int,
                   words: bool) -> list[Item]:
     """fixed: every row makes exactly new_tokens (EOS ignored). varied: EOS allowed, max_tokens in 16..2*new_tokens.
@@ -807,7 +810,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--single", type=int, default=16, help="prompts for one-at-a-time (0: skip)")
     ap.add_argument("--workloads", default="fixed,varied")
     ap.add_argument("--variants", nargs="*", default=[], help="engine ablations, name=key:value,key:value")
-    ap.add_argument("--variant-workload", default="fixed")
+    ap.add_argument("--variant-workload", default="fixed", choices=WORKLOADS)
     ap.add_argument("--variant-prompts", type=int, help="prompts for the ablations (default --prompts)")
     ap.add_argument("--micro", action="store_true", help="also time one decode step, eager vs graph")
     ap.add_argument("--seed", type=int, default=0)
@@ -821,6 +824,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--results-md", help="append a row per workload here (default benchmarks/RESULTS.md, "
                                           "none with --smoke; '' to skip)")
     args = ap.parse_args(argv)
+    unknown = [w for w in args.workloads.split(",")
+               if w and w not in WORKLOADS + EXTRA_WORKLOADS + SHARED_WORKLOADS + ("adapters",)]
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}: choose from "
+                 f"{', '.join(WORKLOADS + EXTRA_WORKLOADS + SHARED_WORKLOADS + ('adapters',))}")
     command = "python benchmarks/throughput.py " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))
     if args.smoke:
         args.model = args.model or "smollm2-135m-instruct"
