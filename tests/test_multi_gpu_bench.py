@@ -94,3 +94,27 @@ def test_smoke_four_echo_workers(backend, broker_url, monkeypatch, tmp_path):
         assert res["one"]["workers"][0]["items"] == 240 and res["speedup"] > 0
     else:
         assert _bench_schemas() == before  # the run's schema is dropped
+
+
+def _paced_run(feed_ahead):
+    from benchmarks.feed_sim import PaceConfig, PacedEngine
+    from llmbatch.worker.engine.types import Request, SamplingParams
+
+    reqs = [Request(id=i, prompt="x", params=SamplingParams(max_tokens=4 + i % 13)) for i in range(640)]
+    chunks = [reqs[k:k + 32] for k in range(32, 640, 32)]
+    engine = PacedEngine(PaceConfig(slots=64, step_s=0.0002, ask_s=0.0, flush_s=0.0, feed_ahead=feed_ahead))
+    results = [r for batch in engine.generate(reqs[:32], more=lambda: chunks.pop(0) if chunks else [])
+               for r in batch]
+    assert sorted(r.id for r in results) == list(range(640))  # each request once, fed ones too
+    assert all(r.started_at <= r.finished_at and r.usage.completion_tokens == 4 + r.id % 13 for r in results)
+    return engine
+
+
+def test_paced_engine_feeds_like_the_scheduler_and_the_cap_bounds_what_it_hoards():
+    # run_slots' policy: asks while fewer requests wait than it has slots, so it claims about a batch ahead.
+    default = _paced_run(None)
+    assert default.max_waiting >= 64 and default.claims == 19
+    # The proposed cap: ask only while running + waiting < slots + 8.
+    capped = _paced_run(8)
+    assert capped.max_waiting < default.max_waiting and capped.max_waiting <= 64 + 8 + 32
+    assert capped.claims == 19
