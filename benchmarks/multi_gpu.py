@@ -332,12 +332,19 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--skip-baseline", action="store_true", help="run only the multi-process job")
+    ap.add_argument("--baseline-json", help="with --skip-baseline: the speed-up against this earlier --json-out's "
+                                            "multi-process run (e.g. `--gpus 0 --skip-baseline` in a call before)")
     ap.add_argument("--smoke", action="store_true", help="CPU, echo engine (unless --engine model), short lines")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     args.devices = [d.strip() for d in args.gpus.split(",") if d.strip()]
     if not args.devices:
         ap.error(f"--gpus {args.gpus!r}: name at least one device")
+    if args.baseline_json:
+        try:
+            args.baseline = json.loads(Path(args.baseline_json).read_text())["many"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            ap.error(f"--baseline-json {args.baseline_json}: not a multi_gpu.py --json-out file ({exc})")
     if args.backend == "postgresql":
         url = os.environ.get("LLMBATCH_DATABASE_URL", "")
         if not url.startswith("postgresql"):
@@ -373,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         backend = Backend(args.backend, getattr(args, "base_url", None), workdir)
         broker, redis_proc = (args.broker_url, None) if args.broker_url else start_redis(workdir)
         try:
-            one = None
+            one = getattr(args, "baseline", None)
             if not args.skip_baseline:
                 one = run_on(devices[:1], args, lines, broker, backend.new("one"), workdir)
                 print(f"1 process ({devices[0]}): {one['output_tok_s']} tok/s, wall {one['wall_s']} s", flush=True)
