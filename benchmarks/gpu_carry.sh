@@ -3,6 +3,10 @@
 #   benchmarks/gpu_carry.sh wheels   -> .whl/: the Python packages missing from the image, and redis-server
 #   benchmarks/gpu_carry.sh pg       -> .pg/pg.tar.xz: this machine's PostgreSQL server, relocatable, with
 #                                       the shared libraries it needs beyond glibc
+# and there, on the GPU machine (as root), in the repo's root:
+#   benchmarks/gpu_carry.sh install  -> the wheels into /tmp/site, llmbatch linked as /tmp/pkg, redis-server in /tmp/redis
+#   benchmarks/gpu_carry.sh start-pg -> a PostgreSQL server from .pg on 127.0.0.1:5432; prints its URL
+# after which `. benchmarks/gpu_env.sh` sets each call's environment.
 # Both folders must be git-ignored (`echo /.whl/ >> .git/info/exclude; echo /.pg/ >> .git/info/exclude`).
 # Carry .whl, or .pg, in a run (not both in one: 64 MiB a call); benchmarks/RESULTS.md, issue 23, has the commands.
 set -euo pipefail
@@ -13,7 +17,7 @@ case "${1:-}" in
 wheels)
   # Versions as installed here; the image has click, jinja2, python-dateutil, torch, transformers, peft, ...
   names="bitsandbytes xgrammar sqlalchemy greenlet alembic mako celery kombu billiard vine amqp click-didyoumean
-         click-repl click-plugins prompt-toolkit wcwidth redis tzlocal tzdata psycopg psycopg-binary
+         click-repl click-plugins prompt-toolkit wcwidth redis tzlocal psycopg psycopg-binary
          jsonschema jsonschema-specifications referencing rpds-py"
   specs=$("$PY" -c 'import sys, importlib.metadata as m; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $names)
   mkdir -p .whl
@@ -46,6 +50,12 @@ pg)
   rm -rf "$tmp"
   du -sh .pg/pg.tar.xz
   ;;
+install)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/pkg/llmbatch /tmp/redis
+  for d in jobs worker migrations; do ln -sfn "$PWD/$d" "/tmp/pkg/llmbatch/$d"; done
+  cp .whl/redis/* /tmp/redis/
+  ;;
 start-pg)
   # There (as root): unpack into /tmp/pg, start a server on 127.0.0.1:5432 with trust auth, database `bench`.
   # PostgreSQL refuses to run as root: a user `pgbench` owns the data folder.
@@ -64,7 +74,7 @@ start-pg)
   echo "postgresql+psycopg://postgres@127.0.0.1:${PGPORT:-5432}/bench"
   ;;
 *)
-  echo "usage: $0 wheels|pg|start-pg" >&2
+  echo "usage: $0 wheels|pg|install|start-pg" >&2
   exit 2
   ;;
 esac

@@ -238,6 +238,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, 9)
 
 
+def device_of(worker: str) -> str | None:
+    """The GPU a live worker process (named `host:pid ...`) is pinned to, from its environment; None if unknown."""
+    try:
+        pid = int(worker.split(" ")[0].rsplit(":", 1)[1])
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (IndexError, ValueError, OSError):
+        return None
+    return next((v.split(b"=", 1)[1].decode() for v in env if v.startswith(b"CUDA_VISIBLE_DEVICES=")), None)
+
+
 def run_on(devices: list[str], args, lines: list[dict], broker: str, db_url: str, workdir: Path) -> dict:
     """Start the workers on DEVICES, warm them up, time one job; returns the figures."""
     from llmbatch.jobs.db import Database
@@ -289,21 +299,24 @@ def run_on(devices: list[str], args, lines: list[dict], broker: str, db_url: str
         wait(submit("warmup.jsonl", warm, max(1, len(warm) // (4 * len(devices)))), args.timeout)
         job_id = submit("job.jsonl", lines, args.chunk_size)
         wait(job_id, args.timeout)
+        items, chunks, tokens = read_job(db_url, job_id)
+        pinned = {c.worker: device_of(c.worker) for c in chunks if c.worker}  # while the processes live
     finally:
         stop(procs)
         log.close()
         db.dispose()
-    items, chunks, tokens = read_job(db_url, job_id)
     fig = figures(items, chunks, processes=len(devices))
+    for w in fig["workers"]:
+        w["device"] = pinned.get(w["worker"])
     ok = sum(1 for i in items if i.finished)
     return {"devices": devices, "items": len(items), "finished": ok, "chunks": len(chunks), "output_tokens": tokens,
             "output_tok_s": round(tokens / fig["wall_s"], 1), "load_s": round(loaded_s, 1), **fig}
 
 
 def worker_table(run: dict) -> str:
-    head = "| worker | items | chunks | busy s | generating s | start lag s | idle at end s | idle / wall |\n" \
-           "|---|---|---|---|---|---|---|---|\n"
-    return head + "".join(f"| {w['worker']} | {w['items']} | {w['chunks']} | {w['busy_s']} | {w['generating_s']} | "
+    head = "| worker | GPU | items | chunks | busy s | generating s | start lag s | idle at end s | idle / wall |\n" \
+           "|---|---|---|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {w['worker']} | {w.get('device')} | {w['items']} | {w['chunks']} | {w['busy_s']} | {w['generating_s']} | "
                           f"{w['start_lag_s']} | {w['idle_end_s']} | {100 * w['idle_end_frac']:.1f}% |\n"
                           for w in run["workers"])
 

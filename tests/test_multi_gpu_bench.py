@@ -89,6 +89,8 @@ def test_smoke_four_echo_workers(backend, broker_url, monkeypatch, tmp_path):
             assert 0 <= w["idle_end_s"] <= wall and 0 <= w["start_lag_s"] <= wall
             assert 0 <= w["busy_s"] <= wall + 1e-3 and 0 <= w["generating_s"] <= w["busy_s"] + 1e-3
         assert min(w["idle_end_s"] for w in run["workers"]) == 0  # whoever finished the last chunk
+        devices = [w["device"] for w in run["workers"]]  # each process's CUDA_VISIBLE_DEVICES: one GPU each
+        assert len(set(devices)) == len(devices) and set(devices) <= {"0", "1", "2", "3"}
         assert 0 <= run["max_idle_end_frac"] <= 1 and 0 <= run["hoarded_items"] <= 240
     if backend == "sqlite":
         assert res["one"]["workers"][0]["items"] == 240 and res["speedup"] > 0
@@ -118,3 +120,15 @@ def test_paced_engine_feeds_like_the_scheduler_and_the_cap_bounds_what_it_hoards
     capped = _paced_run(8)
     assert capped.max_waiting < default.max_waiting and capped.max_waiting <= 64 + 8 + 32
     assert capped.claims == 19
+
+
+def test_baseline_json_names_an_earlier_run(tmp_path, capsys):
+    good = tmp_path / "one.json"
+    good.write_text('{"many": {"output_tok_s": 10.0, "devices": ["0"]}}')
+    args = multi_gpu.parse_args(["--smoke", "--skip-baseline", "--baseline-json", str(good)])
+    assert args.baseline == {"output_tok_s": 10.0, "devices": ["0"]}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    with pytest.raises(SystemExit) as exc:
+        multi_gpu.parse_args(["--smoke", "--baseline-json", str(bad)])
+    assert exc.value.code == 2 and "not a multi_gpu.py --json-out file" in capsys.readouterr().err
