@@ -164,7 +164,8 @@ def drain(db_url: str, chunk_ids: list[int], workers: int, config: PaceConfig) -
     if errors:
         raise errors[0]
     return {"drain_s": round(time.monotonic() - t0, 2), "asks": [e.asks for e in engines],
-            "claims": [e.claims for e in engines], "steps": [e.steps for e in engines], "max_waiting": [e.max_waiting for e in engines],
+            "claims": [e.claims for e in engines], "steps": [e.steps for e in engines],
+            "max_waiting": [e.max_waiting for e in engines],
             "more_s": [round(e.more_s, 2) for e in engines], "write_s": [round(e.write_s, 2) for e in engines]}
 
 
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             backend.drop()
     fig = figures(items, chunks, processes=args.workers)
+    for w in fig["workers"]:
+        w["device"] = w["worker"].removeprefix("sim-gpu")  # simulated
     # Decode steps per worker at full batches and a perfect split: the floor of the steps each one ran.
     ideal = sum(line["max_tokens"] for line in lines) / (args.slots * args.workers)
     result = {"backend": args.backend, "workers": args.workers, "prompts": args.prompts,
@@ -215,9 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.multi_gpu import worker_table
 
     print(f"{args.workers} simulated GPUs, {args.backend}, chunk {args.chunk_size}, slots {args.slots}, "
-          f"feed-ahead {args.feed_ahead}: wall {fig['wall_s']} s, steps {run['steps']} (ideal {result['ideal_steps']}), "
-          f"worst idle at end {100 * fig['max_idle_end_frac']:.1f}%, hoarded items {fig['hoarded_items']}, "
-          f"claims per worker {run['claims']}, most claimed and not running {run['max_waiting']}, blocked in claims {run['more_s']} s, in writes {run['write_s']} s\n" + worker_table(fig))
+          f"feed-ahead {args.feed_ahead}: wall {fig['wall_s']} s, steps {run['steps']} "
+          f"(ideal {result['ideal_steps']}), worst idle at end {100 * fig['max_idle_end_frac']:.1f}%, "
+          f"hoarded items {fig['hoarded_items']}, claims per worker {run['claims']}, most claimed and not running "
+          f"{run['max_waiting']}, blocked in claims {run['more_s']} s, in writes {run['write_s']} s\n"
+          + worker_table(fig))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
     return result

@@ -316,7 +316,8 @@ def run_on(devices: list[str], args, lines: list[dict], broker: str, db_url: str
 def worker_table(run: dict) -> str:
     head = "| worker | GPU | items | chunks | busy s | generating s | start lag s | idle at end s | idle / wall |\n" \
            "|---|---|---|---|---|---|---|---|---|\n"
-    return head + "".join(f"| {w['worker']} | {w.get('device')} | {w['items']} | {w['chunks']} | {w['busy_s']} | {w['generating_s']} | "
+    return head + "".join(f"| {w['worker']} | {w.get('device')} | {w['items']} | {w['chunks']} | {w['busy_s']} | "
+                          f"{w['generating_s']} | "
                           f"{w['start_lag_s']} | {w['idle_end_s']} | {100 * w['idle_end_frac']:.1f}% |\n"
                           for w in run["workers"])
 
