@@ -53,6 +53,7 @@ class Plan:
     chunk: int  # K per chunk, a multiple of 64 (the last may be shorter)
     warps: int = 4
     stages: int = 3
+    tree: bool = False  # NF4 values by selects instead of the 16-entry table (benchmark variant)
 
 
 def plan_for(N: int, K: int, sms: int = 132) -> Plan | None:
@@ -69,7 +70,8 @@ def plan_for(N: int, K: int, sms: int = 132) -> Plan | None:
     chunks = 1
     while tiles * chunks < 2 * sms and K // (chunks * 2) >= 2 * bk and (K // (chunks * 2)) % QBLOCK == 0:
         chunks *= 2
-    return Plan(bn=bn, bk=bk, chunks=chunks, chunk=K // chunks)
+    # 8 warps for 128-row tiles: with 4, a 128 x 64 or wider tile spills (ptxas, sm_90a).
+    return Plan(bn=bn, bk=bk, chunks=chunks, chunk=K // chunks, warps=8 if bn == 128 else 4)
 
 
 def rows_tile(M: int) -> int:
@@ -77,18 +79,21 @@ def rows_tile(M: int) -> int:
     return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
 
-def split_launch(M: int, N: int, plan: Plan, sms: int = 132) -> bool:
-    """Run one program per chunk (partials + ordered sum) when whole tiles would leave SMs idle."""
-    return plan.chunks > 1 and -(-M // rows_tile(M)) * (N // plan.bn) < 2 * sms
+def split_launch(M: int, N: int, K: int, plan: Plan, sms: int = 132) -> bool:
+    """Run one program per chunk (float32 partials, then their ordered sum) when whole tiles would
+    leave SMs idle and the partials (written and read back: chunks x M x N x 8 bytes) cost no more
+    than the packed weight (N x K / 2 bytes). Performance only: the bits are the same either way."""
+    idle = -(-M // rows_tile(M)) * (N // plan.bn) < sms
+    return plan.chunks > 1 and idle and plan.chunks * M * 16 <= K
 
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])
     def _nf4_kernel(X, W, ABS, ABS2, CODE2, OFF, LUT, BIAS, Y, P,
-                    M, N, K, s_xm, s_ym, CHUNK,
+                    M, N, KH, s_xm, s_ym, CHUNK,
                     CHUNKS_PER_PROG: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    PARTIAL: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr,
+                    PARTIAL: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, TREE: tl.constexpr,
                     BN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
         # Program: rows [pid_b*BB, +BB) x out features [pid_n*BN, +BN) x chunks [pid_c*CPP, +CPP).
         pid_b = tl.program_id(0)
@@ -101,25 +106,30 @@ if triton is not None:
         g = tl.arange(0, G)
         j = tl.arange(0, 32)  # byte within an absmax block
         kk = tl.arange(0, BK)
-        nk = n.to(tl.int64) * K  # [BN] flat index of each row's first element
+        kb = tl.arange(0, BK // 2)
+        # Byte b of a step holds elements 2b (high nibble) and 2b + 1 (low nibble) of it; absmax
+        # block g covers bytes [32g, 32g + 32). KH = K / 2 bytes a row.
+        w_row = W + n.to(tl.int64)[:, None] * KH  # [BN, 1]
+        a_row = (n.to(tl.int64) * (KH // 32))[:, None] + g[None, :]  # [BN, G] absmax index at k = 0
+        x_row = X + rows.to(tl.int64)[None, :] * s_xm  # [1, BB]
         total = tl.zeros([BN, BB], dtype=tl.float32)
         for c in range(pid_c * CHUNKS_PER_PROG, (pid_c + 1) * CHUNKS_PER_PROG):
             k0 = c * CHUNK
-            k_end = tl.minimum(k0 + CHUNK, K)
+            k_end = tl.minimum(k0 + CHUNK, KH * 2)
             acc = tl.zeros([BN, BB], dtype=tl.float32)
             for k in range(k0, k_end, BK):
-                # Packed bytes [BN, G, 32]: element k + 64g + 2j (high nibble) and +1 (low nibble).
-                e = nk[:, None, None] + (k + 64 * g)[None, :, None] + 2 * j[None, None, :]
-                blk = nk[:, None] // 64 + (k // 64 + g)[None, :]  # [BN, G] absmax index
+                k = tl.multiple_of(k, 64)
+                blk = a_row + k // 64
+                w_ptrs = w_row + (k // 2 + kb)[None, :]  # [BN, BK/2]
                 if EVEN:
-                    packed = tl.load(W + e // 2)
+                    packed = tl.load(w_ptrs)
                     if NESTED:
                         qa = tl.load(ABS + blk)
                     else:
                         amax = tl.load(ABS + blk)
                 else:
                     kin = (k + 64 * g) < k_end  # [G]: whole absmax blocks in or out
-                    packed = tl.load(W + e // 2, mask=kin[None, :, None], other=0)
+                    packed = tl.load(w_ptrs, mask=(k + 2 * kb < k_end)[None, :], other=0)
                     if NESTED:
                         qa = tl.load(ABS + blk, mask=kin[None, :], other=0)
                     else:
@@ -127,19 +137,28 @@ if triton is not None:
                 if NESTED:
                     # float32 product, then + offset: two roundings, as dequantize_blockwise then +=.
                     amax = tl.load(CODE2 + qa.to(tl.int32)) * tl.load(ABS2 + blk // 256) + tl.load(OFF)
-                q = packed.to(tl.int32)
+                q = tl.reshape(packed, [BN, G, 32]).to(tl.int32)
                 codes = tl.join(q >> 4, q & 15)  # [BN, G, 32, 2]: even element, odd element
-                vals = tl.load(LUT + codes) * amax[:, :, None, None]  # float32, as bitsandbytes
+                if TREE:  # the table as selects (a variant the benchmark compares), no loads
+                    vals = _nf4_tree(codes) * amax[:, :, None, None]
+                elif UPCAST:  # the interpreter runs no PTX
+                    vals = tl.load(LUT + codes) * amax[:, :, None, None]
+                else:
+                    # A plain load from the 64-byte table (it stays in L1), kept away from the software
+                    # pipeliner, which would turn each 4-byte gather into an async copy through shared
+                    # memory (64 KB a stage for a 128 x 128 tile).
+                    vals = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [LUT + codes],
+                                                     dtype=tl.float32, is_pure=True, pack=1)
+                    vals = vals * amax[:, :, None, None]  # float32, as bitsandbytes
                 if UPCAST:
                     w = tl.reshape(_round_to(vals, X.dtype.element_ty), [BN, BK])
                 else:
                     w = tl.reshape(vals.to(X.dtype.element_ty), [BN, BK])  # [BN, BK], k = 64g + 2j + t
-                xk = k + kk
+                x_ptrs = x_row + (k + kk)[:, None]  # [BK, BB]
                 if EVEN:
-                    xt = tl.load(X + rows[None, :] * s_xm + xk[:, None], mask=row_ok[None, :], other=0.0)
+                    xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
                 else:
-                    xt = tl.load(X + rows[None, :] * s_xm + xk[:, None],
-                                 mask=row_ok[None, :] & (xk < k_end)[:, None], other=0.0)
+                    xt = tl.load(x_ptrs, mask=row_ok[None, :] & ((k + kk) < k_end)[:, None], other=0.0)
                 if UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: exact float32 copies
                     acc = tl.dot(w, xt.to(tl.float32), acc)
                 else:
@@ -154,6 +173,20 @@ if triton is not None:
                 total = _round_to(total, Y.dtype.element_ty)
             tl.store(Y + rows[None, :].to(tl.int64) * s_ym + n[:, None], total.to(Y.dtype.element_ty),
                      mask=row_ok[None, :])
+
+    @triton.jit
+    def _nf4_tree(q):
+        # bitsandbytes' NF4 values (functional.get_4bit_type) by the code's bits, high bit first.
+        b0, b1, b2, b3 = (q & 8) != 0, (q & 4) != 0, (q & 2) != 0, (q & 1) != 0
+        pos = tl.where(b1, tl.where(b2, tl.where(b3, 1.0, 0.7229568362236023),
+                                    tl.where(b3, 0.5626170039176941, 0.44070982933044434)),
+                       tl.where(b2, tl.where(b3, 0.33791524171829224, 0.24611230194568634),
+                                tl.where(b3, 0.16093020141124725, 0.07958029955625534)))
+        neg = tl.where(b1, tl.where(b2, tl.where(b3, 0.0, -0.09105003625154495),
+                                    tl.where(b3, -0.18477343022823334, -0.28444138169288635)),
+                       tl.where(b2, tl.where(b3, -0.39491748809814453, -0.5250730514526367),
+                                tl.where(b3, -0.6961928009986877, -1.0)))
+        return tl.where(b0, pos, neg)
 
     @triton.jit
     def _round_to(v, dtype: tl.constexpr):
@@ -200,6 +233,8 @@ def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
         return False
     if qs.quant_type != "nf4" or qs.blocksize != QBLOCK or len(qs.shape) != 2:
         return False
+    if getattr(qs, "packing_format_for_cpu", False):  # bitsandbytes repacked it for its AVX512 kernel
+        return False
     if qs.nested and (qs.state2.blocksize != 256 or qs.absmax.dtype != torch.uint8):
         return False
     N, K = qs.shape
@@ -225,7 +260,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     sms = _sms(x.device.index or 0) if x.device.type == "cuda" else 132
     plan = plan or plan_for(N, K, sms)
     bb = rows_tile(M)
-    split = split_launch(M, N, plan, sms) if split is None else (split and plan.chunks > 1)
+    split = split_launch(M, N, K, plan, sms) if split is None else (split and plan.chunks > 1)
     nested = bool(qs.nested)
     absmax = qs.absmax
     abs2, code2, off = (qs.state2.absmax, qs.state2.code, qs.offset) if nested else (absmax, absmax, absmax)
@@ -235,21 +270,21 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     b = bias if bias is not None else y
     even = plan.chunk % plan.bk == 0 and K % plan.chunk == 0
     grid_rows = -(-M // bb)
-    common = dict(UPCAST=_interpreting(), NESTED=nested, HAS_BIAS=bias is not None, EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
+    common = dict(UPCAST=_interpreting(), TREE=plan.tree, NESTED=nested, HAS_BIAS=bias is not None, EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
     # No fused multiply-add: double quantization's code * absmax + offset rounds twice in bitsandbytes.
     launch = {} if _interpreting() else dict(num_warps=plan.warps, num_stages=plan.stages, enable_fp_fusion=False)
     chunks = -(-K // plan.chunk)
     if split:
         part = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device)
         _nf4_kernel[(grid_rows, N // plan.bn, chunks)](
-            x2, weight, absmax, abs2, code2, off, lut, b, y, part, M, N, K, x2.stride(0), y.stride(0), plan.chunk,
+            x2, weight, absmax, abs2, code2, off, lut, b, y, part, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
             CHUNKS_PER_PROG=1, PARTIAL=True, **common, **launch)
         block = 1024
         _sum_chunks[(-(-(M * N) // block),)](part, b, y, M, N, y.stride(0), CHUNKS=chunks,
                                              HAS_BIAS=bias is not None, UPCAST=_interpreting(), BLOCK=block)
     else:
         _nf4_kernel[(grid_rows, N // plan.bn, 1)](
-            x2, weight, absmax, abs2, code2, off, lut, b, y, y, M, N, K, x2.stride(0), y.stride(0), plan.chunk,
+            x2, weight, absmax, abs2, code2, off, lut, b, y, y, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
             CHUNKS_PER_PROG=chunks, PARTIAL=False, **common, **launch)
     return y.reshape(*lead, N)
 
