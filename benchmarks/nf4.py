@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import shlex
 import sys
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--smoke" in sys.argv:  # before Triton is imported: its interpreter is chosen when kernels are defined
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -41,10 +44,15 @@ from llmbatch.worker.engine import nf4  # noqa: E402
 SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
           "down_proj": (4096, 14336)}
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512)
+DEV = "cuda"  # --smoke: "cpu", under Triton's interpreter, tiny shapes (a dry run of this script)
 
 
 def bench(fn, reps: int = 50) -> float:
     """Median ms of fn, L2 cleared before each call (do_bench's own flush)."""
+    if DEV == "cpu":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
@@ -52,13 +60,13 @@ def bench(fn, reps: int = 50) -> float:
 
 def ceilings() -> dict:
     n = 1 << 30  # 2 GiB of bf16 each way
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    a = torch.empty(n, dtype=torch.bfloat16, device=DEV).normal_()
     b = torch.empty_like(a)
     ms = bench(lambda: b.copy_(a), 100)
     copy = 2 * a.numel() * 2 / ms / 1e9
     del a, b
-    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
     ms_mm = bench(lambda: x @ y, 200)
     out = {"copy_tb_s": round(copy, 3), "bf16_mm_tflops": round(2 * 8192 ** 3 / ms_mm / 1e9, 1)}
     print("ceilings", out, flush=True)
@@ -68,8 +76,8 @@ def ceilings() -> dict:
 def quantized(N: int, K: int, nested: bool, seed: int):
     import bitsandbytes.functional as bf
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(N, K, device=DEV, generator=g).to(torch.bfloat16) * 0.02
     packed, qs = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
     return packed, qs, bf.dequantize_4bit(packed, qs).to(torch.bfloat16)
 
@@ -84,8 +92,8 @@ def correctness(name: str, N: int, K: int) -> dict:
     out = {}
     for nested in (False, True):
         packed, qs, wq = quantized(N, K, nested, 1)
-        for M in (1, 7, 37, 512):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        for M in (1, 7, 37, 512 if DEV == "cuda" else 64):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
             y = nf4.matmul(x, packed, qs)
             ref = x.float() @ wq.float().t()
             bnb_y = nf4.reference(x, packed, qs)
@@ -99,17 +107,18 @@ def correctness(name: str, N: int, K: int) -> dict:
 def invariance(name: str, N: int, K: int, nested: bool = False) -> dict:
     """Row bits across batch sizes, physical split, and batch mates (a shuffled batch)."""
     packed, qs, _ = quantized(N, K, nested, 2)
-    x = torch.randn(512, K, device="cuda", dtype=torch.bfloat16)
+    top = 512 if DEV == "cuda" else 160
+    x = torch.randn(top, K, device=DEV, dtype=torch.bfloat16)
     full = nf4.matmul(x, packed, qs)
     res = {}
     for M in (1, 20, 37, 128):
         for split in (None, True, False):
             y = nf4.matmul(x[:M], packed, qs, split=split)
             res[f"M={M} split={split}"] = bool(torch.equal(y, full[:M]))
-    res["M=512 split=True"] = bool(torch.equal(nf4.matmul(x, packed, qs, split=True), full))
-    perm = torch.randperm(512, device="cuda")
-    res["M=512 shuffled"] = bool(torch.equal(nf4.matmul(x[perm], packed, qs), full[perm]))
-    other = torch.randn(36, K, device="cuda", dtype=torch.bfloat16)  # row 0 among other mates
+    res[f"M={top} split=True"] = bool(torch.equal(nf4.matmul(x, packed, qs, split=True), full))
+    perm = torch.randperm(top, device=DEV)
+    res[f"M={top} shuffled"] = bool(torch.equal(nf4.matmul(x[perm], packed, qs), full[perm]))
+    other = torch.randn(36, K, device=DEV, dtype=torch.bfloat16)  # row 0 among other mates
     res["M=37 other mates"] = bool(torch.equal(nf4.matmul(torch.cat([x[:1], other]), packed, qs)[:1], full[:1]))
     res["all"] = all(res.values())
     print("invariance", name, f"nested={nested}", res, flush=True)
@@ -123,7 +132,7 @@ def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), dea
     wbytes = N * K / 2
     out = []
     for M in rows:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         row = {"shape": name, "N": N, "K": K, "M": M}
         row["bnb_ms"] = bench(lambda: bnb.matmul_4bit(x, packed, quant_state=qs))
         row["bf16_ms"] = bench(lambda: F.linear(x, wq))
@@ -148,9 +157,13 @@ def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), dea
     return out
 
 
+def sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+
+
 def variant_plans(N: int, K: int, wanted: list[str]) -> dict:
     """name -> (plan, split): 'triton' is the shipped plan with its automatic split."""
-    base = nf4.plan_for(N, K, torch.cuda.get_device_properties(0).multi_processor_count)
+    base = nf4.plan_for(N, K, sms())
     out = {"triton": (base, None)}
     for w in wanted:
         kv = dict(p.split("=") for p in w.split(","))
@@ -171,16 +184,18 @@ def engine_ab(args) -> dict:
     from llmbatch.worker.engine import EngineConfig, load_engine
     from llmbatch.worker.engine.engine import Engine
 
-    tp.build_random_model(Path(args.model_dir), 0.002)
-    config = EngineConfig(model=args.model_dir, nf4_kernel="bnb")
+    if args.model is None:
+        tp.build_random_model(Path(args.model_dir), 0.002)
+    config = EngineConfig(model=args.model or args.model_dir, nf4_kernel="bnb", device=DEV)
     t = time.perf_counter()
     engine = load_engine(config)
     print(f"loaded in {time.perf_counter() - t:.1f}s", flush=True)
     loaded = (engine.model, engine.tokenizer, engine.device, engine.dtype)
     tok = engine.tokenizer
-    warm = tp.make_workload("fixed", 64, 16, 512, 4, tok, 99, True)
-    fixed = tp.make_workload("fixed", args.prompts, 16, 512, 128, tok, 0, True)
-    mixed = tp.make_workload("mixed", args.prompts, 16, 512, 128, tok, 0, True)
+    words, lo, hi, new = args.model is None, args.min_len, args.max_len, args.new_tokens
+    warm = tp.make_workload("fixed", min(64, args.prompts), lo, hi, 4, tok, 99, words)
+    fixed = tp.make_workload("fixed", args.prompts, lo, hi, new, tok, 0, words)
+    mixed = tp.make_workload("mixed", args.prompts, lo, hi, new, tok, 0, words)
     res, rows = {}, {}
     engine.runner.release()
     for kind in ("bnb", "triton"):
@@ -194,8 +209,11 @@ def engine_ab(args) -> dict:
         print(kind, "mixed", r["mixed"], flush=True)
         r["mixed_vs_fixed"] = round(r["mixed"]["output_tok_s"] / r["fixed"]["output_tok_s"], 3)
         e.runner.release()
-        r["micro"] = tp.micro(e, [32, 512], 640)
-        e.runner.release()
+        if DEV == "cuda":
+            r["micro"] = tp.micro(e, [32, 512], 640)  # decode step ms (CUDA graphs), prefill tok/s
+            e.runner.release()
+        else:
+            r["micro"] = []
         res[kind] = r
         del e
         torch.cuda.empty_cache()
@@ -235,6 +253,7 @@ def summary(res: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    global DEV, SHAPES
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
@@ -246,15 +265,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel part")
     ap.add_argument("--engine", action="store_true", help="the engine A/B too")
     ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--model", help="a checkpoint instead of the random Llama-3.1-8B")
     ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b")
+    ap.add_argument("--smoke", action="store_true", help="a CPU dry run of this script: Triton's interpreter, a "
+                                                           "tiny shape, the bundled model with a few prompts")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
+    if args.smoke:
+        DEV, SHAPES = "cpu", {"tiny": (128, 256)}
+        args.shapes, args.rows, args.variant_rows = "tiny", "1,37", "1"
+        args.model, args.prompts, args.min_len, args.max_len, args.new_tokens = \
+            "smollm2-135m-instruct", 4, 8, 24, 6
     import bitsandbytes
     import triton
 
     res = {"date": datetime.date.today().isoformat(),
            "command": "python benchmarks/nf4.py " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])),
-           "env": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "env": {"gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
                    "bitsandbytes": bitsandbytes.__version__}}
     torch.manual_seed(0)
     random.seed(0)
@@ -265,13 +295,14 @@ def main(argv=None) -> dict:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
 
     if not args.no_kernels:
-        res["ceilings"] = ceilings()
+        if DEV == "cuda":
+            res["ceilings"] = ceilings()
         rows = [int(r) for r in args.rows.split(",")]
         vshapes = set((args.variant_shapes or args.shapes).split(","))
         res["timing"], res["invariance"], res["correctness"], res["plans"] = [], {}, {}, {}
         for name in args.shapes.split(","):
             N, K = SHAPES[name]
-            res["plans"][name] = nf4.plan_for(N, K, torch.cuda.get_device_properties(0).multi_processor_count).__dict__
+            res["plans"][name] = nf4.plan_for(N, K, sms()).__dict__
             res["invariance"][name] = invariance(name, N, K)
             res["invariance"][name + " nested"] = invariance(name, N, K, nested=True)
             res["correctness"][name] = correctness(name, N, K)

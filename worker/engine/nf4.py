@@ -29,6 +29,7 @@ CPU) goes to bitsandbytes, which stays the reference.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ try:  # Triton ships with CUDA builds of torch; CPU machines keep bitsandbytes.
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("bnb", "triton")
 QBLOCK = 64  # elements per absmax: bitsandbytes' default, the only block size the kernel takes
@@ -270,10 +273,30 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     b = bias if bias is not None else y
     even = plan.chunk % plan.bk == 0 and K % plan.chunk == 0
     grid_rows = -(-M // bb)
-    common = dict(UPCAST=_interpreting(), TREE=plan.tree, NESTED=nested, HAS_BIAS=bias is not None, EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
+    common = dict(UPCAST=_interpreting(), TREE=plan.tree or _TREE_ONLY[0], NESTED=nested, HAS_BIAS=bias is not None,
+                  EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
     # No fused multiply-add: double quantization's code * absmax + offset rounds twice in bitsandbytes.
     launch = {} if _interpreting() else dict(num_warps=plan.warps, num_stages=plan.stages, enable_fp_fusion=False)
-    chunks = -(-K // plan.chunk)
+    args = (x2, weight, absmax, abs2, code2, off, lut, b, y, M, N, K, plan, -(-K // plan.chunk), split, grid_rows)
+    try:
+        _launch(*args, common, launch, bias is not None)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, triton.CompilationError) as exc:
+        if common["TREE"] or x.device.type != "cuda":
+            raise
+        # The table load is inline PTX: a Triton that cannot build it gets the select tree (same values).
+        log.warning("NF4 kernel: the table load did not compile (%s); using the select tree", exc)
+        _TREE_ONLY[0] = True
+        _launch(*args, {**common, "TREE": True}, launch, bias is not None)
+    return y.reshape(*lead, N)
+
+
+_TREE_ONLY = [False]
+
+
+def _launch(x2, weight, absmax, abs2, code2, off, lut, b, y, M, N, K, plan, chunks, split, grid_rows, common,
+            launch, has_bias) -> None:
     if split:
         part = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device)
         _nf4_kernel[(grid_rows, N // plan.bn, chunks)](
@@ -281,12 +304,11 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
             CHUNKS_PER_PROG=1, PARTIAL=True, **common, **launch)
         block = 1024
         _sum_chunks[(-(-(M * N) // block),)](part, b, y, M, N, y.stride(0), CHUNKS=chunks,
-                                             HAS_BIAS=bias is not None, UPCAST=_interpreting(), BLOCK=block)
+                                             HAS_BIAS=has_bias, UPCAST=_interpreting(), BLOCK=block)
     else:
         _nf4_kernel[(grid_rows, N // plan.bn, 1)](
             x2, weight, absmax, abs2, code2, off, lut, b, y, y, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
             CHUNKS_PER_PROG=chunks, PARTIAL=False, **common, **launch)
-    return y.reshape(*lead, N)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -328,8 +350,7 @@ def use(model, kernel: str) -> int:
     """Switch every Linear4bit of the model to `kernel` ('bnb' or 'triton'); returns how many modules
     run ours. Switching back restores bitsandbytes' class. Captured CUDA graphs keep the kernel they
     were captured with: switch before an Engine (and its Runner) is made."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown NF4 kernel {kernel!r}: choose from {', '.join(KERNELS)}")
+    check(kernel)
     import bitsandbytes as bnb
 
     n = 0
@@ -342,10 +363,7 @@ def use(model, kernel: str) -> int:
     return n
 
 
-def resolve(kernel: str, device: torch.device) -> str:
-    """'auto' -> what runs on this device: ours on CUDA with Triton, bitsandbytes elsewhere."""
-    if kernel == "auto":
-        return "triton" if device.type == "cuda" and triton is not None else "bnb"
+def check(kernel: str) -> str:
     if kernel not in KERNELS:
-        raise ValueError(f"unknown NF4 kernel {kernel!r}: choose from auto, {', '.join(KERNELS)}")
+        raise ValueError(f"unknown NF4 kernel {kernel!r} (LLMBATCH_NF4_KERNEL): choose from {', '.join(KERNELS)}")
     return kernel
