@@ -282,10 +282,11 @@ def main(argv=None) -> dict:
     import bitsandbytes
     import triton
 
+    given = argv if argv is not None else sys.argv[1:]
     res = {"date": datetime.date.today().isoformat(),
-           "command": "python benchmarks/nf4.py " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:])),
-           "env": {"gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-                   "bitsandbytes": bitsandbytes.__version__}}
+           "command": "python benchmarks/nf4.py " + " ".join(map(shlex.quote, given)),
+           "env": {"gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
+                   "triton": triton.__version__, "bitsandbytes": bitsandbytes.__version__}}
     torch.manual_seed(0)
     random.seed(0)
     t_start = time.time()

@@ -2,7 +2,7 @@
 
 It reads bitsandbytes' own storage as is (no repacking, no second copy): the packed weight is the
 flat [N*K/2] uint8 of `Params4bit` (element e = n*K + k sits in byte e // 2, the high nibble for even
-e), each run of 64 elements has one absmax, and a code is a row of `quant_state.code` (the 16 NF4
+e), each run of 64 elements has one absmax, and a 4-bit code indexes `quant_state.code` (the 16 NF4
 values). With double quantization (`quant_state.nested`) absmax is uint8, decoded as
 state2.code[q] * state2.absmax[b // 256] + offset, all float32, exactly as dequantize_4bit does.
 A weight is float32 code * absmax rounded once to bf16/fp16: the very value dequantize_4bit writes,
