@@ -298,7 +298,7 @@ _TREE_ONLY = [False]
 def _launch(x2, weight, absmax, abs2, code2, off, lut, b, y, M, N, K, plan, chunks, split, grid_rows, common,
             launch, has_bias) -> None:
     if split:
-        part = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device)
+        part = torch.empty(chunks, M, N, dtype=torch.float32, device=x2.device)
         _nf4_kernel[(grid_rows, N // plan.bn, chunks)](
             x2, weight, absmax, abs2, code2, off, lut, b, y, part, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
             CHUNKS_PER_PROG=1, PARTIAL=True, **common, **launch)
