@@ -51,6 +51,7 @@ def check(N, K, nested, plan, bias):
 # three and four chunks, so their order of summation shows; double quantization on and off; a bias.
 print(check(128, 320, False, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128), bias=True))
 print(check(64, 512, True, nf4.Plan(bn=64, bk=128, chunks=4, chunk=128), bias=False))
+print(check(64, 320, True, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128, two=True), bias=True))  # the 2-D variant
 """
 
 

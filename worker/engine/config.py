@@ -13,8 +13,8 @@ class EngineConfig:
     compute_dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
     double_quant: bool = False
     # Who multiplies by the NF4 weights on CUDA: "bnb" (bitsandbytes, the reference; always the CPU path)
-    # or "triton" (ours, worker/engine/nf4.py: fused, batch-invariant). bnb stays the default until
-    # benchmarks/nf4.py has measured ours on a GPU (issue 18; the session that wrote it got none).
+    # or "triton" (ours, worker/engine/nf4.py: fused, batch-invariant). bnb is the default: on an H200
+    # ours is correct and invariant but slower (benchmarks/RESULTS.md, issue 18).
     nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "bnb")
     cache_dir: str | None = None  # where converted checkpoints (the bundled GGUF) are kept
     # Batching. Rows decode together in "slots" of a KV cache sized slots x (longest prompt + max_tokens).

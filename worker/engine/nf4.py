@@ -24,6 +24,11 @@ Design (one kernel for every M, tensor cores throughout):
 
 Anything it does not cover (fp32 compute, other block sizes, FP4, shapes not multiples of 64, the
 CPU) goes to bitsandbytes, which stays the reference.
+
+Measured on an H200 (benchmarks/RESULTS.md, issue 18): bitwise invariant across M = 1..512, the
+split and batch mates, and as exact as bitsandbytes, but 2-3x slower than it at 1 row and 3x bf16
+at 512 rows. The per-element table lookup (one L1/texture load a weight) is the bottleneck; a
+register lookup (prmt) or a warp-specialized dequantizer is the next step.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class Plan:
     warps: int = 4
     stages: int = 3
     tree: bool = False  # NF4 values by selects instead of the 16-entry table (benchmark variant)
+    two: bool = False  # 2-D dequantization, even and odd k as two products (no interleave); bk 64 or 128.
+    # Measured on an H200 (benchmarks/RESULTS.md, issue 18): no faster at 1-64 rows, slower at 512.
 
 
 def plan_for(N: int, K: int, sms: int = 132) -> Plan | None:
@@ -84,10 +91,10 @@ def rows_tile(M: int) -> int:
 
 def split_launch(M: int, N: int, K: int, plan: Plan, sms: int = 132) -> bool:
     """Run one program per chunk (float32 partials, then their ordered sum) when whole tiles would
-    leave SMs idle and the partials (written and read back: chunks x M x N x 8 bytes) cost no more
-    than the packed weight (N x K / 2 bytes). Performance only: the bits are the same either way."""
-    idle = -(-M // rows_tile(M)) * (N // plan.bn) < sms
-    return plan.chunks > 1 and idle and plan.chunks * M * 16 <= K
+    fill less than half the SMs. Performance only: the bits are the same either way. From the H200
+    runs of issue 18 (split forced on and off): 32 tiles of a long K run 2-3x slower unsplit at
+    1-128 rows; 112 tiles (gate/up) or 128 (q/o at 512 rows) run faster unsplit."""
+    return plan.chunks > 1 and -(-M // rows_tile(M)) * (N // plan.bn) * 2 < sms
 
 
 if triton is not None:
@@ -97,6 +104,7 @@ if triton is not None:
                     M, N, KH, s_xm, s_ym, CHUNK,
                     CHUNKS_PER_PROG: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PARTIAL: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, TREE: tl.constexpr,
+                    TWO: tl.constexpr,
                     BN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
         # Program: rows [pid_b*BB, +BB) x out features [pid_n*BN, +BN) x chunks [pid_c*CPP, +CPP).
         pid_b = tl.program_id(0)
@@ -122,50 +130,81 @@ if triton is not None:
             acc = tl.zeros([BN, BB], dtype=tl.float32)
             for k in range(k0, k_end, BK):
                 k = tl.multiple_of(k, 64)
-                blk = a_row + k // 64
-                w_ptrs = w_row + (k // 2 + kb)[None, :]  # [BN, BK/2]
-                if EVEN:
-                    packed = tl.load(w_ptrs)
-                    if NESTED:
-                        qa = tl.load(ABS + blk)
+                if TWO:
+                    # 2-D throughout: bytes [BN, BK/2]; the high nibbles are the step's even k, the low
+                    # nibbles its odd k, multiplied as two products (even k, then odd k): no interleave.
+                    wp = w_row + (k // 2 + kb)[None, :]
+                    if EVEN:
+                        packed = tl.load(wp)
                     else:
-                        amax = tl.load(ABS + blk)
-                else:
-                    kin = (k + 64 * g) < k_end  # [G]: whole absmax blocks in or out
-                    packed = tl.load(w_ptrs, mask=(k + 2 * kb < k_end)[None, :], other=0)
-                    if NESTED:
-                        qa = tl.load(ABS + blk, mask=kin[None, :], other=0)
+                        packed = tl.load(wp, mask=(k + 2 * kb < k_end)[None, :], other=0)
+                    first = n.to(tl.int64) * (KH // 32) + k // 64  # [BN] the step's first absmax block
+                    a0 = _absmax(ABS, ABS2, CODE2, OFF, first, n >= 0, NESTED)
+                    if G == 2:  # the second block of the step, where it is inside the chunk
+                        a1 = _absmax(ABS, ABS2, CODE2, OFF, first + 1, n * 0 + k + 64 < k_end, NESTED)
+                        amax = tl.where((kb < 32)[None, :], a0[:, None], a1[:, None])  # [BN, BK/2]
                     else:
-                        amax = tl.load(ABS + blk, mask=kin[None, :], other=0.0)
-                if NESTED:
-                    # float32 product, then + offset: two roundings, as dequantize_blockwise then +=.
-                    amax = tl.load(CODE2 + qa.to(tl.int32)) * tl.load(ABS2 + blk // 256) + tl.load(OFF)
-                q = tl.reshape(packed, [BN, G, 32]).to(tl.int32)
-                codes = tl.join(q >> 4, q & 15)  # [BN, G, 32, 2]: even element, odd element
-                if TREE:  # the table as selects (a variant the benchmark compares), no loads
-                    vals = _nf4_tree(codes) * amax[:, :, None, None]
-                elif UPCAST:  # the interpreter runs no PTX
-                    vals = tl.load(LUT + codes) * amax[:, :, None, None]
+                        amax = a0[:, None]
+                    q = packed.to(tl.int32)
+                    v_hi = _table(LUT, q >> 4, TREE, UPCAST) * amax  # float32, as bitsandbytes
+                    v_lo = _table(LUT, q & 15, TREE, UPCAST) * amax
+                    xp = X + rows.to(tl.int64)[:, None] * s_xm + (k + kk)[None, :]  # [BB, BK]
+                    if EVEN:
+                        xs = tl.load(xp, mask=row_ok[:, None], other=0.0)
+                    else:
+                        xs = tl.load(xp, mask=row_ok[:, None] & ((k + kk) < k_end)[None, :], other=0.0)
+                    x_even, x_odd = tl.split(tl.reshape(xs, [BB, BK // 2, 2]))  # [BB, BK/2] each
+                    if UPCAST:
+                        acc = tl.dot(_round_to(v_hi, X.dtype.element_ty), tl.trans(x_even).to(tl.float32), acc)
+                        acc = tl.dot(_round_to(v_lo, X.dtype.element_ty), tl.trans(x_odd).to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(v_hi.to(X.dtype.element_ty), tl.trans(x_even), acc)
+                        acc = tl.dot(v_lo.to(X.dtype.element_ty), tl.trans(x_odd), acc)
                 else:
-                    # A plain load from the 64-byte table (it stays in L1), kept away from the software
-                    # pipeliner, which would turn each 4-byte gather into an async copy through shared
-                    # memory (64 KB a stage for a 128 x 128 tile).
-                    vals = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [LUT + codes],
-                                                     dtype=tl.float32, is_pure=True, pack=1)
-                    vals = vals * amax[:, :, None, None]  # float32, as bitsandbytes
-                if UPCAST:
-                    w = tl.reshape(_round_to(vals, X.dtype.element_ty), [BN, BK])
-                else:
-                    w = tl.reshape(vals.to(X.dtype.element_ty), [BN, BK])  # [BN, BK], k = 64g + 2j + t
-                x_ptrs = x_row + (k + kk)[:, None]  # [BK, BB]
-                if EVEN:
-                    xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
-                else:
-                    xt = tl.load(x_ptrs, mask=row_ok[None, :] & ((k + kk) < k_end)[:, None], other=0.0)
-                if UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: exact float32 copies
-                    acc = tl.dot(w, xt.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(w, xt, acc)  # [BN, BB]
+                    blk = a_row + k // 64
+                    w_ptrs = w_row + (k // 2 + kb)[None, :]  # [BN, BK/2]
+                    if EVEN:
+                        packed = tl.load(w_ptrs)
+                        if NESTED:
+                            qa = tl.load(ABS + blk)
+                        else:
+                            amax = tl.load(ABS + blk)
+                    else:
+                        kin = (k + 64 * g) < k_end  # [G]: whole absmax blocks in or out
+                        packed = tl.load(w_ptrs, mask=(k + 2 * kb < k_end)[None, :], other=0)
+                        if NESTED:
+                            qa = tl.load(ABS + blk, mask=kin[None, :], other=0)
+                        else:
+                            amax = tl.load(ABS + blk, mask=kin[None, :], other=0.0)
+                    if NESTED:
+                        # float32 product, then + offset: two roundings, as dequantize_blockwise then +=.
+                        amax = tl.load(CODE2 + qa.to(tl.int32)) * tl.load(ABS2 + blk // 256) + tl.load(OFF)
+                    q = tl.reshape(packed, [BN, G, 32]).to(tl.int32)
+                    codes = tl.join(q >> 4, q & 15)  # [BN, G, 32, 2]: even element, odd element
+                    if TREE:  # the table as selects (a variant the benchmark compares), no loads
+                        vals = _nf4_tree(codes) * amax[:, :, None, None]
+                    elif UPCAST:  # the interpreter runs no PTX
+                        vals = tl.load(LUT + codes) * amax[:, :, None, None]
+                    else:
+                        # A plain load from the 64-byte table (it stays in L1), kept away from the software
+                        # pipeliner, which would turn each 4-byte gather into an async copy through shared
+                        # memory (64 KB a stage for a 128 x 128 tile).
+                        vals = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [LUT + codes],
+                                                         dtype=tl.float32, is_pure=True, pack=1)
+                        vals = vals * amax[:, :, None, None]  # float32, as bitsandbytes
+                    if UPCAST:
+                        w = tl.reshape(_round_to(vals, X.dtype.element_ty), [BN, BK])
+                    else:
+                        w = tl.reshape(vals.to(X.dtype.element_ty), [BN, BK])  # [BN, BK], k = 64g + 2j + t
+                    x_ptrs = x_row + (k + kk)[:, None]  # [BK, BB]
+                    if EVEN:
+                        xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
+                    else:
+                        xt = tl.load(x_ptrs, mask=row_ok[None, :] & ((k + kk) < k_end)[:, None], other=0.0)
+                    if UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: exact float32 copies
+                        acc = tl.dot(w, xt.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(w, xt, acc)  # [BN, BB]
             total = total + acc  # chunk sums in chunk order, from 0.0, in either launch
         if PARTIAL:  # one chunk per program: P[chunk, row, n]
             tl.store(P + (pid_c * M + rows[None, :]).to(tl.int64) * N + n[:, None], total, mask=row_ok[None, :])
@@ -176,6 +215,27 @@ if triton is not None:
                 total = _round_to(total, Y.dtype.element_ty)
             tl.store(Y + rows[None, :].to(tl.int64) * s_ym + n[:, None], total.to(Y.dtype.element_ty),
                      mask=row_ok[None, :])
+
+    @triton.jit
+    def _absmax(ABS, ABS2, CODE2, OFF, idx, ok, NESTED: tl.constexpr):
+        # float32 absmax of blocks idx [BN]; nested: code * absmax2 + offset, two roundings as
+        # dequantize_blockwise then += (the launch turns fused multiply-add off).
+        if NESTED:
+            qa = tl.load(ABS + idx, mask=ok, other=0)
+            return tl.load(CODE2 + qa.to(tl.int32)) * tl.load(ABS2 + idx // 256, mask=ok, other=0.0) + tl.load(OFF)
+        else:
+            return tl.load(ABS + idx, mask=ok, other=0.0)
+
+    @triton.jit
+    def _table(LUT, codes, TREE: tl.constexpr, UPCAST: tl.constexpr):
+        # The 16 NF4 values, float32, at int32 codes.
+        if TREE:
+            return _nf4_tree(codes)
+        elif UPCAST:  # the interpreter runs no PTX
+            return tl.load(LUT + codes)
+        else:  # a plain load from the 64-byte table, out of the pipeliner's reach (see the kernel)
+            return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [LUT + codes],
+                                             dtype=tl.float32, is_pure=True, pack=1)
 
     @triton.jit
     def _nf4_tree(q):
@@ -273,8 +333,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     b = bias if bias is not None else y
     even = plan.chunk % plan.bk == 0 and K % plan.chunk == 0
     grid_rows = -(-M // bb)
-    common = dict(UPCAST=_interpreting(), TREE=plan.tree or _TREE_ONLY[0], NESTED=nested, HAS_BIAS=bias is not None,
-                  EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
+    common = dict(UPCAST=_interpreting(), TREE=plan.tree or _TREE_ONLY[0], TWO=plan.two, NESTED=nested,
+                  HAS_BIAS=bias is not None, EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
     # No fused multiply-add: double quantization's code * absmax + offset rounds twice in bitsandbytes.
     launch = {} if _interpreting() else dict(num_warps=plan.warps, num_stages=plan.stages, enable_fp_fusion=False)
     args = (x2, weight, absmax, abs2, code2, off, lut, b, y, M, N, K, plan, -(-K // plan.chunk), split, grid_rows)
