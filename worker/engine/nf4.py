@@ -27,8 +27,8 @@ CPU) goes to bitsandbytes, which stays the reference.
 
 Measured on an H200 (benchmarks/RESULTS.md, issue 18): bitwise invariant across M = 1..512, the
 split and batch mates, and as exact as bitsandbytes, but 2-3x slower than it at 1 row and 3x bf16
-at 512 rows. The per-element table lookup (one L1/texture load a weight) is the bottleneck; a
-register lookup (prmt) or a warp-specialized dequantizer is the next step.
+at 512 rows: the dequantization sits in the MMA's critical path (dequantize, wgmma, wait, each K
+step). Overlapping the two (one wgmma in flight, or warp-specialized dequantizing warps) is next.
 """
 
 from __future__ import annotations
