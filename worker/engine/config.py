@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -11,6 +12,10 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compute_dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
     double_quant: bool = False
+    # Who multiplies by the NF4 weights on CUDA: "bnb" (bitsandbytes, the reference; always the CPU path)
+    # or "triton" (ours, worker/engine/nf4.py: fused, batch-invariant). bnb is the default: on an H200
+    # ours is correct and invariant but slower (benchmarks/RESULTS.md, issue 18).
+    nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "bnb")
     cache_dir: str | None = None  # where converted checkpoints (the bundled GGUF) are kept
     # Batching. Rows decode together in "slots" of a KV cache sized slots x (longest prompt + max_tokens).
     # max_batch_size caps the slots; max_batch_tokens caps slots x columns, and 0 derives it from

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import nf4
 from .config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def load(config: EngineConfig):
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.compute_dtype, device)
+    nf4.check(config.nf4_kernel)  # an unknown LLMBATCH_NF4_KERNEL fails before the load
     checkpoint = resolve_checkpoint(config)
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint,
@@ -133,6 +135,8 @@ def load(config: EngineConfig):
         device_map={"": device.index if device.index is not None else ("cuda:0" if device.type == "cuda" else "cpu")},
     )
     model.eval()
+    if config.nf4_kernel == "triton" and device.type == "cuda":
+        log.info("NF4 kernel: ours (Triton) on %d modules", nf4.use(model, "triton"))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.padding_side = "left"  # decoder-only batches grow to the right
     if tokenizer.pad_token_id is None:

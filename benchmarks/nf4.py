@@ -1,0 +1,323 @@
+"""Our NF4 kernel (worker/engine/nf4.py) against bitsandbytes and bf16 `F.linear`, on one GPU, in one run.
+
+  python benchmarks/nf4.py --json-out nf4.json                  # kernels: ceilings, shapes x rows, invariance
+  python benchmarks/nf4.py --engine --json-out nf4_engine.json  # also the engine A/B (bnb, then triton)
+
+Kernel part. The ceilings first (a device-to-device copy, an 8192^3 bf16 product). Then each
+Llama-3.1-8B projection shape (N, K) at 1..512 rows: bitsandbytes' `matmul_4bit` (what Linear4bit
+runs), ours, and bf16 `F.linear` over the dequantized weight; times are medians of
+`triton.testing.do_bench`, which clears the L2 before every call (a decode step never finds its
+weights there: the model is 3.5 GB). Effective bandwidth counts the packed weight bytes (N*K/2;
+the absmax adds 1/8). Correctness: max abs error against the float32 product of the very bf16
+weights bitsandbytes dequantizes, in units of the bf16 rounding of the reference. Batch invariance:
+a row's output bitwise equal at M = 1, 20, 37, 128 and 512, with the physical split forced both
+ways, and in a shuffled batch. --variants times other plans (block sizes, warps, stages, chunks,
+the select-tree table) for tuning.
+
+Engine part (--engine): the random Llama-3.1-8B of benchmarks/throughput.py, loaded once in NF4; for
+each kernel (`nf4.use(model, kind)`, then a fresh Engine, so CUDA graphs are captured with it):
+warm-up, the `fixed` and `mixed` workloads, then throughput.micro's decode step and prefill.
+match@32 between the two kernels' greedy tokens over the first 64 `fixed` prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--smoke" in sys.argv:  # before Triton is imported: its interpreter is chosen when kernels are defined
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from llmbatch.worker.engine import nf4  # noqa: E402
+
+SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
+          "down_proj": (4096, 14336)}
+ROWS = (1, 8, 16, 32, 64, 128, 256, 512)
+DEV = "cuda"  # --smoke: "cpu", under Triton's interpreter, tiny shapes (a dry run of this script)
+
+
+def bench(fn, reps: int = 50) -> float:
+    """Median ms of fn, L2 cleared before each call (do_bench's own flush)."""
+    if DEV == "cpu":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1000
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median")
+
+
+def ceilings() -> dict:
+    n = 1 << 30  # 2 GiB of bf16 each way
+    a = torch.empty(n, dtype=torch.bfloat16, device=DEV).normal_()
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), 100)
+    copy = 2 * a.numel() * 2 / ms / 1e9
+    del a, b
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    ms_mm = bench(lambda: x @ y, 200)
+    out = {"copy_tb_s": round(copy, 3), "bf16_mm_tflops": round(2 * 8192 ** 3 / ms_mm / 1e9, 1)}
+    print("ceilings", out, flush=True)
+    return out
+
+
+def quantized(N: int, K: int, nested: bool, seed: int):
+    import bitsandbytes.functional as bf
+
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = torch.randn(N, K, device=DEV, generator=g).to(torch.bfloat16) * 0.02
+    packed, qs = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    return packed, qs, bf.dequantize_4bit(packed, qs).to(torch.bfloat16)
+
+
+def ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| in units of half a bf16 ulp of |ref| (<= 1: within the rounding of the reference)."""
+    half = ref.abs().clamp_min(2 ** -60) * 2 ** -8
+    return round(((y.float() - ref).abs() / half).max().item(), 3)
+
+
+def correctness(name: str, N: int, K: int) -> dict:
+    out = {}
+    for nested in (False, True):
+        packed, qs, wq = quantized(N, K, nested, 1)
+        for M in (1, 7, 37, 512 if DEV == "cuda" else 64):
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            y = nf4.matmul(x, packed, qs)
+            ref = x.float() @ wq.float().t()
+            bnb_y = nf4.reference(x, packed, qs)
+            out[f"nested={nested} M={M}"] = {"ours_half_ulps": ulps(y, ref), "bnb_half_ulps": ulps(bnb_y, ref),
+                                             "max_abs_err": round((y.float() - ref).abs().max().item(), 6),
+                                             "nan": bool(y.isnan().any())}
+    print("correctness", name, out, flush=True)
+    return out
+
+
+def invariance(name: str, N: int, K: int, nested: bool = False) -> dict:
+    """Row bits across batch sizes, physical split, and batch mates (a shuffled batch)."""
+    packed, qs, _ = quantized(N, K, nested, 2)
+    top = 512 if DEV == "cuda" else 160
+    x = torch.randn(top, K, device=DEV, dtype=torch.bfloat16)
+    full = nf4.matmul(x, packed, qs)
+    res = {}
+    for M in (1, 20, 37, 128):
+        for split in (None, True, False):
+            y = nf4.matmul(x[:M], packed, qs, split=split)
+            res[f"M={M} split={split}"] = bool(torch.equal(y, full[:M]))
+    res[f"M={top} split=True"] = bool(torch.equal(nf4.matmul(x, packed, qs, split=True), full))
+    perm = torch.randperm(top, device=DEV)
+    res[f"M={top} shuffled"] = bool(torch.equal(nf4.matmul(x[perm], packed, qs), full[perm]))
+    other = torch.randn(36, K, device=DEV, dtype=torch.bfloat16)  # row 0 among other mates
+    res["M=37 other mates"] = bool(torch.equal(nf4.matmul(torch.cat([x[:1], other]), packed, qs)[:1], full[:1]))
+    res["all"] = all(res.values())
+    print("invariance", name, f"nested={nested}", res, flush=True)
+    return res
+
+
+def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), deadline: float = 1e18) -> list[dict]:
+    import bitsandbytes as bnb
+
+    packed, qs, wq = quantized(N, K, False, 3)
+    wbytes = N * K / 2
+    out = []
+    for M in rows:
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        row = {"shape": name, "N": N, "K": K, "M": M}
+        row["bnb_ms"] = bench(lambda: bnb.matmul_4bit(x, packed, quant_state=qs))
+        row["bf16_ms"] = bench(lambda: F.linear(x, wq))
+        for vname, (plan, split) in variants.items():
+            if vname != "triton" and (M not in variant_rows or time.time() > deadline):
+                continue
+            try:
+                row[f"{vname}_ms"] = bench(lambda: nf4.matmul(x, packed, qs, plan=plan, split=split))
+            except Exception as exc:  # a variant that does not compile is reported, not fatal
+                row[f"{vname}_ms"] = None
+                row[f"{vname}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        t = row["triton_ms"]
+        row["triton_tb_s"] = round(wbytes / t / 1e9, 3)
+        row["bnb_tb_s"] = round(wbytes / row["bnb_ms"] / 1e9, 3)
+        row["triton_vs_bf16"] = round(t / row["bf16_ms"], 3)
+        row["bnb_vs_triton"] = round(row["bnb_ms"] / t, 2)
+        for k, v in list(row.items()):
+            if k.endswith("_ms") and v is not None:
+                row[k] = round(v, 4)
+        print("time", row, flush=True)
+        out.append(row)
+    return out
+
+
+def sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+
+
+def variant_plans(N: int, K: int, wanted: list[str]) -> dict:
+    """name -> (plan, split): 'triton' is the shipped plan with its automatic split."""
+    base = nf4.plan_for(N, K, sms())
+    out = {"triton": (base, None)}
+    for w in wanted:
+        kv = dict(p.split("=") for p in w.split(","))
+        fields = {k: (v == "1") if k == "tree" else int(v) for k, v in kv.items() if k != "split"}
+        if "chunks" in fields:
+            fields["chunk"] = K // fields["chunks"]
+        plan = nf4.Plan(**{**base.__dict__, **fields})
+        split = None if "split" not in kv else kv["split"] == "1"
+        out[w] = (plan, split)
+    return out
+
+
+# -- engine A/B -----------------------------------------------------------------
+
+
+def engine_ab(args) -> dict:
+    from benchmarks import throughput as tp
+    from llmbatch.worker.engine import EngineConfig, load_engine
+    from llmbatch.worker.engine.engine import Engine
+
+    if args.model is None:
+        tp.build_random_model(Path(args.model_dir), 0.002)
+    config = EngineConfig(model=args.model or args.model_dir, nf4_kernel="bnb", device=DEV)
+    t = time.perf_counter()
+    engine = load_engine(config)
+    print(f"loaded in {time.perf_counter() - t:.1f}s", flush=True)
+    loaded = (engine.model, engine.tokenizer, engine.device, engine.dtype)
+    tok = engine.tokenizer
+    words, lo, hi, new = args.model is None, args.min_len, args.max_len, args.new_tokens
+    warm = tp.make_workload("fixed", min(64, args.prompts), lo, hi, 4, tok, 99, words)
+    fixed = tp.make_workload("fixed", args.prompts, lo, hi, new, tok, 0, words)
+    mixed = tp.make_workload("mixed", args.prompts, lo, hi, new, tok, 0, words)
+    res, rows = {}, {}
+    engine.runner.release()
+    for kind in ("bnb", "triton"):
+        n = nf4.use(engine.model, kind)
+        e = Engine(config, loaded=loaded)
+        tp.run_engine(e, warm)
+        r = {"modules_on_ours": n}
+        r["fixed"], rows[kind] = tp.run_engine(e, fixed)
+        print(kind, "fixed", r["fixed"], flush=True)
+        r["mixed"], _ = tp.run_engine(e, mixed)
+        print(kind, "mixed", r["mixed"], flush=True)
+        r["mixed_vs_fixed"] = round(r["mixed"]["output_tok_s"] / r["fixed"]["output_tok_s"], 3)
+        e.runner.release()
+        if DEV == "cuda":
+            r["micro"] = tp.micro(e, [32, 512], 640)  # decode step ms (CUDA graphs), prefill tok/s
+            e.runner.release()
+        else:
+            r["micro"] = []
+        res[kind] = r
+        del e
+        torch.cuda.empty_cache()
+    nf4.use(engine.model, "bnb")
+    res["fixed_triton_vs_bnb"] = round(res["triton"]["fixed"]["output_tok_s"] / res["bnb"]["fixed"]["output_tok_s"], 3)
+    res["match32_triton_vs_bnb_64"] = tp.match_rate(rows["triton"][:64], rows["bnb"][:64])
+    res["prefix32_triton_vs_bnb_64"] = tp.common_prefix(rows["triton"][:64], rows["bnb"][:64])
+    res["match32_triton_vs_bnb_all"] = tp.match_rate(rows["triton"], rows["bnb"])
+    print("engine", {k: v for k, v in res.items() if k not in ("bnb", "triton")}, flush=True)
+    return res
+
+
+def summary(res: dict) -> None:
+    print("\n== summary", res["env"])
+    if "ceilings" in res:
+        print("ceilings", res["ceilings"])
+    for r in res.get("timing", []):
+        print(f"{r['shape']:18} M={r['M']:4} bnb {r['bnb_ms']:.4f} ms ({r['bnb_tb_s']} TB/s)  triton "
+              f"{r['triton_ms']:.4f} ms ({r['triton_tb_s']} TB/s)  bf16 {r['bf16_ms']:.4f}  triton/bf16 "
+              f"{r['triton_vs_bf16']}  bnb/triton {r['bnb_vs_triton']}  "
+              + " ".join(f"{k[:-3]}={v}" for k, v in r.items() if k.endswith("_ms") and k[:-3] not in
+                         ("bnb", "bf16", "triton")))
+    for name, v in res.get("invariance", {}).items():
+        print("invariance", name, v["all"], {k: b for k, b in v.items() if not b})
+    for name, v in res.get("correctness", {}).items():
+        print("correctness", name, max(c["ours_half_ulps"] for c in v.values()), "half-ulps (bnb's own:",
+              max(c["bnb_half_ulps"] for c in v.values()), ")")
+    e = res.get("engine")
+    if e:
+        for kind in ("bnb", "triton"):
+            k = e[kind]
+            mic = {m.get("batch"): m.get("graph_ms") for m in k["micro"] if "batch" in m}
+            pre = [m["prefill_tok_s"] for m in k["micro"] if "prefill_tok_s" in m]
+            print(f"engine {kind}: fixed {k['fixed']['output_tok_s']} tok/s, mixed {k['mixed']['output_tok_s']} "
+                  f"({k['mixed_vs_fixed']}x fixed), decode step ms {mic}, prefill tok/s {pre}")
+        print(f"fixed triton/bnb {e['fixed_triton_vs_bnb']}x; match@32 (64 prompts) {e['match32_triton_vs_bnb_64']}")
+
+
+def main(argv=None) -> dict:
+    global DEV, SHAPES
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="extra plans to time, e.g. bk=256 warps=8 stages=4 bn=64 chunks=4 tree=1 split=0")
+    ap.add_argument("--variant-shapes", default=None, help="shapes the variants run on (default all)")
+    ap.add_argument("--variant-rows", default="1,16,64,512", help="rows the variants run at")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds after which variants are skipped")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel part")
+    ap.add_argument("--engine", action="store_true", help="the engine A/B too")
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--model", help="a checkpoint instead of the random Llama-3.1-8B")
+    ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b")
+    ap.add_argument("--smoke", action="store_true", help="a CPU dry run of this script: Triton's interpreter, a "
+                                                           "tiny shape, the bundled model with a few prompts")
+    ap.add_argument("--json-out")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        DEV, SHAPES = "cpu", {"tiny": (128, 256)}
+        args.shapes, args.rows, args.variant_rows = "tiny", "1,37", "1"
+        args.model, args.prompts, args.min_len, args.max_len, args.new_tokens = \
+            "smollm2-135m-instruct", 4, 8, 24, 6
+    import bitsandbytes
+    import triton
+
+    given = argv if argv is not None else sys.argv[1:]
+    res = {"date": datetime.date.today().isoformat(),
+           "command": "python benchmarks/nf4.py " + " ".join(map(shlex.quote, given)),
+           "env": {"gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
+                   "triton": triton.__version__, "bitsandbytes": bitsandbytes.__version__}}
+    torch.manual_seed(0)
+    random.seed(0)
+    t_start = time.time()
+
+    def save():
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=1))
+
+    if not args.no_kernels:
+        if DEV == "cuda":
+            res["ceilings"] = ceilings()
+        rows = [int(r) for r in args.rows.split(",")]
+        vshapes = set((args.variant_shapes or args.shapes).split(","))
+        res["timing"], res["invariance"], res["correctness"], res["plans"] = [], {}, {}, {}
+        for name in args.shapes.split(","):
+            N, K = SHAPES[name]
+            res["plans"][name] = nf4.plan_for(N, K, sms()).__dict__
+            res["invariance"][name] = invariance(name, N, K)
+            res["invariance"][name + " nested"] = invariance(name, N, K, nested=True)
+            res["correctness"][name] = correctness(name, N, K)
+            save()
+            variants = variant_plans(N, K, args.variants if name in vshapes else [])
+            res["timing"] += timing(name, N, K, rows, variants, [int(r) for r in args.variant_rows.split(",")],
+                                    t_start + args.budget)
+            save()
+    if args.engine:
+        res["engine"] = engine_ab(args)
+        save()
+    summary(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

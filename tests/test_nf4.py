@@ -1,0 +1,147 @@
+"""Our NF4 matmul (worker/engine/nf4.py): the Triton kernel under Triton's interpreter against
+bitsandbytes' dequantize_4bit + matmul, its batch invariance, its plan, and the module switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmbatch.worker.engine import nf4
+from llmbatch.worker.engine.config import EngineConfig
+
+bnb = pytest.importorskip("bitsandbytes")
+
+KERNEL_CHECK = r"""
+import torch
+import bitsandbytes.functional as bf
+from llmbatch.worker.engine import nf4
+
+torch.manual_seed(0)
+HALF_ULP = 2.0 ** -8  # half a bf16 ulp, relative
+
+
+def check(N, K, nested, plan, bias):
+    w = torch.randn(N, K) * 0.02
+    packed, qs = bf.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=nested)
+    assert (qs.absmax.dtype == torch.uint8) == nested
+    wq = bf.dequantize_4bit(packed, qs)  # bitsandbytes' own bf16 weights: the reference
+    b = torch.randn(N).to(torch.bfloat16) if bias else None
+    x = torch.randn(128, K).to(torch.bfloat16)
+    ref = x.float() @ wq.float().t() + (b.float() if bias else 0)  # exact-ish: float32 sums of exact products
+    full = nf4.matmul(x, packed, qs, b, plan=plan, split=False)  # all chunks in one program
+    err = (full.float() - ref).abs()
+    assert (err <= ref.abs() * HALF_ULP + 1e-6).all(), (N, K, nested, (err / ref.abs()).max())
+    # bitsandbytes' own product (dequantize_4bit + F.linear in bf16) is no closer than that
+    assert (nf4.reference(x, packed, qs, b).float() - ref).abs().max() >= err.max() * 0.5
+    # Batch invariance: a row's bits at M = 1 and 37 (odd), split over programs or not, equal M = 128's.
+    for M in (1, 37):
+        for split in (False, True):
+            y = nf4.matmul(x[:M], packed, qs, b, plan=plan, split=split)
+            assert torch.equal(y, full[:M]), (N, K, nested, M, split)
+    perm = torch.randperm(37)
+    assert torch.equal(nf4.matmul(x[perm], packed, qs, b, plan=plan), full[perm])  # other order, same bits
+    return err.max().item()
+
+
+# K = 320 in 128-wide steps and chunks: K not a multiple of the tile (the last chunk is half a step);
+# three and four chunks, so their order of summation shows; double quantization on and off; a bias.
+print(check(128, 320, False, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128), bias=True))
+print(check(64, 512, True, nf4.Plan(bn=64, bk=128, chunks=4, chunk=128), bias=False))
+print(check(64, 320, True, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128, two=True), bias=True))  # the 2-D variant
+"""
+
+
+MODULE_CHECK = r"""
+import bitsandbytes as bnb
+
+model = torch.nn.Sequential(bnb.nn.Linear4bit(256, 128, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4"),
+                            torch.nn.ReLU(),
+                            bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"))
+model = model.to("cpu").eval()
+x = torch.randn(2, 5, 256).to(torch.bfloat16)  # [B, T, in], as the runner calls the projections
+with torch.no_grad():
+    ours = model[0](x)  # still bitsandbytes
+    assert nf4.use(model, "triton") == 2
+    seen = []
+    model[2].register_forward_hook(lambda m, a, out: seen.append(out.shape))  # as lora.py's hooks
+    got = model(x)
+    assert seen == [torch.Size([2, 5, 64])]
+    first = model[0](x)
+    qs = model[0].weight.quant_state
+    assert torch.equal(first, nf4.matmul(x, model[0].weight, qs, model[0].bias))  # it ran our kernel
+    err = (first.float() - ours.float()).abs().max().item()
+    assert err <= ours.float().abs().max().item() * 2 ** -7, err  # within bf16 rounding of bitsandbytes
+    assert got.shape == (2, 5, 64)
+print("ok")
+"""
+
+
+def test_kernel_matches_bitsandbytes_is_batch_invariant_and_serves_the_modules():
+    """One interpreter process (its imports are most of the time): the kernel, then the modules."""
+    pytest.importorskip("triton", reason="the dev extras install triton; the kernel is checked under its interpreter")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK + MODULE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def _layer(n_in=128, n_out=64):
+    lin = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    return lin.to("cpu").eval()
+
+
+def test_switching_kernels_keeps_the_module_and_restores_bitsandbytes():
+    model = torch.nn.Sequential(_layer(), torch.nn.ReLU(), _layer(64, 32))
+    base = type(model[0])
+    assert nf4.use(model, "triton") == 2
+    assert isinstance(model[0], bnb.nn.Linear4bit) and type(model[0]) is not base  # peft still sees a Linear4bit
+    assert nf4.use(model, "triton") == 2 and type(model[0]).__mro__[1] is base  # idempotent: no subclass of ours
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        on_cpu = model(x)  # no CUDA, no interpreter: bitsandbytes' own forward
+    assert nf4.use(model, "bnb") == 0 and type(model[0]) is base
+    with torch.no_grad():
+        assert torch.equal(model(x), on_cpu)
+    with pytest.raises(ValueError, match="unknown NF4 kernel 'cutlass'"):
+        nf4.use(model, "cutlass")
+
+
+def test_plan_depends_on_the_shape_only():
+    # Llama-3.1-8B's projections: K cut into a fixed number of chunks, whole 64-element absmax blocks each.
+    for N, K in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        plan = nf4.plan_for(N, K)
+        assert N % plan.bn == 0 and plan.chunk * plan.chunks == K and plan.chunk % 64 == 0
+        assert (N // plan.bn) * plan.chunks >= 132  # enough programs for one row to fill the GPU
+    assert nf4.plan_for(4096, 4096) == nf4.plan_for(4096, 4096, sms=132)
+    assert nf4.plan_for(100, 4096) is None and nf4.plan_for(4096, 100) is None  # bitsandbytes takes those
+    plan = nf4.plan_for(4096, 4096)
+    assert nf4.split_launch(1, 4096, 4096, plan) and not nf4.split_launch(512, 4096, 4096, plan)
+    assert [nf4.rows_tile(m) for m in (1, 16, 17, 33, 65, 512)] == [16, 16, 32, 64, 128, 128]
+
+
+def test_supported_only_where_the_kernel_applies(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lin = _layer()
+    qs = lin.weight.quant_state
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    assert not nf4.supported(lin.weight, qs, x)  # a CPU tensor: bitsandbytes
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if nf4.triton is not None:
+        assert nf4.supported(lin.weight, qs, x)
+    assert not nf4.supported(lin.weight, qs, x.float())  # float32 compute stays exact through bitsandbytes
+    assert not nf4.supported(lin.weight, qs, torch.randn(2, 64).to(torch.bfloat16))  # wrong K
+    assert not nf4.supported(lin.weight, None, x)
+
+
+def test_config_reads_the_kernel_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LLMBATCH_NF4_KERNEL", "bnb")
+    assert EngineConfig(model="m").nf4_kernel == "bnb"
+    monkeypatch.delenv("LLMBATCH_NF4_KERNEL")
+    assert EngineConfig(model="m").nf4_kernel == "bnb"  # until ours is measured on a GPU
+    assert nf4.check("triton") == "triton"
+    with pytest.raises(ValueError, match="unknown NF4 kernel 'fast'"):
+        nf4.check("fast")
