@@ -13,6 +13,8 @@ at four points (each marked `# issue 10:` in scheduler.py):
                                                  tokens at the next process(), while the GPU works
 
 `lo` is the slot of logits' first row (0 for a decode step, the chunk's first slot for a prefill).
+Every method that makes or edits a tensor runs under torch.inference_mode, as the runner's forward
+does: counts/seen are inference tensors, and an in-place edit of one outside the mode raises.
 Nothing is allocated for a batch that uses none of this: the scheduler makes a StepControls only
 when some item needs one, and process()/after() return at once for rows that need nothing.
 Logprobs are taken from the logits after penalties, bias and the grammar mask, before temperature,
@@ -81,6 +83,7 @@ class StepControls:
                 self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
         self._batch_key = None
 
+    @torch.inference_mode()  # counts/seen are inference tensors (made in admit): in-place edits need the mode
     def move(self, src: int, dst: int) -> None:
         self.rows[dst], self.rows[src] = self.rows[src], None
         if self.counts is not None:

@@ -26,6 +26,7 @@ from .scheduler import InFlight, Item, Stats, run_slots
 from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
+UNRUN = ("too_long", "too_many_rows")  # rows the scheduler ended without running: the item is done
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Engine:
         self._grammars = None  # made on the first structured request (imports xgrammar)
         self.lora: lora.Registry | None = None  # made when the first adapter is asked for
         self._token_text: dict[int, str] = {}  # token id -> text, for logprobs
+        self._rows = self.max_batch_size  # rows of the current run (for messages)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -99,8 +101,21 @@ class Engine:
         late_failures: list[Result] = []
         deferred: list[Request] = []  # fed requests whose adapters cannot be held beside those running
 
+        fed = {"stopped": False}
+
         def feed() -> list[Prepared]:
-            fresh, bad = self._prepare(more())
+            # A feed that raises (a database error claiming the next chunk) stops feeding: it is no
+            # failure of the items in flight, which run on. What it had not handed over stays its own.
+            if fed["stopped"]:
+                return []
+            try:
+                requests = more()
+            except Exception:
+                log.exception("the feed of more requests failed; finishing the items in flight without it")
+                fed["stopped"] = True
+                self.stats.feed_errors += 1
+                return []
+            fresh, bad = self._prepare(requests)
             late_failures.extend(bad)
             running = {p.request.adapter for p in batch if p.request.adapter}
             new = list(dict.fromkeys(p.request.adapter for p in fresh if p.request.adapter and
@@ -245,7 +260,7 @@ class Engine:
                     complete = []
                     for i, row in rows:  # an item is done once all its n choices are
                         partial.setdefault(i, []).append(row)
-                        if len(partial[i]) == batch[i].params.n or row.finish_reason == "too_long":
+                        if len(partial[i]) == batch[i].params.n or row.finish_reason in UNRUN:
                             complete.append((i, sorted(partial.pop(i), key=lambda r: r.choice)))
                     done.update(i for i, _ in complete)
                     out = [self._result(batch[i], rs[0], started, rs[1:]) for i, rs in complete]
@@ -257,6 +272,7 @@ class Engine:
                     self.max_batch_size = min(self.config.max_batch_size, 2 * self.max_batch_size)
                 return
             except Exception as exc:
+                self.stats.batch_failures += 1
                 cause = exc.__cause__ if isinstance(exc, InFlight) else exc
                 in_flight = exc.indices if isinstance(exc, InFlight) else []
             feed = None  # what was fed is in `batch` now; a retry takes no more
@@ -323,7 +339,7 @@ class Engine:
         if self.runner is None:
             yield from self._loop_padded(batch, slots)
             return
-        slots = self._ensure_pool(batch, slots)
+        slots = self._rows = self._ensure_pool(batch, slots)
         items = [Item(p.ids, p.params, p.grammar, p.adapter) for p in batch]
 
         def more() -> list[Item]:
@@ -358,6 +374,15 @@ class Engine:
             return Result.failure(p.request.id, "context_length_exceeded",
                                   f"prompt and max_tokens need {p.need} tokens of KV cache; this worker holds "
                                   f"{self.runner.blocks * BLOCK}", started)
+        if row.finish_reason == "too_many_rows":
+            n, most = p.params.n, self.config.max_batch_size
+            if n > most:  # this worker can never run it: a retry would fail the same way
+                return Result.failure(p.request.id, "too_many_choices",
+                                      f"n={n} choices decode side by side and need {n} rows at once; this "
+                                      f"worker runs at most {most} (LLMBATCH_MAX_BATCH_SIZE)", started)
+            return Result.failure(p.request.id, "out_of_memory",  # it may fit once memory is back
+                                  f"n={n} choices need {n} rows at once; out of memory, this worker runs "
+                                  f"{self._rows} rows now", started)
         stops = p.params.stop
         choices = [Choice(decode_output(self.tokenizer, c, self.eos_ids, stops), c.finish_reason, len(c.tokens),
                           self._logprobs(c), c.tokens) for c in more]

@@ -194,6 +194,10 @@ class Stats:
     prefill_s: float = 0.0  # host wall time launching and waiting on prefill chunks
     decode_s: float = 0.0  # host wall time in the decode loop outside prefill, bookkeeping included
     controls_s: float = 0.0  # of which in per-step controls (grammar masks, logprobs), not waiting for tokens
+    # Runs of items that failed together and took the engine's retry path (out-of-memory back-off,
+    # split, or a lone item failed): 0 whenever the input is valid and memory suffices.
+    batch_failures: int = 0
+    feed_errors: int = 0  # calls of the `more` feed that raised: the feed stopped, the items in flight ran on
 
     def add(self, other: "Stats") -> None:
         for k in self.__dataclass_fields__:
@@ -233,16 +237,28 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
     controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars)
     runner.reset()
     prefixes = Prefixes(runner, prefix_min, stats)
-    prefixes.assign(items, list(range(len(items))))
+    done: list[tuple[int, RowOutput]] = []
+
+    def fits(new: range) -> list[int]:
+        """The new items that can run; one whose n choices need more rows than there are slots ends
+        now ("too_many_rows"), before it takes a prefix or blocks the queue."""
+        ok = []
+        for i in new:
+            if items[i].params.n > slots:
+                done.append((i, RowOutput(finish_reason="too_many_rows", started_at=time.time(),
+                                          finished_at=time.time())))
+            else:
+                ok.append(i)
+        prefixes.assign(items, ok)
+        return ok
 
     def order(i: int) -> tuple[int, int]:  # a prefix's rows together; the largest need first
         p = items[i].prefix
         return (p.order if p is not None else -1, -items[i].need)
 
-    waiting = deque(sorted(range(len(items)), key=order))
+    waiting = deque(sorted(fits(range(len(items))), key=order))
     active: list[Seq] = []  # active[j] lives in slot j
     inflight: list[Launch] = []
-    done: list[tuple[int, RowOutput]] = []
     refill_at = max(1, int(slots * refill_fraction))
     last_flush = time.monotonic()
     asked = 0.0
@@ -288,8 +304,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 if fresh:
                     first = len(items)
                     items.extend(fresh)
-                    prefixes.assign(items, list(range(first, len(items))))
-                    waiting = deque(sorted([*waiting, *range(first, len(items))], key=order))
+                    waiting = deque(sorted([*waiting, *fits(range(first, len(items)))], key=order))
             stats.decode_s += time.perf_counter() - t_loop
             free = slots - len(active)
             if waiting and free and (not active or free >= refill_at):  # 4. refill
@@ -302,6 +317,8 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                     i = waiting.popleft()  # alone in an empty pool and still too big: it can never run
                     row = RowOutput(finish_reason="too_long", started_at=time.time(), finished_at=time.time())
                     done.append((i, row))
+                    if items[i].prefix is not None:  # its rows will never use the prefix: free it for others
+                        prefixes.release(items[i].prefix, items[i].params.n)
                 stats.prefill_s += time.perf_counter() - t0
             idle = not (waiting or active or inflight)  # and `more`, asked just now, had nothing
             if done and (idle or time.monotonic() - last_flush >= flush_seconds):
