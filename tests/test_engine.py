@@ -9,7 +9,7 @@ import torch
 
 from llmbatch.worker.engine import Request, SamplingParams
 from llmbatch.worker.engine.engine import Engine
-from llmbatch.worker.engine.runner import Runner
+from llmbatch.worker.engine.forward import Runner
 
 PROMPTS = [
     "Hi",

@@ -1,7 +1,7 @@
 """The engine: requests in, results out, as rows finish.
 
 It tokenizes (applying the chat template to `messages`), sizes a paged KV cache from a token
-budget, runs continuous batching over it (scheduler.py, runner.py), halves the rows when memory
+budget, runs continuous batching over it (scheduler.py, forward.py), halves the rows when memory
 runs out and grows them back once batches succeed, and isolates an item that makes generation
 fail so the others still succeed. `generate` can be fed more requests while it runs, so the
 tail of one chunk decodes together with the head of the next.
@@ -20,7 +20,7 @@ import torch
 from . import chat, loading, lora
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
-from .runner import BLOCK, Dims, Runner, supports
+from .forward import BLOCK, Dims, Runner, supports
 from .controls import needs_controls
 from .scheduler import InFlight, Item, Stats, run_slots
 from .types import Choice, Request, Result, SamplingParams, Usage

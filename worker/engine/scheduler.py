@@ -20,7 +20,7 @@ An item with n > 1 choices is prefilled once; its other choices fork the prompt'
 Prompts that share a token prefix of at least `prefix_min` tokens (a system prompt, few-shot
 examples) share it: the prefix is prefilled once into the runner's prefix store, each row keeps
 only its own tokens in its blocks, and decode attends to the prefix for all its rows at once
-(runner.py, paged.attend_prefixes). Rows with an adapter do not share (their K/V differ).
+(forward.py, paged.attend_prefixes). Rows with an adapter do not share (their K/V differ).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from .controls import StepControls, needs_controls
 from .generate import RowOutput
-from .runner import Runner
+from .forward import Runner
 from .sampling import RowSampling, row_seed, sample
 from .types import SamplingParams
 
