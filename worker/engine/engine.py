@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .forward import BLOCK, Dims, Runner, supports
 from .controls import needs_controls
-from .scheduler import InFlight, Item, Stats, run_slots
+from .scheduler import InFlight, Prompt, Stats, run_slots
 from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -340,12 +340,12 @@ class Engine:
             yield from self._loop_padded(batch, slots)
             return
         slots = self._rows = self._ensure_pool(batch, slots)
-        items = [Item(p.ids, p.params, p.grammar, p.adapter) for p in batch]
+        items = [Prompt(p.ids, p.params, p.grammar, p.adapter) for p in batch]
 
-        def more() -> list[Item]:
+        def more() -> list[Prompt]:
             fresh = feed()
             batch.extend(fresh)
-            return [Item(p.ids, p.params, p.grammar, p.adapter) for p in fresh]
+            return [Prompt(p.ids, p.params, p.grammar, p.adapter) for p in fresh]
 
         yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
                              self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .forward import Runner
 
 if TYPE_CHECKING:
-    from .scheduler import Item, Stats
+    from .scheduler import Prompt, Stats
 
 
 @dataclass(eq=False)
@@ -44,7 +44,7 @@ class Prefixes:
         self.slots: list[Prefix | None] = [None] * self.store
         self.groups = 0
 
-    def assign(self, items: list[Item], new: list[int]) -> None:
+    def assign(self, items: list[Prompt], new: list[int]) -> None:
         """Give the new items a shared prefix: one that is stored already, or one among themselves."""
         if not self.store:
             return
@@ -73,7 +73,7 @@ class Prefixes:
             self._make(items, group, shared)
             group = []
 
-    def _make(self, items: list[Item], group: list[int], shared: int) -> None:
+    def _make(self, items: list[Prompt], group: list[int], shared: int) -> None:
         # Every member keeps at least its last token for itself: its logits come from its own part.
         n = min(shared, self.max_len, min(len(items[i].ids) for i in group) - 1)
         if len(group) < 2 or n < self.min_tokens:

@@ -44,7 +44,9 @@ MORE_EVERY_S = 0.5  # how often to ask `more` for prompts while it has none
 
 
 @dataclass
-class Item:
+class Prompt:
+    """A tokenized request as the slot loop runs it (jobs.models.Item is an input line's database row)."""
+
     ids: list[int]
     params: SamplingParams
     grammar: Any = None  # the compiled grammar of a json_object / json_schema request
@@ -137,9 +139,9 @@ class Controls:
         return self.ctl
 
 
-def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int, check: Check, stats: Stats,
+def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: int, check: Check, stats: Stats,
               refill_fraction: float = 0.125, flush_seconds: float = 1.0,
-              more: Callable[[], list[Item]] | None = None, grammars=None,
+              more: Callable[[], list[Prompt]] | None = None, grammars=None,
               prefix_min: int = 0) -> Iterator[list[tuple[int, RowOutput]]]:
     """Generate every item (and those `more` hands over, appended to `items`); yield (item index, row)
     lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens.
@@ -254,7 +256,7 @@ def _absorb(launch: Launch, check: Check) -> None:
         check(rows)
 
 
-def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq], free: int,
+def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq], free: int,
            prefill_tokens: int, stats: Stats, controls: Controls, prefixes: Prefixes) -> list[Launch]:
     """Prefill waiting prompts into free slots and free blocks, in chunks of at most prefill_tokens
     padded tokens; their first tokens are chosen on the device. Returns the launches to absorb.
