@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .controls import StepControls, needs_controls
+from .controls import Controls, needs_controls
 from .generate import RowOutput
 from .forward import Runner
 from .prefixes import Prefix, Prefixes
@@ -127,18 +127,6 @@ class InFlight(Exception):
 Check = Callable[[list[tuple[RowOutput, SamplingParams]]], None]
 
 
-class Controls:
-    """The loop's StepControls, made when the first row that needs one is admitted."""
-
-    def __init__(self, slots: int, vocab: int, device, grammars):
-        self.args, self.ctl = (slots, vocab, device, grammars), None
-
-    def get(self, params: SamplingParams) -> StepControls | None:
-        if self.ctl is None and needs_controls(params):
-            self.ctl = StepControls(*self.args)
-        return self.ctl
-
-
 def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: int, check: Check, stats: Stats,
               refill_fraction: float = 0.125, flush_seconds: float = 1.0,
               more: Callable[[], list[Prompt]] | None = None, grammars=None,
@@ -185,7 +173,7 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
                     sampling = RowSampling.build([s.params for s in active], [s.seed for s in active], runner.device)
                     dirty = False
                 logits = runner.decode(B, max(s.pos for s in active))
-                ctl = controls.ctl
+                ctl = controls if controls.active else None
                 if ctl is not None:  # masks filled on the CPU while the forward runs, applied on the GPU
                     t_ctl = time.perf_counter()
                     logits = ctl.process(0, logits)
@@ -207,7 +195,7 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
                 _absorb(earlier, check)
             inflight = [launch] if launch else []
             if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
-                done += _retire(runner, active, controls.ctl, prefixes)
+                done += _retire(runner, active, controls if controls.active else None, prefixes)
                 dirty = True
             if more is not None and len(waiting) < slots and (
                     not (waiting or active or inflight) or time.monotonic() - asked >= MORE_EVERY_S):
@@ -323,9 +311,7 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
         if len(src) > len(chunk):
             idx = torch.tensor(src, device=device)
             logits, lengths = logits[idx], lengths[idx]
-        ctl = None
-        for s in seqs:
-            ctl = controls.get(s.params) or ctl
+        ctl = controls if controls.active or any(needs_controls(s.params) for s in seqs) else None
         if ctl is not None:
             for j, s in enumerate(seqs):
                 ctl.admit(first_slot + j, s.params, items[s.index].grammar, s.row, items[s.index].ids)
@@ -347,7 +333,7 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
     return launches
 
 
-def _retire(runner: Runner, active: list[Seq], ctl: StepControls | None = None,
+def _retire(runner: Runner, active: list[Seq], ctl: Controls | None = None,
             prefixes: Prefixes | None = None) -> list[tuple[int, RowOutput]]:
     """Drop finished rows and free their blocks; move the last live rows into their slots."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
