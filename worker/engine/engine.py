@@ -1,23 +1,23 @@
 """The engine: requests in, results out, as rows finish.
 
 It tokenizes (applying the chat template to `messages`), sizes a paged KV cache from a token
-budget, runs continuous batching over it (scheduler.py, forward.py), halves the rows when memory
-runs out and grows them back once batches succeed, and isolates an item that makes generation
-fail so the others still succeed. `generate` can be fed more requests while it runs, so the
-tail of one chunk decodes together with the head of the next.
+budget, runs continuous batching over it (scheduler.py, forward.py) and shapes the results; the
+policy for a batch that fails (halve the rows when memory runs out and grow them back once batches
+succeed, isolate an item that makes generation fail so the others still succeed) is retry.py's.
+`generate` can be fed more requests while it runs, so the tail of one chunk decodes together with
+the head of the next.
 Architectures the slot runner does not know fall back to length-sorted padded batches.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
-from . import chat, loading, lora
+from . import chat, loading, lora, retry
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .forward import BLOCK, Dims, Runner, supports
@@ -26,7 +26,6 @@ from .scheduler import InFlight, Prompt, Stats, run_slots
 from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
-UNRUN = ("too_long", "too_many_rows")  # rows the scheduler ended without running: the item is done
 
 
 @dataclass
@@ -136,7 +135,7 @@ class Engine:
                 yield bad
             last = n == len(groups) - 1
             if batch or (last and more is not None):
-                yield from self._run(batch, self.max_batch_size, feed if last and more is not None else None,
+                yield from retry.run(self, batch, self.max_batch_size, feed if last and more is not None else None,
                                      late_failures)
         if late_failures:
             yield late_failures
@@ -241,67 +240,6 @@ class Engine:
             return self.grammars.compile(params.response_format, params.json_schema)
         except GrammarError as exc:
             raise ValueError(f"response_format: the schema cannot be compiled: {exc}") from None
-
-    def _run(self, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,
-             late_failures: list[Result] | None = None) -> Iterator[list[Result]]:
-        """Generate the batch with at most `slots` rows at once; on failure, back off and retry the rest.
-
-        `feed` appends to `batch` while it runs; failures it met in preparing are yielded as they come.
-        """
-        initial = slots
-        while batch or feed is not None:
-            started = time.time()
-            done: set[int] = set()
-            partial: dict[int, list[RowOutput]] = {}  # choices of n > 1 items finished so far
-            try:
-                if self.config.oom_above_batch is not None and slots > self.config.oom_above_batch:
-                    raise torch.OutOfMemoryError(f"test hook: batch {slots} > {self.config.oom_above_batch}")
-                for rows in self._loop(batch, slots, feed):
-                    complete = []
-                    for i, row in rows:  # an item is done once all its n choices are
-                        partial.setdefault(i, []).append(row)
-                        if len(partial[i]) == batch[i].params.n or row.finish_reason in UNRUN:
-                            complete.append((i, sorted(partial.pop(i), key=lambda r: r.choice)))
-                    done.update(i for i, _ in complete)
-                    out = [self._result(batch[i], rs[0], started, rs[1:]) for i, rs in complete]
-                    if late_failures:
-                        out += late_failures
-                        late_failures.clear()
-                    yield out
-                if self.max_batch_size < self.config.max_batch_size:  # it fits again: grow back a step
-                    self.max_batch_size = min(self.config.max_batch_size, 2 * self.max_batch_size)
-                return
-            except Exception as exc:
-                self.stats.batch_failures += 1
-                cause = exc.__cause__ if isinstance(exc, InFlight) else exc
-                in_flight = exc.indices if isinstance(exc, InFlight) else []
-            feed = None  # what was fed is in `batch` now; a retry takes no more
-            rest = [i for i in range(len(batch)) if i not in done]
-            if isinstance(cause, torch.OutOfMemoryError):
-                self._free_memory()
-                if min(slots, len(rest)) > 1:
-                    slots = min(slots, len(rest)) // 2
-                    self.max_batch_size = min(self.max_batch_size, slots)  # later calls start at what fits
-                    log.warning("out of memory; retrying %d items with %d rows", len(rest), slots)
-                    batch = [batch[i] for i in rest]
-                    continue
-                bad = ([i for i in in_flight if i in rest] or rest)[:1]
-                yield [Result.failure(batch[i].request.id, "out_of_memory",
-                                      "out of memory generating this item alone", started) for i in bad]
-                batch, slots = [batch[i] for i in rest if i not in bad], initial
-                continue
-            if not rest:
-                return
-            if len(rest) == 1:
-                log.error("item %s failed", batch[rest[0]].request.id, exc_info=cause)
-                yield [Result.failure(batch[rest[0]].request.id, "engine_error",
-                                      f"{type(cause).__name__}: {cause}", started)]
-                return
-            log.warning("%d items failed together (%s); splitting to isolate the cause", len(rest), cause)
-            half = len(rest) // 2
-            yield from self._run([batch[i] for i in rest[:half]], slots)
-            yield from self._run([batch[i] for i in rest[half:]], slots)
-            return
 
     def _check(self, rows: list[tuple[RowOutput, SamplingParams]]) -> None:
         check_finished(self.tokenizer, rows, self.eos_ids)
