@@ -113,14 +113,16 @@ STOPS = ("<never-a-stop>", "qq zz")  # two stop strings that never match: their 
 LONG_TOKENS = 1024  # mixed: the long lines' max_tokens
 
 
-WORKLOADS = ("fixed", "varied", "sampled", "mixed")  # make_workload's kinds
+WORKLOADS = ("fixed", "varied", "sampled", "mixed", "penalties")  # make_workload's kinds
 
 
 def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int, tokenizer, seed: int,
                   words: bool) -> list[Item]:
     """fixed: every row makes exactly new_tokens (EOS ignored). varied: EOS allowed, max_tokens in 16..2*new_tokens.
     sampled: fixed's prompts at temperature 0.7, top_p 0.9, a seed per line, two stop strings.
-    mixed: fixed with every 50th line (2%) at max_tokens 1,024."""
+    mixed: fixed with every 50th line (2%) at max_tokens 1,024.
+    penalties: fixed with a few lines asking for more (issue 19): every 200th line a frequency and presence
+    penalty, every 200th (offset 100) logprobs with 5 alternatives; a small run gets one of each, first."""
     rng = random.Random(seed)
     items = []
     for _ in range(n):
@@ -138,6 +140,12 @@ def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int
             long = len(items) % 50 == 49 or (n < 50 and len(items) == n - 1)
             params = SamplingParams(max_tokens=min(LONG_TOKENS, 8 * new_tokens) if long else new_tokens,
                                     temperature=0.0, ignore_eos=True)
+        elif kind == "penalties":
+            at = len(items) % 200 if n >= 200 else len(items)
+            penalty, logprobs = at == 0, at == (100 if n >= 200 else 1)
+            params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True,
+                                    frequency_penalty=0.5 * penalty, presence_penalty=0.3 * penalty,
+                                    logprobs=logprobs, top_logprobs=5 * logprobs)
         else:
             params = SamplingParams(max_tokens=rng.randint(16, 2 * new_tokens), temperature=0.0)
         items.append(Item(text, params))
@@ -239,7 +247,8 @@ def run_engine(engine: Engine, items: list[Item]) -> tuple[dict, list[list[int]]
     errors = [r.error_code for r in rs if not r.ok]
     stats = _finish(engine.device, t0, sum(r.usage.prompt_tokens for r in rs),
                     sum(r.usage.completion_tokens for r in rs), s.prefill_slots + s.decode_slots,
-                    yields=yields, errors=len(errors), slots=_slots(engine), scheduler=dataclasses.asdict(s),
+                    yields=yields, errors=len(errors), batch_failures=s.batch_failures, slots=_slots(engine),
+                    scheduler=dataclasses.asdict(s),
                     runner=dict(engine.runner.stats) if engine.runner is not None else None)
     return stats, [r.token_ids for r in rs]
 
@@ -874,7 +883,7 @@ def main(argv: list[str] | None = None) -> dict:
         out: dict = {"prompts": len(items)}
         print(f"== {wl}: {len(items)} prompts", flush=True)
         base_rows = None
-        if wl != "mixed" and args.batch:  # mixed is judged against the engine on fixed, in the same run
+        if wl not in ("mixed", "penalties") and args.batch:  # judged against the engine on fixed, in the same run
             if engine.runner is not None:
                 engine.runner.release()  # the engine keeps its cache between calls; not during others' runs
             out["baseline"], base_rows = run_generate(model, tok, items[:args.baseline_prompts], args.batch, eos)
@@ -938,7 +947,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{w['vs_peft']}x (target 8)   match@32 vs peft {w['match32']}")
             continue
         print(f"{wl:8} engine/baseline {w.get('ratio', '-')}x  vs fixed's engine {w.get('vs_fixed', '-')}x  "
-              f"match@32 {w.get('match32', '-')}  mean agreeing prefix {w.get('prefix32', '-')}"
+              f"match@32 {w.get('match32', '-')}  mean agreeing prefix {w.get('prefix32', '-')}  "
+              f"batch failures {w['engine']['batch_failures']}"
               + (f"   (generate alone vs batched: match@32 {w['single']['match32_vs_baseline']})" if "single" in w else ""))
     for name, v in res["variants"].items():
         print(f"variant {name:14} {v['output_tok_s']:>10} out tok/s  {v['wall_s']} s  peak {v['peak_reserved_gb']} GB")

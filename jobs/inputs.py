@@ -102,7 +102,7 @@ def _top_k(value: Any, key: str, limits: Limits) -> int:
 
 def _seed(value: Any, key: str, limits: Limits) -> int:
     v = _int(value, key)
-    if not -(2**63) <= v < 2**64:  # the range torch.manual_seed accepts
+    if not -(2**63) <= v < 2**64:  # any 64 bits, signed or not: the sampler wraps it (sampling.int64)
         raise ValueError(f"{key!r} must fit in 64 bits, got {v}")
     return v
 

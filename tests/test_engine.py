@@ -9,7 +9,7 @@ import torch
 
 from llmbatch.worker.engine import Request, SamplingParams
 from llmbatch.worker.engine.engine import Engine
-from llmbatch.worker.engine.runner import Runner
+from llmbatch.worker.engine.forward import Runner
 
 PROMPTS = [
     "Hi",
@@ -263,3 +263,66 @@ def test_the_converted_bundled_model_is_stored_in_16_bits(engine):
         dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
     assert dtypes == {"F16"}
     assert sum(p.stat().st_size for p in files) < 300 * 1024**2
+
+
+# -- issue 19: valid input never takes the failure path ------------------------------------------------
+
+
+def test_a_penalty_row_among_rows_that_move_fails_no_batch(engine):
+    # Four rows at a time, finishing at different steps: rows move down into freed slots after the
+    # penalty row was admitted (its counts move too), and waiting lines refill the slots.
+    e = variant(engine, max_batch_size=4)
+    reqs = [Request(id=i, prompt=PROMPTS[i % 5], params=greedy(2 + (5 * i) % 9, ignore_eos=True))
+            for i in range(10)]
+    reqs[1] = Request(id=1, prompt=PROMPTS[1], params=greedy(9, frequency_penalty=0.5, presence_penalty=0.3,
+                                                               repetition_penalty=1.2, ignore_eos=True))
+    res = e.generate_all(reqs)
+    assert all(r.ok for r in res), [r.error_message for r in res]
+    assert e.stats.batch_failures == 0
+    alone = variant(engine).generate_all([reqs[1]])[0]
+    assert res[1].token_ids == alone.token_ids
+
+
+def test_a_seed_from_2_63_up_samples_as_its_64_bits(engine):
+    e = variant(engine)
+
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True)
+        return e.generate_all([Request(id=0, prompt=PROMPTS[2], params=params)])[0].token_ids
+
+    assert run(2**64 - 1) == run(-1) and run(2**63) == run(-(2**63))
+    assert e.stats.batch_failures == 0
+
+
+def test_n_above_the_rows_a_worker_holds_is_its_own_error(engine):
+    e = variant(engine, max_batch_size=4)
+    res = e.generate_all([Request(id="wide", prompt=PROMPTS[1], params=SamplingParams(max_tokens=3, n=5)),
+                          Request(id="ok", prompt=PROMPTS[1], params=SamplingParams(max_tokens=3, n=4))])
+    assert res[0].error_code == "too_many_choices"
+    assert "n=5" in res[0].error_message and "LLMBATCH_MAX_BATCH_SIZE" in res[0].error_message
+    assert res[1].ok and len(res[1].choices) == 3
+    assert e.stats.batch_failures == 0
+    # After an out-of-memory back-off the same line may fit again later: out_of_memory, which retry retries.
+    e = variant(engine, max_batch_size=4, oom_above_batch=2)
+    res = e.generate_all([Request(id=i, prompt=PROMPTS[1], params=SamplingParams(max_tokens=2, n=1 + 2 * (i == 0)))
+                          for i in range(4)])
+    assert res[0].error_code == "out_of_memory" and "n=3" in res[0].error_message
+    assert all(r.ok for r in res[1:])
+
+
+def test_a_feed_that_raises_stops_feeding_and_the_items_in_flight_run_on(engine):
+    e = variant(engine, max_batch_size=4)
+    calls = []
+
+    def more():
+        calls.append(1)
+        if len(calls) == 1:
+            return [Request(id=f"fed{i}", prompt=PROMPTS[i], params=greedy(4)) for i in range(3)]
+        raise ConnectionError("the database went away while claiming the next chunk")
+
+    first = [Request(id=i, prompt=PROMPTS[i], params=greedy(6)) for i in range(5)]
+    res = [r for batch in e.generate(first, more=more) for r in batch]
+    assert sorted(map(str, (r.id for r in res))) == sorted(["0", "1", "2", "3", "4", "fed0", "fed1", "fed2"])
+    assert all(r.ok for r in res), [r.error_message for r in res]
+    assert len(calls) == 2  # not asked again after it raised
+    assert e.stats.batch_failures == 0 and e.stats.feed_errors == 1

@@ -11,7 +11,7 @@ V = 50
 
 
 def _state(input_ids: torch.Tensor, prompt_len: int):
-    """counts [B, V] of generated tokens and seen [B, V] of prompt + generated, as StepControls keeps them."""
+    """counts [B, V] of generated tokens and seen [B, V] of prompt + generated, as controls.Controls keeps them."""
     B = input_ids.shape[0]
     counts = torch.zeros(B, V, dtype=torch.int32)
     seen = torch.zeros(B, V, dtype=torch.bool)

@@ -54,6 +54,7 @@ def test_lines_sharing_a_system_prompt_give_the_same_tokens_with_and_without_sha
     # The prefix was computed once: prompt tokens prefilled = the prefix + each row's own part.
     own = sum(r.usage.prompt_tokens - r.usage.cached_tokens for r in on)
     assert on_engine.stats.prefill_tokens == common + own
+    assert on_engine.stats.batch_failures == 0
 
 
 def test_a_prefix_below_the_minimum_is_not_shared(engine):
@@ -147,3 +148,18 @@ def test_cached_tokens_are_stored_counted_and_exported(engine, db, settings, tmp
         else:
             body = ChatCompletion.model_validate(line["response"]["body"])
             assert body.usage.prompt_tokens_details.cached_tokens == cached
+
+
+def test_a_line_dropped_as_too_long_frees_its_prefix_slot(engine):
+    # One prefix slot, three rows and a pool of about 900 tokens: the SYSTEM group's long line can never
+    # run. Once it is dropped, the slot must go to the OTHER group when the SYSTEM rows are done (they
+    # finish together, so the OTHER rows wait for the slot rather than run alone).
+    e = variant(engine, prefix_slots=1, max_batch_tokens=1024, max_batch_size=3)
+    requests = [chat(i, SYSTEM, q, n=4, ignore_eos=True) for i, q in enumerate(QUESTIONS[:3])]
+    requests.append(chat("long", SYSTEM, QUESTIONS[3], n=1000))
+    requests += [chat(10 + i, OTHER, q, n=3) for i, q in enumerate(QUESTIONS[:3])]
+    res = {r.id: r for r in e.generate_all(requests)}
+    assert res["long"].error_code == "context_length_exceeded"
+    assert all(res[i].usage.cached_tokens > 64 for i in (0, 1, 2, 10, 11, 12)), \
+        {k: r.usage.cached_tokens for k, r in res.items()}
+    assert e.stats.batch_failures == 0 and e.runner.prefixes_live == 0

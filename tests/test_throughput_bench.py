@@ -13,8 +13,8 @@ def test_smoke_runs_every_workload_and_the_engine_computes_what_generate_does(tm
     out = tmp_path / "bench.json"
     md = tmp_path / "RESULTS.md"
     res = throughput.main(["--smoke", "--cache-dir", os.environ["LLMBATCH_MODEL_CACHE"],
-                           "--workloads", "fixed,sampled,mixed", "--json-out", str(out), "--results-md", str(md)])
-    assert json.loads(out.read_text())["workloads"].keys() == {"fixed", "sampled", "mixed"}
+                           "--workloads", "fixed,sampled,mixed,penalties", "--json-out", str(out), "--results-md", str(md)])
+    assert json.loads(out.read_text())["workloads"].keys() == {"fixed", "sampled", "mixed", "penalties"}
     w = res["workloads"]
     n, new = w["fixed"]["prompts"], 8  # --smoke: 6 prompts, 8 new tokens, EOS ignored
     for name in ("fixed", "sampled"):
@@ -27,12 +27,15 @@ def test_smoke_runs_every_workload_and_the_engine_computes_what_generate_does(tm
     # Mixed: one long line of 8x the tokens, all made, judged against fixed's engine.
     assert w["mixed"]["engine"]["output_tokens"] == (n - 1) * new + 8 * new
     assert "baseline" not in w["mixed"] and w["mixed"]["vs_fixed"] > 0
+    # issue 19: fixed's prompts with a penalty line and a logprobs line: all made, no batch failed.
+    assert w["penalties"]["engine"]["output_tokens"] == n * new and w["penalties"]["vs_fixed"] > 0
+    assert all(w[k]["engine"]["batch_failures"] == 0 for k in w)
     # The first token comes from the prefill, the other 7 from decode steps; the async loop computes at
     # most one step too many per row (the step in flight when the row is seen to finish).
     s = w["fixed"]["engine"]["scheduler"]
     assert n * (new - 1) <= s["decode_tokens"] <= s["decode_slots"] <= n * new
     rows = [line for line in md.read_text().splitlines() if line.startswith("| 20")]
-    assert [r.split(" | ")[3] for r in rows] == ["fixed", "sampled", "mixed"]
+    assert [r.split(" | ")[3] for r in rows] == ["fixed", "sampled", "mixed", "penalties"]
 
 
 def test_smoke_json_and_n4_workloads(tmp_path):

@@ -1,6 +1,6 @@
 """Per-row request controls in the slot loop (issue 10): grammar masks, penalties, logit_bias, logprobs.
 
-StepControls keeps, per KV slot, what a row needs beyond plain sampling, and the scheduler calls it
+Controls keeps, per KV slot, what a row needs beyond plain sampling, and the scheduler calls it
 at four points (each marked `# issue 10:` in scheduler.py):
 
   admit(slot, params, grammar, row, prompt_ids)  a row has taken a slot (its prompt is in the cache)
@@ -13,8 +13,11 @@ at four points (each marked `# issue 10:` in scheduler.py):
                                                  tokens at the next process(), while the GPU works
 
 `lo` is the slot of logits' first row (0 for a decode step, the chunk's first slot for a prefill).
-Nothing is allocated for a batch that uses none of this: the scheduler makes a StepControls only
-when some item needs one, and process()/after() return at once for rows that need nothing.
+Every method that makes or edits a tensor runs under torch.inference_mode, as the runner's forward
+does: counts/seen are inference tensors, and an in-place edit of one outside the mode raises.
+Nothing is allocated for a batch that uses none of this: the scheduler makes one Controls per run
+(lists only; tensors come with the first row that needs them) and calls it only once it is `active`,
+and process()/after() return at once for rows that need nothing.
 Logprobs are taken from the logits after penalties, bias and the grammar mask, before temperature,
 top-p and top-k: the distribution the request asked for, not the sampler's truncation of it.
 """
@@ -48,10 +51,11 @@ class _Row:
     out: Any  # the RowOutput whose .logprobs gets an entry per token
 
 
-class StepControls:
+class Controls:
     def __init__(self, slots: int, vocab: int, device: torch.device, grammars: Grammars | None):
         self.vocab, self.device, self.grammars = vocab, device, grammars
         self.rows: list[_Row | None] = [None] * slots
+        self.active = False  # a row that needs controls was admitted: the scheduler calls us from then on
         self.counts: torch.Tensor | None = None  # [S, V] int32, generated tokens; made when a row has penalties
         self.seen: torch.Tensor | None = None  # [S, V] bool, prompt or generated (repetition penalty)
         self.bitmask: torch.Tensor | None = None  # [S, W] int32 on the CPU (pinned with CUDA), refilled per step
@@ -71,6 +75,7 @@ class StepControls:
             if params.logprobs:
                 out.logprobs = []
             self.rows[slot] = _Row(params, matcher, out)
+            self.active = True
             if params.uses_penalties:
                 if self.counts is None:
                     S = len(self.rows)
@@ -81,6 +86,7 @@ class StepControls:
                 self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
         self._batch_key = None
 
+    @torch.inference_mode()  # counts/seen are inference tensors (made in admit): in-place edits need the mode
     def move(self, src: int, dst: int) -> None:
         self.rows[dst], self.rows[src] = self.rows[src], None
         if self.counts is not None:

@@ -1,28 +1,28 @@
 """The engine: requests in, results out, as rows finish.
 
 It tokenizes (applying the chat template to `messages`), sizes a paged KV cache from a token
-budget, runs continuous batching over it (scheduler.py, runner.py), halves the rows when memory
-runs out and grows them back once batches succeed, and isolates an item that makes generation
-fail so the others still succeed. `generate` can be fed more requests while it runs, so the
-tail of one chunk decodes together with the head of the next.
+budget, runs continuous batching over it (scheduler.py, forward.py) and shapes the results; the
+policy for a batch that fails (halve the rows when memory runs out and grow them back once batches
+succeed, isolate an item that makes generation fail so the others still succeed) is retry.py's.
+`generate` can be fed more requests while it runs, so the tail of one chunk decodes together with
+the head of the next.
 Architectures the slot runner does not know fall back to length-sorted padded batches.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
-from . import chat, loading, lora
+from . import chat, loading, lora, retry
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
-from .runner import BLOCK, Dims, Runner, supports
+from .forward import BLOCK, Dims, Runner, supports
 from .controls import needs_controls
-from .scheduler import InFlight, Item, Stats, run_slots
+from .scheduler import InFlight, Prompt, Stats, run_slots
 from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Engine:
         self._grammars = None  # made on the first structured request (imports xgrammar)
         self.lora: lora.Registry | None = None  # made when the first adapter is asked for
         self._token_text: dict[int, str] = {}  # token id -> text, for logprobs
+        self._rows = self.max_batch_size  # rows of the current run (for messages)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -99,8 +100,21 @@ class Engine:
         late_failures: list[Result] = []
         deferred: list[Request] = []  # fed requests whose adapters cannot be held beside those running
 
+        fed = {"stopped": False}
+
         def feed() -> list[Prepared]:
-            fresh, bad = self._prepare(more())
+            # A feed that raises (a database error claiming the next chunk) stops feeding: it is no
+            # failure of the items in flight, which run on. What it had not handed over stays its own.
+            if fed["stopped"]:
+                return []
+            try:
+                requests = more()
+            except Exception:
+                log.exception("the feed of more requests failed; finishing the items in flight without it")
+                fed["stopped"] = True
+                self.stats.feed_errors += 1
+                return []
+            fresh, bad = self._prepare(requests)
             late_failures.extend(bad)
             running = {p.request.adapter for p in batch if p.request.adapter}
             new = list(dict.fromkeys(p.request.adapter for p in fresh if p.request.adapter and
@@ -121,7 +135,7 @@ class Engine:
                 yield bad
             last = n == len(groups) - 1
             if batch or (last and more is not None):
-                yield from self._run(batch, self.max_batch_size, feed if last and more is not None else None,
+                yield from retry.run(self, batch, self.max_batch_size, feed if last and more is not None else None,
                                      late_failures)
         if late_failures:
             yield late_failures
@@ -227,66 +241,6 @@ class Engine:
         except GrammarError as exc:
             raise ValueError(f"response_format: the schema cannot be compiled: {exc}") from None
 
-    def _run(self, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,
-             late_failures: list[Result] | None = None) -> Iterator[list[Result]]:
-        """Generate the batch with at most `slots` rows at once; on failure, back off and retry the rest.
-
-        `feed` appends to `batch` while it runs; failures it met in preparing are yielded as they come.
-        """
-        initial = slots
-        while batch or feed is not None:
-            started = time.time()
-            done: set[int] = set()
-            partial: dict[int, list[RowOutput]] = {}  # choices of n > 1 items finished so far
-            try:
-                if self.config.oom_above_batch is not None and slots > self.config.oom_above_batch:
-                    raise torch.OutOfMemoryError(f"test hook: batch {slots} > {self.config.oom_above_batch}")
-                for rows in self._loop(batch, slots, feed):
-                    complete = []
-                    for i, row in rows:  # an item is done once all its n choices are
-                        partial.setdefault(i, []).append(row)
-                        if len(partial[i]) == batch[i].params.n or row.finish_reason == "too_long":
-                            complete.append((i, sorted(partial.pop(i), key=lambda r: r.choice)))
-                    done.update(i for i, _ in complete)
-                    out = [self._result(batch[i], rs[0], started, rs[1:]) for i, rs in complete]
-                    if late_failures:
-                        out += late_failures
-                        late_failures.clear()
-                    yield out
-                if self.max_batch_size < self.config.max_batch_size:  # it fits again: grow back a step
-                    self.max_batch_size = min(self.config.max_batch_size, 2 * self.max_batch_size)
-                return
-            except Exception as exc:
-                cause = exc.__cause__ if isinstance(exc, InFlight) else exc
-                in_flight = exc.indices if isinstance(exc, InFlight) else []
-            feed = None  # what was fed is in `batch` now; a retry takes no more
-            rest = [i for i in range(len(batch)) if i not in done]
-            if isinstance(cause, torch.OutOfMemoryError):
-                self._free_memory()
-                if min(slots, len(rest)) > 1:
-                    slots = min(slots, len(rest)) // 2
-                    self.max_batch_size = min(self.max_batch_size, slots)  # later calls start at what fits
-                    log.warning("out of memory; retrying %d items with %d rows", len(rest), slots)
-                    batch = [batch[i] for i in rest]
-                    continue
-                bad = ([i for i in in_flight if i in rest] or rest)[:1]
-                yield [Result.failure(batch[i].request.id, "out_of_memory",
-                                      "out of memory generating this item alone", started) for i in bad]
-                batch, slots = [batch[i] for i in rest if i not in bad], initial
-                continue
-            if not rest:
-                return
-            if len(rest) == 1:
-                log.error("item %s failed", batch[rest[0]].request.id, exc_info=cause)
-                yield [Result.failure(batch[rest[0]].request.id, "engine_error",
-                                      f"{type(cause).__name__}: {cause}", started)]
-                return
-            log.warning("%d items failed together (%s); splitting to isolate the cause", len(rest), cause)
-            half = len(rest) // 2
-            yield from self._run([batch[i] for i in rest[:half]], slots)
-            yield from self._run([batch[i] for i in rest[half:]], slots)
-            return
-
     def _check(self, rows: list[tuple[RowOutput, SamplingParams]]) -> None:
         check_finished(self.tokenizer, rows, self.eos_ids)
 
@@ -323,13 +277,13 @@ class Engine:
         if self.runner is None:
             yield from self._loop_padded(batch, slots)
             return
-        slots = self._ensure_pool(batch, slots)
-        items = [Item(p.ids, p.params, p.grammar, p.adapter) for p in batch]
+        slots = self._rows = self._ensure_pool(batch, slots)
+        items = [Prompt(p.ids, p.params, p.grammar, p.adapter) for p in batch]
 
-        def more() -> list[Item]:
+        def more() -> list[Prompt]:
             fresh = feed()
             batch.extend(fresh)
-            return [Item(p.ids, p.params, p.grammar, p.adapter) for p in fresh]
+            return [Prompt(p.ids, p.params, p.grammar, p.adapter) for p in fresh]
 
         yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
                              self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,
@@ -358,6 +312,15 @@ class Engine:
             return Result.failure(p.request.id, "context_length_exceeded",
                                   f"prompt and max_tokens need {p.need} tokens of KV cache; this worker holds "
                                   f"{self.runner.blocks * BLOCK}", started)
+        if row.finish_reason == "too_many_rows":
+            n, most = p.params.n, self.config.max_batch_size
+            if n > most:  # this worker can never run it: a retry would fail the same way
+                return Result.failure(p.request.id, "too_many_choices",
+                                      f"n={n} choices decode side by side and need {n} rows at once; this "
+                                      f"worker runs at most {most} (LLMBATCH_MAX_BATCH_SIZE)", started)
+            return Result.failure(p.request.id, "out_of_memory",  # it may fit once memory is back
+                                  f"n={n} choices need {n} rows at once; out of memory, this worker runs "
+                                  f"{self._rows} rows now", started)
         stops = p.params.stop
         choices = [Choice(decode_output(self.tokenizer, c, self.eos_ids, stops), c.finish_reason, len(c.tokens),
                           self._logprobs(c), c.tokens) for c in more]

@@ -1,5 +1,5 @@
 """Per-row bookkeeping shared by both decode loops, and the fallback loop for architectures the
-slot runner (runner.py) does not know: a left-padded batch through the transformers forward
+slot runner (forward.py) does not know: a left-padded batch through the transformers forward
 with a DynamicCache. Rows that finish leave the batch (their KV cache rows are dropped).
 
 I/O-free: tensors and token ids in, token ids out.

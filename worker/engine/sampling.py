@@ -41,9 +41,15 @@ def uniform(seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return (_srl(x, 11).double() + 0.5) * 2.0 ** -53
 
 
+def int64(seed: int) -> int:
+    """A seed as the signed 64-bit integer the sampler holds: seeds in [2^63, 2^64) (valid input) wrap to
+    their two's-complement value, so the generator sees the same 64 bits; a seed and seed + 2^64 are one."""
+    return (seed + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 def row_seed(p: SamplingParams) -> int:
-    """The seed a row samples with: its own, else a fresh random one (63 bits, so it stays positive)."""
-    return p.seed if p.seed is not None else _SEEDS.getrandbits(63)
+    """The seed a row samples with: its own (as int64), else a fresh random one (63 bits, positive)."""
+    return int64(p.seed) if p.seed is not None else _SEEDS.getrandbits(63)
 
 
 @dataclass

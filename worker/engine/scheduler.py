@@ -20,7 +20,7 @@ An item with n > 1 choices is prefilled once; its other choices fork the prompt'
 Prompts that share a token prefix of at least `prefix_min` tokens (a system prompt, few-shot
 examples) share it: the prefix is prefilled once into the runner's prefix store, each row keeps
 only its own tokens in its blocks, and decode attends to the prefix for all its rows at once
-(runner.py, paged.attend_prefixes). Rows with an adapter do not share (their K/V differ).
+(forward.py, paged.attend_prefixes). Rows with an adapter do not share (their K/V differ).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .controls import StepControls, needs_controls
+from .controls import Controls, needs_controls
 from .generate import RowOutput
-from .runner import Runner
+from .forward import Runner
+from .prefixes import Prefix, Prefixes
 from .sampling import RowSampling, row_seed, sample
 from .types import SamplingParams
 
@@ -42,18 +43,10 @@ MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its paddin
 MORE_EVERY_S = 0.5  # how often to ask `more` for prompts while it has none
 
 
-@dataclass(eq=False)
-class Prefix:
-    """A token prefix several waiting or live rows share; prefilled once into a store slot."""
-
-    ids: list[int]
-    order: int  # groups are admitted one after another, in this order
-    slot: int = -1  # in the runner's prefix store, once prefilled
-    users: int = 0  # rows (choices count) waiting or live that use it
-
-
 @dataclass
-class Item:
+class Prompt:
+    """A tokenized request as the slot loop runs it (jobs.models.Item is an input line's database row)."""
+
     ids: list[int]
     params: SamplingParams
     grammar: Any = None  # the compiled grammar of a json_object / json_schema request
@@ -74,87 +67,6 @@ class Seq:
     pos: int  # position of the token fed next: prompt length + generated - 1
     row: RowOutput = field(default_factory=lambda: RowOutput(started_at=time.time()))
     prefix: Prefix | None = None
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class Prefixes:
-    """Finds prompts sharing a token prefix and keeps each shared prefix in the runner's store once."""
-
-    def __init__(self, runner: Runner, min_tokens: int, stats: "Stats"):
-        self.runner, self.min_tokens, self.stats = runner, min_tokens, stats
-        self.store = runner.prefix_kv.shape[2] if min_tokens > 0 and runner.prefix_kv is not None else 0
-        self.max_len = runner.prefix_kv.shape[4] if self.store else 0
-        self.known: list[Prefix] = []
-        self.slots: list[Prefix | None] = [None] * self.store
-        self.groups = 0
-
-    def assign(self, items: list[Item], new: list[int]) -> None:
-        """Give the new items a shared prefix: one that is stored already, or one among themselves."""
-        if not self.store:
-            return
-        free = []
-        for i in new:
-            it = items[i]
-            if it.adapter >= 0:
-                continue
-            hit = next((p for p in self.known if p.users and len(it.ids) > len(p.ids)
-                        and it.ids[:len(p.ids)] == p.ids), None)
-            if hit is not None:
-                it.prefix, hit.users = hit, hit.users + it.params.n
-            else:
-                free.append(i)
-        order = sorted(free, key=lambda i: items[i].ids)  # shared prefixes end up next to each other
-        group: list[int] = []
-        shared = 0
-        for a, b in zip(order, order[1:] + [None]):
-            common = _common(items[a].ids, items[b].ids) if b is not None else 0
-            if not group:
-                group, shared = [a], common
-            if common >= self.min_tokens:
-                group.append(b)
-                shared = min(shared, common)
-                continue
-            self._make(items, group, shared)
-            group = []
-
-    def _make(self, items: list[Item], group: list[int], shared: int) -> None:
-        # Every member keeps at least its last token for itself: its logits come from its own part.
-        n = min(shared, self.max_len, min(len(items[i].ids) for i in group) - 1)
-        if len(group) < 2 or n < self.min_tokens:
-            return
-        p = Prefix(items[group[0]].ids[:n], self.groups)
-        self.groups += 1
-        self.known.append(p)
-        for i in group:
-            items[i].prefix, p.users = p, p.users + items[i].params.n
-
-    def ensure(self, p: Prefix) -> bool:
-        """Prefill p into a free store slot if it is not there; False if every slot is busy."""
-        if p.slot >= 0:
-            return True
-        free = next((k for k, q in enumerate(self.slots) if q is None), None)
-        if free is None:
-            return False
-        self.runner.prefill_prefix(free, p.ids)
-        self.stats.prefill_tokens += len(p.ids)
-        self.stats.prefill_slots += len(p.ids)
-        self.slots[free], p.slot = p, free
-        self.runner.prefixes_live = max(self.runner.prefixes_live, free + 1)
-        return True
-
-    def release(self, p: Prefix, rows: int = 1) -> None:
-        p.users -= rows
-        if p.users <= 0 and p.slot >= 0:
-            self.slots[p.slot], p.slot = None, -1
-            live = [k for k, q in enumerate(self.slots) if q is not None]
-            self.runner.prefixes_live = max(live) + 1 if live else 0
 
 
 @dataclass
@@ -194,6 +106,10 @@ class Stats:
     prefill_s: float = 0.0  # host wall time launching and waiting on prefill chunks
     decode_s: float = 0.0  # host wall time in the decode loop outside prefill, bookkeeping included
     controls_s: float = 0.0  # of which in per-step controls (grammar masks, logprobs), not waiting for tokens
+    # Runs of items that failed together and took the engine's retry path (out-of-memory back-off,
+    # split, or a lone item failed): 0 whenever the input is valid and memory suffices.
+    batch_failures: int = 0
+    feed_errors: int = 0  # calls of the `more` feed that raised: the feed stopped, the items in flight ran on
 
     def add(self, other: "Stats") -> None:
         for k in self.__dataclass_fields__:
@@ -211,21 +127,9 @@ class InFlight(Exception):
 Check = Callable[[list[tuple[RowOutput, SamplingParams]]], None]
 
 
-class Controls:
-    """The loop's StepControls, made when the first row that needs one is admitted."""
-
-    def __init__(self, slots: int, vocab: int, device, grammars):
-        self.args, self.ctl = (slots, vocab, device, grammars), None
-
-    def get(self, params: SamplingParams) -> StepControls | None:
-        if self.ctl is None and needs_controls(params):
-            self.ctl = StepControls(*self.args)
-        return self.ctl
-
-
-def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int, check: Check, stats: Stats,
+def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: int, check: Check, stats: Stats,
               refill_fraction: float = 0.125, flush_seconds: float = 1.0,
-              more: Callable[[], list[Item]] | None = None, grammars=None,
+              more: Callable[[], list[Prompt]] | None = None, grammars=None,
               prefix_min: int = 0) -> Iterator[list[tuple[int, RowOutput]]]:
     """Generate every item (and those `more` hands over, appended to `items`); yield (item index, row)
     lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens.
@@ -233,16 +137,28 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
     controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars)
     runner.reset()
     prefixes = Prefixes(runner, prefix_min, stats)
-    prefixes.assign(items, list(range(len(items))))
+    done: list[tuple[int, RowOutput]] = []
+
+    def fits(new: range) -> list[int]:
+        """The new items that can run; one whose n choices need more rows than there are slots ends
+        now ("too_many_rows"), before it takes a prefix or blocks the queue."""
+        ok = []
+        for i in new:
+            if items[i].params.n > slots:
+                done.append((i, RowOutput(finish_reason="too_many_rows", started_at=time.time(),
+                                          finished_at=time.time())))
+            else:
+                ok.append(i)
+        prefixes.assign(items, ok)
+        return ok
 
     def order(i: int) -> tuple[int, int]:  # a prefix's rows together; the largest need first
         p = items[i].prefix
         return (p.order if p is not None else -1, -items[i].need)
 
-    waiting = deque(sorted(range(len(items)), key=order))
+    waiting = deque(sorted(fits(range(len(items))), key=order))
     active: list[Seq] = []  # active[j] lives in slot j
     inflight: list[Launch] = []
-    done: list[tuple[int, RowOutput]] = []
     refill_at = max(1, int(slots * refill_fraction))
     last_flush = time.monotonic()
     asked = 0.0
@@ -257,7 +173,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                     sampling = RowSampling.build([s.params for s in active], [s.seed for s in active], runner.device)
                     dirty = False
                 logits = runner.decode(B, max(s.pos for s in active))
-                ctl = controls.ctl
+                ctl = controls if controls.active else None
                 if ctl is not None:  # masks filled on the CPU while the forward runs, applied on the GPU
                     t_ctl = time.perf_counter()
                     logits = ctl.process(0, logits)
@@ -279,7 +195,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 _absorb(earlier, check)
             inflight = [launch] if launch else []
             if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
-                done += _retire(runner, active, controls.ctl, prefixes)
+                done += _retire(runner, active, controls if controls.active else None, prefixes)
                 dirty = True
             if more is not None and len(waiting) < slots and (
                     not (waiting or active or inflight) or time.monotonic() - asked >= MORE_EVERY_S):
@@ -288,8 +204,7 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                 if fresh:
                     first = len(items)
                     items.extend(fresh)
-                    prefixes.assign(items, list(range(first, len(items))))
-                    waiting = deque(sorted([*waiting, *range(first, len(items))], key=order))
+                    waiting = deque(sorted([*waiting, *fits(range(first, len(items)))], key=order))
             stats.decode_s += time.perf_counter() - t_loop
             free = slots - len(active)
             if waiting and free and (not active or free >= refill_at):  # 4. refill
@@ -302,6 +217,8 @@ def run_slots(runner: Runner, items: list[Item], slots: int, prefill_tokens: int
                     i = waiting.popleft()  # alone in an empty pool and still too big: it can never run
                     row = RowOutput(finish_reason="too_long", started_at=time.time(), finished_at=time.time())
                     done.append((i, row))
+                    if items[i].prefix is not None:  # its rows will never use the prefix: free it for others
+                        prefixes.release(items[i].prefix, items[i].params.n)
                 stats.prefill_s += time.perf_counter() - t0
             idle = not (waiting or active or inflight)  # and `more`, asked just now, had nothing
             if done and (idle or time.monotonic() - last_flush >= flush_seconds):
@@ -327,7 +244,7 @@ def _absorb(launch: Launch, check: Check) -> None:
         check(rows)
 
 
-def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq], free: int,
+def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq], free: int,
            prefill_tokens: int, stats: Stats, controls: Controls, prefixes: Prefixes) -> list[Launch]:
     """Prefill waiting prompts into free slots and free blocks, in chunks of at most prefill_tokens
     padded tokens; their first tokens are chosen on the device. Returns the launches to absorb.
@@ -394,9 +311,7 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
         if len(src) > len(chunk):
             idx = torch.tensor(src, device=device)
             logits, lengths = logits[idx], lengths[idx]
-        ctl = None
-        for s in seqs:
-            ctl = controls.get(s.params) or ctl
+        ctl = controls if controls.active or any(needs_controls(s.params) for s in seqs) else None
         if ctl is not None:
             for j, s in enumerate(seqs):
                 ctl.admit(first_slot + j, s.params, items[s.index].grammar, s.row, items[s.index].ids)
@@ -418,7 +333,7 @@ def _admit(runner: Runner, items: list[Item], waiting: deque, active: list[Seq],
     return launches
 
 
-def _retire(runner: Runner, active: list[Seq], ctl: StepControls | None = None,
+def _retire(runner: Runner, active: list[Seq], ctl: Controls | None = None,
             prefixes: Prefixes | None = None) -> list[tuple[int, RowOutput]]:
     """Drop finished rows and free their blocks; move the last live rows into their slots."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
