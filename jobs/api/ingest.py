@@ -9,11 +9,13 @@ parser died, in this server or another one.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import lru_cache
+from multiprocessing import resource_tracker
 from threading import Lock
 
 from llmbatch.jobs import batches
@@ -47,13 +49,19 @@ class Ingestor:
                                         initializer=_lower_priority)
         self.in_flight: set[str] = set()
         self.lock = Lock()
+        self.closed = False
 
     def submit(self, job_id: str) -> None:
         with self.lock:
-            if job_id in self.in_flight:
-                return
+            if job_id in self.in_flight or self.closed:
+                return  # closed: the batch stays `validating`, and the next server's sweep parses it
             self.in_flight.add(job_id)
-        future = self.pool.submit(_ingest, self.settings, job_id)
+        try:
+            future = self.pool.submit(_ingest, self.settings, job_id)
+        except RuntimeError:  # closed meanwhile (the pool refuses new work after shutdown)
+            with self.lock:
+                self.in_flight.discard(job_id)
+            return
         future.add_done_callback(lambda f: self._done(job_id, f))
 
     def _done(self, job_id: str, future: Future) -> None:
@@ -75,5 +83,27 @@ class Ingestor:
                 self.submit(job_id)
         batches.requeue_unqueued(db, self.settings)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, grace_s: float = 2.0) -> None:
+        """Stop the child and multiprocessing's resource tracker, and wait until both are gone.
+
+        A parse still running is ended: its transaction rolls back and the batch stays
+        `validating` for a sweep to redo. Left to the interpreter's exit, they would outlive a
+        server stopped by SIGTERM (uvicorn ends by re-raising the signal, so no atexit runs).
+        """
+        with self.lock:
+            self.closed = True
+        processes = list((self.pool._processes or {}).values())  # no public handle on the children
+        self.pool.shutdown(wait=False, cancel_futures=True)  # an idle child exits on its own
+        for p in processes:
+            p.join(grace_s)
+            if p.is_alive():
+                p.terminate()
+                p.join(grace_s)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self.pool.shutdown(wait=True)
+        # The pool's queues unregister their semaphores when collected: before the tracker stops,
+        # or it would warn about them as leaked (and a late unregister would start a new one).
+        gc.collect()
+        resource_tracker._resource_tracker._stop()
