@@ -213,7 +213,7 @@ def measure_generated_files(db: Database, limit: int = 20) -> int:
     with db.read() as s:
         job_ids = list(s.scalars(
             select(Job.id).join(Batch, Batch.job_id == Job.id)
-            .where(Job.status.in_([JobStatus.completed, JobStatus.cancelled]),
+            .where(Job.status.in_([JobStatus.completed, JobStatus.cancelled]), Job.finished_at.is_not(None),
                    or_(Batch.sized_for.is_(None), Batch.sized_for != Job.finished_at))
             .order_by(Job.finished_at).limit(limit)))
     for job_id in job_ids:

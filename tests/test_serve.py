@@ -50,11 +50,13 @@ def _alive(pids) -> list[int]:
     return [p for p in pids if p in table and table[p][1] != "Z"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_stops_its_children_and_exits_0_on_a_signal(sig, sqlite_url, broker_url, tmp_path):
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "Ctrl-C"])
+def test_serve_stops_its_children_and_exits_0_on_a_signal(sig, group, sqlite_url, broker_url, tmp_path):
     """The signal goes to the server's own pid only, as `docker stop` and systemd's main-process
     stop send it: nothing in its process group is signalled for it, so the server itself must
-    stop the ingest child and multiprocessing's resource tracker."""
+    stop the ingest child and multiprocessing's resource tracker. Ctrl-C in a terminal signals
+    the whole group instead."""
     server = Server(sqlite_url, broker_url, tmp_path / "serve.log", env={"LLMBATCH_FILES_DIR": str(tmp_path / "f")})
     try:
         client = server.client()
@@ -69,7 +71,7 @@ def test_serve_stops_its_children_and_exits_0_on_a_signal(sig, sqlite_url, broke
         assert any("spawn_main" in cmd for cmd in children.values()), children  # the ingest child
         assert any("resource_tracker" in cmd for cmd in children.values()), children
 
-        os.kill(server.proc.pid, sig)
+        (os.killpg if group else os.kill)(server.proc.pid, sig)
         rc = server.proc.wait(60)
         log = server.log_path.read_text()
         assert not _alive(children), f"left running: {[children[p] for p in _alive(children)]}"

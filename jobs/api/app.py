@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmbatch.jobs import batches, files
+from llmbatch.jobs import files
 from llmbatch.jobs.db import Database
 from llmbatch.jobs.exceptions import (AmbiguousJob, FileNotFound, FileTooLarge, InputFileError, InvalidRequest,
                                       InvalidState, JobNotFound, LLMBatchError, StorageQuotaExceeded)
@@ -132,8 +132,6 @@ async def _sweep_forever(app: FastAPI) -> None:
     while True:
         try:
             await run_in_threadpool(app.state.ingestor.sweep, app.state.db)
-            # Sizes of newly finished batches' output and error files, measured once and stored.
-            await run_in_threadpool(batches.measure_generated_files, app.state.db)
             await run_in_threadpool(files.sweep_uploads, app.state.settings)
         except Exception as exc:  # the database may be down for a while: keep sweeping
             log.warning("batch sweep failed: %s: %s", type(exc).__name__, exc)
