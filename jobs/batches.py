@@ -166,12 +166,12 @@ class _ByteCounter:
         self.n += len(text.encode("utf-8"))
 
 
-def _measure(session: Session, job: Job) -> dict[str, int]:
-    """Both generated files' sizes, by rendering them into counters (nothing is kept)."""
+def _measure(session: Session, job: Job, kinds=tuple(GENERATED_STATES)) -> dict[str, int]:
+    """Generated files' sizes (output, errors), by rendering them into counters (nothing is kept)."""
     from .export import export
 
     sizes = {}
-    for kind in GENERATED_STATES:
+    for kind in kinds:
         counter = _ByteCounter()
         export(session, job, counter, "openai", only=GENERATED_STATES[kind])
         sizes[kind] = counter.n
@@ -201,10 +201,10 @@ def generated_file_size(db: Database, f: GeneratedFile) -> int:
         sizes = _sized(s.get(Batch, job.id), job)
         if sizes is not None:
             return sizes[f.kind]
-        finished_at = job.finished_at if job.status in (JobStatus.completed, JobStatus.cancelled) else None
-        sizes = _measure(s, job)
-    if finished_at is not None and sizes:
-        _store_sizes(db, job.id, finished_at, sizes)
+        if job.status not in (JobStatus.completed, JobStatus.cancelled) or job.finished_at is None:
+            return _measure(s, job, (f.kind,))[f.kind]  # still changing: nothing to keep
+        finished_at, sizes = job.finished_at, _measure(s, job)
+    _store_sizes(db, job.id, finished_at, sizes)
     return sizes[f.kind]
 
 

@@ -554,7 +554,6 @@ def _listen(host: str, port: int):
         sock.close()
         reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -565,8 +564,8 @@ def _run_server(app, sock, loglevel: str) -> bool:
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
-            # uvicorn re-raises the stopping signal once shut down, so the process would end "killed
-            # by SIGTERM" (143), or with click's "Aborted!" for SIGINT. The shutdown was clean: exit 0.
+            # uvicorn re-raises the stopping signal once shut down, so a SIGTERM'd server would end
+            # "killed by SIGTERM" (143 in a shell, a failure to scripts). The shutdown was clean: exit 0.
             with super().capture_signals():
                 yield
                 self._captured_signals.clear()

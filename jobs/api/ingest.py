@@ -4,7 +4,8 @@ Parsing a million lines is CPU-bound for seconds: in a thread of the server it w
 GIL and slow every request, so it runs in a process pool of its own (spawned: no copy of the
 server's state or connections). What is in flight lives in the database (the batch is
 `validating` until its parse commits, see jobs/batches.py), so a sweep re-submits batches whose
-parser died, in this server or another one.
+parser died, in this server or another one. The same child measures the output and error files
+of finished batches (batches.measure_generated_files), which renders them: CPU-bound as well.
 """
 
 from __future__ import annotations

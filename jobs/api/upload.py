@@ -125,7 +125,7 @@ async def receive_upload(request: Request, settings: Settings, quota: int | None
         parser = MultipartParser(options[b"boundary"], parts.callbacks())
         async for piece in request.stream():
             received += len(piece)
-            if received > limit + BODY_OVERHEAD:  # framing, preamble or epilogue without end
+            if received > limit + BODY_OVERHEAD:  # a backstop: each part is bounded above, this bounds the rest
                 raise FileTooLarge(f"request body is larger than the {limit} byte file limit allows")
             try:
                 parser.write(piece)
