@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from . import service, work
 from .db import Database
 from .exceptions import InputFileError, InvalidRequest, JobNotFound
-from .files import PURPOSE_BATCH, GeneratedFile, file_path, generated_file_id, get_file
+from .files import GENERATED_STATES, PURPOSE_BATCH, GeneratedFile, file_path, generated_file_id, get_file
 from .models import Batch, Job, JobStatus, utcnow
 from .settings import Settings, redact_url
 
@@ -87,7 +87,7 @@ def ingest(db: Database, settings: Settings, job_id: str) -> str:
             except FileNotFoundError:
                 raise InputFileError(f"input file {batch.input_file_id} was deleted before it was parsed") from None
             with fp:
-                submitted = service.submit(s, fp, settings, job=job)
+                submitted = service.submit(s, fp, settings, job=job, endpoint=batch.endpoint)
             # Under the job row's lock now (submit moved its counters): a cancel either committed
             # before, and this parse is rolled back, or waits and then cancels what was stored.
             moved = s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.validating)
@@ -151,6 +151,77 @@ def requeue_unqueued(db: Database, settings: Settings, older_than_s: float = 60.
         if enqueue(db, settings, model, job_id, chunk_ids):
             n += len(chunk_ids)
     return n
+
+
+# -- output and error files ---------------------------------------------------------------------------
+
+
+class _ByteCounter:
+    """A text sink that keeps only the UTF-8 size of what is written to it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, text: str) -> None:
+        self.n += len(text.encode("utf-8"))
+
+
+def _measure(session: Session, job: Job, kinds=tuple(GENERATED_STATES)) -> dict[str, int]:
+    """Generated files' sizes (output, errors), by rendering them into counters (nothing is kept)."""
+    from .export import export
+
+    sizes = {}
+    for kind in kinds:
+        counter = _ByteCounter()
+        export(session, job, counter, "openai", only=GENERATED_STATES[kind])
+        sizes[kind] = counter.n
+    return sizes
+
+
+def _store_sizes(db: Database, job_id: str, finished_at, sizes: dict[str, int]) -> None:
+    with db.write() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.finished_at != finished_at:  # retried meanwhile: these sizes are stale
+            return
+        s.execute(update(Batch).where(Batch.job_id == job_id).values(
+            output_bytes=sizes["output"], error_bytes=sizes["errors"], sized_for=finished_at))
+
+
+def _sized(batch: Batch | None, job: Job) -> dict[str, int] | None:
+    if batch is None or batch.sized_for is None or job.finished_at is None or batch.sized_for != job.finished_at:
+        return None
+    return {"output": batch.output_bytes, "errors": batch.error_bytes}
+
+
+def generated_file_size(db: Database, f: GeneratedFile) -> int:
+    """The size of an output or error file: stored once its batch is finished (the sweep measures
+    it), measured and stored here if the sweep has not come by yet."""
+    with db.read() as s:
+        job = s.get(Job, f.job.id)
+        sizes = _sized(s.get(Batch, job.id), job)
+        if sizes is not None:
+            return sizes[f.kind]
+        if job.status not in (JobStatus.completed, JobStatus.cancelled) or job.finished_at is None:
+            return _measure(s, job, (f.kind,))[f.kind]  # still changing: nothing to keep
+        finished_at, sizes = job.finished_at, _measure(s, job)
+    _store_sizes(db, job.id, finished_at, sizes)
+    return sizes[f.kind]
+
+
+def measure_generated_files(db: Database, limit: int = 20) -> int:
+    """Measure and store the file sizes of finished batches that have none (or stale ones); returns how many."""
+    with db.read() as s:
+        job_ids = list(s.scalars(
+            select(Job.id).join(Batch, Batch.job_id == Job.id)
+            .where(Job.status.in_([JobStatus.completed, JobStatus.cancelled]), Job.finished_at.is_not(None),
+                   or_(Batch.sized_for.is_(None), Batch.sized_for != Job.finished_at))
+            .order_by(Job.finished_at).limit(limit)))
+    for job_id in job_ids:
+        with db.read() as s:
+            job = s.get(Job, job_id)
+            finished_at, sizes = job.finished_at, _measure(s, job)
+        _store_sizes(db, job_id, finished_at, sizes)
+    return len(job_ids)
 
 
 # -- reading ------------------------------------------------------------------------------------------

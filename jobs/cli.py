@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -510,29 +512,70 @@ def serve(ctx, host, port, loglevel):
 
     API keys come only from the environment (LLMBATCH_API_KEYS, comma-separated), never a flag,
     so they stay out of process listings and shell history.
+
+    Exits 0 after a clean shutdown on SIGTERM or SIGINT, 1 when it cannot start (port in use,
+    no keys on a public address, database unreachable), 2 on a usage error.
     """
     import ipaddress
     import logging
 
-    import uvicorn
-
     from .api.app import create_app
-    from .api.auth import keys_from_env
+    from .api.auth import admin_keys_from_env, keys_from_env
 
-    keys = keys_from_env()
+    keys, admin_keys = keys_from_env(), admin_keys_from_env()
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not keys and not loopback:
+    if not (keys or admin_keys) and not loopback:
         raise click.ClickException(
             f"refusing to serve on {host} without API keys: anyone who can reach it could read and cancel every "
             f"job. Set LLMBATCH_API_KEYS, or bind a loopback address such as 127.0.0.1")
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(ctx.settings, keys)
-    click.echo(f"llmbatch serve: http://{host}:{port}/ ({len(keys)} API key(s)), database "
-               f"{redact_url(ctx.settings.database_url)}, broker {redact_url(ctx.settings.broker_url)}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=loglevel.lower())
+    # Bound here, before the app starts: a busy port is one clear line and exit 1 (uvicorn would exit 3).
+    sock = _listen(host, port)
+    app = create_app(ctx.settings, keys, admin_keys=admin_keys)
+    click.echo(f"llmbatch serve: http://{host}:{port}/ ({len(keys)} API key(s), {len(admin_keys)} admin key(s)), "
+               f"database {redact_url(ctx.settings.database_url)}, broker {redact_url(ctx.settings.broker_url)}",
+               err=True)
+    if not _run_server(app, sock, loglevel):
+        raise click.ClickException("the server did not start (see the log above)")
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise click.ClickException(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def _run_server(app, sock, loglevel: str) -> bool:
+    """Serve until SIGTERM or SIGINT; True after a clean shutdown, False if the app did not start."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the stopping signal once shut down, so a SIGTERM'd server would end
+            # "killed by SIGTERM" (143 in a shell, a failure to scripts). The shutdown was clean: exit 0.
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    server = Server(uvicorn.Config(app, log_level=loglevel.lower()))
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit 3 when the app's start-up failed; it logged why
+        return False
+    return server.started
 
 
 @cli.group()

@@ -55,6 +55,10 @@ class FileTooLarge(InputFileError):
     """An upload over LLMBATCH_MAX_FILE_BYTES; nothing of it is kept."""
 
 
+class StorageQuotaExceeded(FileTooLarge):
+    """An upload that would take its key past LLMBATCH_MAX_STORAGE_BYTES_PER_KEY; nothing of it is kept."""
+
+
 class InvalidRequest(LLMBatchError):
     """An HTTP API request with a missing or wrong parameter."""
 

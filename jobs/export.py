@@ -43,7 +43,7 @@ def escape_cell(value) -> str:
 
 # Row positions: the native columns, then (openai only) what openai_row needs from `request`.
 (_CID, _LINE, _STATUS, _OUTPUT, _FINISH, _PT, _CT, _QUEUED, _STARTED, _FINISHED, _LATENCY, _WORKER, _CODE,
- _MESSAGE, _WARNING, _LOGPROBS, _CHOICES, _CACHED, _URL, _BODY_MODEL, _HAS_PROMPT) = range(21)
+ _MESSAGE, _WARNING, _LOGPROBS, _CHOICES, _CACHED, _URL, _HAS_PROMPT) = range(20)
 _NATIVE = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens", "queued_at",
            "started_at", "finished_at", "latency_ms", "worker", "error_code", "error_message", "warning", "logprobs",
            "choices", "cached_tokens")
@@ -52,7 +52,7 @@ _encode_ascii = json.JSONEncoder().encode  # json.dumps(x)
 
 
 def _request_columns(dialect: str) -> list:
-    """What the openai format needs from `request` (url, body_model, has a prompt), read in SQL.
+    """What the openai format needs from `request` (url, has a prompt), read in SQL.
 
     Written per dialect with plain string binds, so the compiled parameters need no processing.
     """
@@ -61,8 +61,8 @@ def _request_columns(dialect: str) -> list:
         def field(key):
             return r.op("->>", return_type=String)(literal(key, String))
 
-        return [field("url"), field("body_model"), r.op("->", return_type=String)(literal("prompt", String)).is_not(None)]
-    return [func.json_extract(r, literal("$.url", String)), func.json_extract(r, literal("$.body_model", String)),
+        return [field("url"), r.op("->", return_type=String)(literal("prompt", String)).is_not(None)]
+    return [func.json_extract(r, literal("$.url", String)),
             func.json_type(r, literal("$.prompt", String)).is_not(None)]
 
 
@@ -247,7 +247,9 @@ def _openai(rows: list[tuple], iso: _Iso, job: Job) -> str:
             usage = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": (pt or 0) + (ct or 0),
                      "prompt_tokens_details": {"cached_tokens": r[_CACHED] or 0}}
             created = _created(r[_FINISHED], iso)
-            model = (r[-1] if job.adapters else None) or r[_BODY_MODEL] or job_model  # issue 11: the adapter's name
+            # What ran, not what the line asked for (OpenAI names the model that answered): the
+            # adapter's name (issue 11), else the job's model.
+            model = (r[-1] if job.adapters else None) or job_model
             url = r[_URL]
             completions = url == "/v1/completions" or bool(r[_HAS_PROMPT] and url is None)
             choices = openai_choices(completions, r[_OUTPUT], r[_FINISH], json_value(r[_LOGPROBS]),

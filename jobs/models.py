@@ -207,3 +207,8 @@ class Batch(Base):
     # `metadata` is taken on declarative classes.
     batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     error: Mapped[str | None] = mapped_column(Text)  # why validation failed (job status `failed`)
+    # Sizes of the output and error files (rendered on download, so measured once and kept here),
+    # valid for the job's finished_at equal to `sized_for`: a retry finishes the job anew.
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sized_for: Mapped[datetime | None] = mapped_column(UTCDateTime())

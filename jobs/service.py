@@ -6,6 +6,7 @@ transaction has committed: a task must never reach a worker before its rows exis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
@@ -54,13 +55,19 @@ class Submitted:
     bad_lines: int = 0
 
 
-def get_job(session: Session, ref: str) -> Job:
-    """The job with this id, else the one job with this name (AmbiguousJob if several share it)."""
+def get_job(session: Session, ref: str, owner: str | None = None) -> Job:
+    """The job with this id, else the one job with this name (AmbiguousJob if several share it).
+
+    `owner` (an API key's hash; None: every job) scopes both lookups: another owner's job is not
+    found, and a shared name lists only the owner's own jobs.
+    """
     job = session.get(Job, ref)
-    if job is not None:
+    if job is not None and (owner is None or job.owner == owner):
         return job
-    named = list(session.scalars(select(Job).where(Job.name == ref).order_by(Job.created_at.desc())
-                                 .limit(MAX_LISTED_MATCHES + 1)))
+    query = select(Job).where(Job.name == ref)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    named = list(session.scalars(query.order_by(Job.created_at.desc()).limit(MAX_LISTED_MATCHES + 1)))
     if not named:
         raise JobNotFound(ref)
     if len(named) > 1:
@@ -128,10 +135,11 @@ class _ItemWriter:
 def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: str | None = None,
            name: str | None = None, params: dict | None = None, strict: bool = False, source: str | None = None,
            on_line: Callable[[int], None] | None = None, adapters: adapters_.Adapters | None = None,
-           job: Job | None = None) -> Submitted:
+           job: Job | None = None, endpoint: str | None = None) -> Submitted:
     """Parse and store a JSONL file as a job, its items and its chunks.
 
     `job`: an existing, still empty job row to fill (an HTTP batch, created before its file is parsed).
+    `endpoint`: the batch's endpoint; a line whose `url` names another is a bad line, as OpenAI has it.
 
     Streams the file and stores it a batch at a time: the chunk rows of a batch in one
     multi-row INSERT ... RETURNING, then its items in bulk (COPY on PostgreSQL, executemany on
@@ -205,6 +213,8 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
         for parsed in iter_parsed(fp, settings.limits):
             total += 1
             parsed = adapters_.resolve(parsed, adapters)  # issue 11: the line's adapter, by name
+            if endpoint is not None:
+                parsed = _check_endpoint(parsed, endpoint)
             if parsed.error:
                 n_bad += 1
                 if strict:
@@ -238,6 +248,16 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     session.refresh(job)
     out.bad_lines = n_bad
     return out
+
+
+def _check_endpoint(parsed, endpoint: str):
+    """A line of an HTTP batch whose `url` is not the batch's endpoint: a bad line (lines without a url,
+    llmbatch's own forms, run as they are)."""
+    url = parsed.request.get("url") if parsed.error is None else None
+    if url is None or url == endpoint:
+        return parsed
+    return dataclasses.replace(parsed, request=None,
+                               error=f"line {parsed.line}: url {url!r} does not match the batch's endpoint {endpoint!r}")
 
 
 def validate(fp: typing.BinaryIO, settings: Settings) -> tuple[int, list[str]]:

@@ -38,6 +38,8 @@ class Limits:
     max_line_bytes: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_LINE_BYTES", 1024**2))
     max_items_per_job: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_ITEMS", 5_000_000))
     max_tokens_per_item: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_TOKENS_PER_ITEM", 32_768))
+    # Bytes of uploaded files one API key may keep stored (`serve`); 0: no quota.
+    max_storage_bytes_per_key: int = field(default_factory=lambda: _env_int("LLMBATCH_MAX_STORAGE_BYTES_PER_KEY", 0))
 
 
 @dataclass(frozen=True)

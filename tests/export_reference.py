@@ -60,7 +60,7 @@ def openai_row(item: Item, job: Job) -> dict:
              "total_tokens": (item.prompt_tokens or 0) + (item.completion_tokens or 0),
              "prompt_tokens_details": {"cached_tokens": item.cached_tokens or 0}}
     created = int(item.finished_at.timestamp()) if item.finished_at else None
-    model = request.get("body_model") or job.model
+    model = request.get("adapter") or job.model  # what ran, not the line's body.model
     completions = request.get("url") == "/v1/completions" or ("prompt" in request and request.get("url") is None)
     choices = openai_choices(completions, item.output, item.finish_reason, item.logprobs, item.choices)
     if completions:

@@ -142,7 +142,7 @@ def test_export_carries_the_adapter(db, settings, tmp_path, adapter_dir):
     openai = {r["custom_id"]: r for r in map(json.loads, _export(db, job, "openai").splitlines())}
     assert openai["named"]["response"]["body"]["model"] == "sql"  # the adapter's name is the model
     assert openai["oa"]["response"]["body"]["model"] == "sql"
-    assert openai["oa-other"]["response"]["body"]["model"] == "gpt-4o"
+    assert openai["oa-other"]["response"]["body"]["model"] == job.model  # what ran, not body.model
     assert openai["default"]["response"]["body"]["model"] == job.model
 
 

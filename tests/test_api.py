@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletion
 from sqlalchemy import func, select
 
 from llmbatch.jobs.db import Database
+from llmbatch.jobs.models import Batch as BatchRow
 from llmbatch.jobs.models import File, Job
 from tests.support import MIXED_BAD_LINES, MIXED_LINES, Server, start_worker, stop_worker, write_jsonl
 
@@ -122,26 +123,42 @@ def test_files_and_batch_round_trip(serve, echo_worker, tmp_path, db_url):
     assert created.status == "validating" and created.metadata == {"run": "nightly"}
     batch = wait_batch(client, created.id)
     assert batch.status == "completed"
+    # issue 20: line 6 (oa-text) names url /v1/completions in a /v1/chat/completions batch: a bad line.
+    bad = len(MIXED_BAD_LINES) + 1
     assert batch.request_counts.total == len(MIXED_LINES)
-    assert batch.request_counts.failed == len(MIXED_BAD_LINES)
-    assert batch.request_counts.completed == len(MIXED_LINES) - len(MIXED_BAD_LINES)
+    assert batch.request_counts.failed == bad
+    assert batch.request_counts.completed == len(MIXED_LINES) - bad
     assert batch.model == "smollm2-135m-instruct" and batch.completed_at and batch.in_progress_at
 
     out = client.files.content(batch.output_file_id).text.splitlines()
     parsed = dict(parse_output_line(line) for line in out)
-    assert set(parsed) == {"raw", "chat", "oa-chat", "oa-text", "line-9"}
-    assert isinstance(parsed["oa-chat"], ChatCompletion) and parsed["oa-chat"].model == "gpt-4o"
-    assert isinstance(parsed["oa-text"], Completion)
+    assert set(parsed) == {"raw", "chat", "oa-chat", "line-9"}
+    # issue 20: body.model is the model that ran, not the line's "gpt-4o".
+    assert isinstance(parsed["oa-chat"], ChatCompletion) and parsed["oa-chat"].model == "smollm2-135m-instruct"
+    assert all(c.model == "smollm2-135m-instruct" for c in parsed.values())
     assert parsed["oa-chat"].choices[0].message.content  # the echo engine echoes the prompt
     errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
-    assert len(errors) == len(MIXED_BAD_LINES)
+    assert len(errors) == bad
     for e in errors:
         assert e["response"] is None
         err = BatchError.model_validate(e["error"])
         assert err.code == "invalid_input"
     assert any("invalid JSON" in e["error"]["message"] and "line 3" in e["error"]["message"] for e in errors)
+    mismatch = next(e for e in errors if e["custom_id"] == "oa-text")["error"]["message"]
+    assert mismatch == ("line 6: url '/v1/completions' does not match the batch's endpoint "
+                        "'/v1/chat/completions'")
     # A generated file's size is the size of its content.
     assert client.files.retrieve(batch.output_file_id).bytes == len("\n".join(out).encode()) + 1
+    # issue 20: measured once the batch is finished and stored on its row; a request reads it.
+    error_bytes = len(client.files.content(batch.error_file_id).content)
+    assert client.files.retrieve(batch.error_file_id).bytes == error_bytes
+    with Database(db_url).read() as s:
+        row = s.get(BatchRow, batch.id)
+        assert (row.output_bytes, row.error_bytes) == (len("\n".join(out).encode()) + 1, error_bytes)
+        assert row.sized_for == s.get(Job, batch.id).finished_at
+    with Database(db_url).write() as s:
+        s.get(BatchRow, batch.id).output_bytes = 7  # not the real size: shows where the answer comes from
+    assert client.files.retrieve(batch.output_file_id).bytes == 7
 
     # The same job through the CLI's view: a batch is a job.
     with Database(db_url).read() as s:
@@ -404,21 +421,220 @@ def test_real_model_end_to_end(tmp_path, sqlite_url, broker_url, files_dir):
     worker = start_worker(sqlite_url, broker_url, tmp_path / "worker.log")
     try:
         client = server.client()
+        # Greedy SmolLM2 answers this in a few tokens and ends its turn (finish_reason "stop").
+        ask = "What is 2+2? Answer with just the number."
         lines = [{"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
-                  "body": {"model": "x", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 5,
-                           "temperature": 0}},
-                 {"custom_id": "text", "method": "POST", "url": "/v1/completions",
-                  "body": {"model": "x", "prompt": "1, 2, 3,", "max_tokens": 4}}]
+                  "body": {"model": "x", "messages": [{"role": "user", "content": ask}], "max_tokens": 24,
+                           "temperature": 0, "logprobs": True, "top_logprobs": 2}},
+                 {"custom_id": "chat2", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "x", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}}]
         f = upload(client, write_jsonl(tmp_path / "in.jsonl", lines))
         batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
         batch = wait_batch(client, batch.id, timeout=300)
         assert batch.status == "completed" and batch.request_counts.completed == 2, batch
         assert batch.error_file_id is None
         parsed = dict(parse_output_line(line) for line in client.files.content(batch.output_file_id).text.splitlines())
-        chat, text = parsed["chat"], parsed["text"]
-        assert chat.choices[0].message.content and 0 < chat.usage.completion_tokens <= 5
-        assert text.choices[0].text and 0 < text.usage.completion_tokens <= 4
-        assert batch.usage.output_tokens == chat.usage.completion_tokens + text.usage.completion_tokens
+        chat, chat2 = parsed["chat"], parsed["chat2"]
+        assert chat.model == chat2.model == "smollm2-135m-instruct"  # what ran, not the lines' "x"
+        assert chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+        assert 0 < chat.usage.completion_tokens <= 24
+        # issue 20: logprobs.content covers the message, not the end-of-turn token that ended it.
+        tokens = [t.token for t in chat.choices[0].logprobs.content]
+        assert "<|im_end|>" not in tokens and len(tokens) == chat.usage.completion_tokens - 1
+        assert "".join(tokens).strip() == chat.choices[0].message.content.strip()
+        assert chat2.choices[0].message.content and 0 < chat2.usage.completion_tokens <= 4
+        assert batch.usage.output_tokens == chat.usage.completion_tokens + chat2.usage.completion_tokens
     finally:
         stop_worker(worker)
         server.stop()
+
+
+# -- issue 20: isolation and limits ---------------------------------------------------------------------
+
+KEYS = ["sk-alpha-0123456789abcdef", "sk-beta-fedcba9876543210"]
+ADMIN_KEY = "sk-operator-00112233445566"
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def owned_job(db_url, broker_url, tmp_path, key: str, name: str, model: str, lines: list) -> str:
+    """A named job of the given key, stored through the library (the API gives batches no name)."""
+    from llmbatch.jobs import service
+    from llmbatch.jobs.files import owner_of
+    from llmbatch.jobs.settings import Settings
+
+    settings = Settings.from_env(database_url=db_url, broker_url=broker_url)
+    path = write_jsonl(tmp_path / f"{name}-{time.monotonic_ns()}.jsonl", lines)
+    db = Database(db_url)
+    with db.write() as s, open(path, "rb") as fp:
+        job = service.submit(s, fp, settings, model=model, name=name).job
+        job.owner = owner_of(key)
+        job_id = job.id
+    db.dispose()
+    return job_id
+
+
+@SQLITE_ONLY
+def test_every_job_lookup_is_owner_scoped_names_included(serve, tmp_path, db_url, broker_url):
+    server = serve(LLMBATCH_API_KEYS=",".join(KEYS), LLMBATCH_ADMIN_KEYS=ADMIN_KEY)
+    alice, bob = KEYS
+    a1 = owned_job(db_url, broker_url, tmp_path, alice, "eval", "alice-model", [{"prompt": "a"}])
+    a2 = owned_job(db_url, broker_url, tmp_path, alice, "eval", "alice-model", [{"prompt": "b"}])
+    b1 = owned_job(db_url, broker_url, tmp_path, bob, "eval", "bob-model", [{"prompt": "c"}])
+    b2 = owned_job(db_url, broker_url, tmp_path, bob, "bob-solo", "bob-model", [{"prompt": "d"}, "{bad"])
+
+    def page(key, ref):
+        return http("GET", server.url + f"/jobs/{ref}", headers=bearer(key))
+
+    # Bob's one job named "eval" opens by name: Alice's two of that name are not his to see.
+    r = page(bob, "eval")
+    assert r.status_code == 200 and b1 in r.text and a1 not in r.text
+    # Opened by name, the page lists the job's failed lines (it looked them up by the name before).
+    r = page(bob, "bob-solo")
+    assert r.status_code == 200 and b2 in r.text and "invalid JSON" in r.text, r.text
+    # A name two of Alice's jobs share: 409 in OpenAI's shape, listing her jobs only.
+    r = page(alice, "eval")
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert err["code"] == "ambiguous_name" and a1 in err["message"] and a2 in err["message"]
+    assert b1 not in err["message"] and "2 jobs" in err["message"]
+    for ref in (b1, b2, "bob-solo"):  # another key's job, by id or by name: not found
+        assert page(alice, ref).status_code == 404
+
+    # /metrics: a key sees its own totals only, and no queue depths (a queue holds everyone's work) ...
+    mine = http("GET", server.url + "/metrics", headers=bearer(bob)).text
+    assert 'llmbatch_items{model="bob-model",state="pending"} 2.0' in mine
+    assert 'llmbatch_items{model="bob-model",state="failed"} 1.0' in mine
+    assert "alice-model" not in mine and "llmbatch_queue_depth{" not in mine
+    # ... an operator key sees every owner's, and the queues.
+    everything = http("GET", server.url + "/metrics", headers=bearer(ADMIN_KEY)).text
+    assert 'llmbatch_items{model="alice-model",state="pending"} 2.0' in everything
+    assert 'llmbatch_items{model="bob-model",state="pending"} 2.0' in everything
+    assert 'llmbatch_queue_depth{model="alice-model"' in everything
+    # An operator key is an API key too, owning what it makes.
+    assert server.client(ADMIN_KEY).batches.list().data == []
+
+
+def _multipart(boundary: str, fields: list[tuple[str, str]], file: bytes = b'{"prompt": "x"}\n') -> bytes:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n{v}\r\n'.encode() for n, v in fields]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n'.encode()
+                 + file + f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+@SQLITE_ONLY
+def test_upload_fields_are_capped_in_count_and_bytes(serve, db_url, files_dir):
+    server = serve(LLMBATCH_MAX_FILE_BYTES="100000")
+    headers = {"content-type": "multipart/form-data; boundary=zz"}
+    ok = http("POST", server.url + "/v1/files", content=_multipart("zz", [("purpose", "batch")]), headers=headers)
+    assert ok.status_code == 200, ok.text
+    many = [("purpose", "batch")] + [(f"f{i}", "x") for i in range(16)]  # 17 fields besides the file
+    r = http("POST", server.url + "/v1/files", content=_multipart("zz", many), headers=headers)
+    assert r.status_code == 400 and "too many form fields" in r.json()["error"]["message"], r.text
+    heavy = [("purpose", "batch")] + [(f"f{i}", "y" * 40_000) for i in range(2)]  # each under 64 KiB, not together
+    r = http("POST", server.url + "/v1/files", content=_multipart("zz", heavy), headers=headers)
+    assert r.status_code == 400 and "more than 65536 bytes together" in r.json()["error"]["message"], r.text
+
+    def endless_fields():  # chunked: no Content-Length to refuse up front (300 fields of 64 KiB were taken)
+        yield b'--zz\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        for i in range(300):
+            yield f'--zz\r\nContent-Disposition: form-data; name="pad{i}"\r\n\r\n'.encode() + b"p" * 1000 + b"\r\n"
+        yield b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{"prompt": "x"}\n\r\n--zz--\r\n'
+
+    r = http("POST", server.url + "/v1/files", content=endless_fields(), headers=headers)
+    assert r.status_code == 400 and "too many form fields" in r.json()["error"]["message"], r.text
+    assert [p.name for p in files_dir.iterdir()] == [ok.json()["id"]]  # the refused ones left nothing
+    with Database(db_url).read() as s:
+        assert s.scalar(select(func.count()).select_from(File)) == 1
+
+
+@SQLITE_ONLY
+def test_stale_partial_uploads_are_swept_at_start_up(serve, files_dir):
+    import os
+
+    stale, fresh, stored = files_dir / ".upload-0badc0de", files_dir / ".upload-f00d", files_dir / "file-kept"
+    for p in (stale, fresh, stored):
+        p.write_bytes(b'{"prompt": "x"}\n')
+    hour_ago = time.time() - 3600
+    for p in (stale, stored):
+        os.utime(p, (hour_ago, hour_ago))
+    serve()
+    assert not stale.exists()  # a dead server's partial upload
+    assert fresh.exists()  # may be another live server's upload in progress (a shared directory)
+    assert stored.exists()  # a stored file is never a temp file
+
+
+@SQLITE_ONLY
+def test_a_per_key_storage_quota_is_413_in_openai_shape(serve, tmp_path, files_dir):
+    server = serve(LLMBATCH_API_KEYS=",".join(KEYS), LLMBATCH_MAX_STORAGE_BYTES_PER_KEY="1000")
+    alice, bob = server.client(KEYS[0]), server.client(KEYS[1])
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x" * 580}])  # about 600 bytes
+    first = upload(alice, path)
+    with pytest.raises(openai.APIStatusError) as exc:
+        upload(alice, path)  # 1200 bytes would be stored
+    assert exc.value.status_code == 413
+    err = exc.value.body
+    assert err["code"] == "storage_quota_exceeded" and err["type"] == "invalid_request_error"
+    assert err["param"] == "file" and "at most 1000 bytes" in err["message"]
+    assert upload(bob, path).bytes == first.bytes  # the quota is per key
+    alice.files.delete(first.id)
+    assert upload(alice, path).bytes == first.bytes  # room again
+    assert not [p for p in files_dir.iterdir() if p.name.startswith(".upload-")]
+
+
+# -- issue 20: OpenAI parity ----------------------------------------------------------------------------
+
+
+@SQLITE_ONLY
+def test_files_list_pages_filters_and_orders(serve, tmp_path):
+    server = serve(LLMBATCH_API_KEYS=",".join(KEYS))
+    alice, bob = server.client(KEYS[0]), server.client(KEYS[1])
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    ids = [upload(alice, path).id for _ in range(5)]
+    page = alice.files.list(limit=2)
+    assert [f.id for f in page.data] == ids[::-1][:2] and page.has_more
+    assert [f.id for f in alice.files.list(limit=2)] == ids[::-1]  # the SDK's auto-pagination follows `after`
+    assert [f.id for f in alice.files.list(order="asc")] == ids
+    assert [f.id for f in alice.files.list(order="asc", after=ids[1], limit=2).data] == ids[2:4]
+    assert [f.id for f in alice.files.list(purpose="batch")] == ids[::-1]
+    assert alice.files.list(purpose="batch_output").data == []
+    assert bob.files.list().data == []  # owner-scoped
+    with pytest.raises(openai.NotFoundError):
+        bob.files.list(after=ids[0])
+    with pytest.raises(openai.BadRequestError, match="order"):
+        alice.files.list(order="sideways")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="limit"):
+        alice.files.list(limit=0)
+
+
+def _is_openai_error(body: dict) -> bool:
+    return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+@SQLITE_ONLY
+def test_health_readiness_and_the_error_shape_of_framework_errors(serve, tmp_path):
+    from tests.support import free_port
+
+    server = serve(LLMBATCH_API_KEYS=KEYS[0])
+    assert http("GET", server.url + "/healthz").json() == {"status": "ok"}  # probes need no key
+    ready = http("GET", server.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    client = server.client(KEYS[0])
+    with pytest.raises(openai.NotFoundError) as exc:  # no such route
+        client.get("/no/such/route", cast_to=object)
+    assert _is_openai_error(exc.value.response.json()) and exc.value.code == "unknown_url"
+    with pytest.raises(openai.APIStatusError) as exc:  # a route, not that method
+        client.delete("/batches", cast_to=object)
+    assert exc.value.status_code == 405 and _is_openai_error(exc.value.response.json())
+    with pytest.raises(openai.BadRequestError) as exc:  # what FastAPI answers 422 for
+        client.get("/batches", cast_to=object, options={"params": {"limit": "many"}})
+    assert _is_openai_error(exc.value.response.json()) and exc.value.param == "limit"
+    r = http("GET", server.url + "/v1/batches")  # 401 too
+    assert r.status_code == 401 and _is_openai_error(r.json())
+
+    down = serve(LLMBATCH_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    r = http("GET", down.url + "/readyz")
+    assert r.status_code == 503 and r.json()["checks"] == {"database": "ok", "broker": "down"}
+    assert r.json()["error"]["code"] == "not_ready" and "broker unreachable" in r.json()["error"]["message"]

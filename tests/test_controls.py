@@ -73,3 +73,21 @@ def test_logit_bias_and_penalties_steer_generation(engine):
     assert len(set(rp[0].token_ids)) == 3
     assert not set(rp[0].token_ids) & set(engine.tokenizer(PROMPT)["input_ids"])
     assert rp[1].token_ids == [target] * 4
+
+
+def test_logprobs_leave_out_the_end_of_turn_token(engine):
+    """issue 20: OpenAI's chat logprobs.content covers the message's tokens, not the end-of-turn token
+    that stopped it; the output text leaves that token out, and so do the entries."""
+    params = SamplingParams(max_tokens=24, logprobs=True, top_logprobs=2)
+    ask = "What is 2+2? Answer with just the number."  # greedy SmolLM2 answers in a few tokens, then ends its turn
+    r = engine.generate_all([Request(id=0, messages=[{"role": "user", "content": ask}], params=params)])[0]
+    assert r.ok and r.finish_reason == "stop" and r.token_ids[-1] in engine.eos_ids  # it ended by end-of-turn
+    assert len(r.logprobs) == len(r.token_ids) - 1
+    end = engine.tokenizer.decode([r.token_ids[-1]])
+    assert end not in [e["token"] for e in r.logprobs]
+    assert "".join(e["token"] for e in r.logprobs).strip() == r.output.strip()
+    assert r.usage.completion_tokens == len(r.token_ids)  # still counted, as OpenAI counts it
+    # A row cut by max_tokens keeps an entry for every token.
+    cut = engine.generate_all([Request(id=0, messages=[{"role": "user", "content": "Hi!"}],
+                                       params=SamplingParams(max_tokens=4, logprobs=True))])[0]
+    assert cut.finish_reason == "length" and len(cut.logprobs) == len(cut.token_ids) == 4

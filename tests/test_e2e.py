@@ -52,4 +52,6 @@ def test_submit_worker_export(db_url, broker_url, tmp_path):
     assert raw["completion_tokens"] <= 6
     openai_rows = [json.loads(line) for line in invoke("export", job_id, "--format", "openai").stdout.splitlines()]
     assert len(openai_rows) == len(MIXED_LINES)
-    assert next(r for r in openai_rows if r["custom_id"] == "oa-chat")["response"]["body"]["model"] == "gpt-4o"
+    # The model that ran (the job's), not the line's body.model ("gpt-4o"): issue 20.
+    oa_chat = next(r for r in openai_rows if r["custom_id"] == "oa-chat")
+    assert oa_chat["response"]["body"]["model"] == status["model"]

@@ -73,7 +73,8 @@ def test_openai_format(db, settings, tmp_path):
     assert chat["custom_id"] == "oa" and chat["error"] is None
     assert chat["response"]["status_code"] == 200
     body = chat["response"]["body"]
-    assert body["object"] == "chat.completion" and body["model"] == "gpt-4o"
+    # The model that ran, not the line's body.model ("gpt-4o"), as OpenAI reports it.
+    assert body["object"] == "chat.completion" and body["model"] == job.model
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "@here"}
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
                              "prompt_tokens_details": {"cached_tokens": 0}}

@@ -16,10 +16,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmbatch.jobs import files
 from llmbatch.jobs.db import Database
-from llmbatch.jobs.exceptions import (FileNotFound, FileTooLarge, InputFileError, InvalidRequest, InvalidState,
-                                      JobNotFound, LLMBatchError)
+from llmbatch.jobs.exceptions import (AmbiguousJob, FileNotFound, FileTooLarge, InputFileError, InvalidRequest,
+                                      InvalidState, JobNotFound, LLMBatchError, StorageQuotaExceeded)
 from llmbatch.jobs.settings import Settings
 
 from .auth import KeyCheck, Unauthorized
@@ -46,9 +48,17 @@ def page_owner(request: Request) -> str | None:
     return request.app.state.keys.owner(request, browser=True)
 
 
-def create_app(settings: Settings, api_keys: list[str], *, ingest: bool = True) -> FastAPI:
+# The framework's own errors (an unknown route, a wrong method), by status, in OpenAI's words.
+HTTP_ERROR_CODES = {404: "unknown_url", 405: "method_not_allowed"}
+
+
+def create_app(settings: Settings, api_keys: list[str], *, admin_keys: list[str] = (), ingest: bool = True
+               ) -> FastAPI:
     db = Database(settings.database_url)
     db.ensure_schema()
+    swept = files.sweep_uploads(settings)  # partial uploads of a server that died mid-request
+    if swept:
+        log.info("removed %d stale partial upload(s) from %s", swept, files.files_dir(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,7 +77,7 @@ def create_app(settings: Settings, api_keys: list[str], *, ingest: bool = True) 
     app = FastAPI(title="llmbatch", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.db = db
-    app.state.keys = KeyCheck(api_keys)
+    app.state.keys = KeyCheck(api_keys, admin_keys)
     app.state.ingestor = None
 
     @app.exception_handler(Unauthorized)
@@ -79,6 +89,10 @@ def create_app(settings: Settings, api_keys: list[str], *, ingest: bool = True) 
     async def _llmbatch_error(request: Request, exc: LLMBatchError):
         if isinstance(exc, (JobNotFound, FileNotFound)):
             return JSONResponse(error_body(str(exc), code="not_found"), status_code=404)
+        if isinstance(exc, AmbiguousJob):
+            return JSONResponse(error_body(str(exc), code="ambiguous_name"), status_code=409)
+        if isinstance(exc, StorageQuotaExceeded):
+            return JSONResponse(error_body(str(exc), param="file", code="storage_quota_exceeded"), status_code=413)
         if isinstance(exc, FileTooLarge):
             return JSONResponse(error_body(str(exc), param="file", code="file_too_large"), status_code=413)
         if isinstance(exc, InvalidRequest):
@@ -94,11 +108,23 @@ def create_app(settings: Settings, api_keys: list[str], *, ingest: bool = True) 
         return JSONResponse(error_body(f"invalid request: {first.get('msg', 'bad parameters')}", param=param),
                             status_code=400)
 
-    from . import dashboard, metrics, v1
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"unknown URL: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return JSONResponse(error_body(message, type_, code=HTTP_ERROR_CODES.get(exc.status_code)),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    from . import dashboard, health, metrics, v1
 
     app.include_router(v1.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
+    app.include_router(health.router)
     return app
 
 
@@ -106,6 +132,7 @@ async def _sweep_forever(app: FastAPI) -> None:
     while True:
         try:
             await run_in_threadpool(app.state.ingestor.sweep, app.state.db)
+            await run_in_threadpool(files.sweep_uploads, app.state.settings)
         except Exception as exc:  # the database may be down for a while: keep sweeping
             log.warning("batch sweep failed: %s: %s", type(exc).__name__, exc)
         await asyncio.sleep(SWEEP_SECONDS)

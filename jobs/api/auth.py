@@ -13,8 +13,13 @@ from starlette.requests import Request
 from llmbatch.jobs.files import owner_of
 
 
-def keys_from_env() -> list[str]:
-    return [k.strip() for k in os.environ.get("LLMBATCH_API_KEYS", "").split(",") if k.strip()]
+def keys_from_env(name: str = "LLMBATCH_API_KEYS") -> list[str]:
+    return [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+
+
+def admin_keys_from_env() -> list[str]:
+    """Operator keys: every API call as any other key, plus /metrics over every owner."""
+    return keys_from_env("LLMBATCH_ADMIN_KEYS")
 
 
 class Unauthorized(Exception):
@@ -24,8 +29,13 @@ class Unauthorized(Exception):
 
 
 class KeyCheck:
-    def __init__(self, keys: list[str]):
-        self.owners = frozenset(owner_of(k) for k in keys)
+    def __init__(self, keys: list[str], admin_keys: list[str] = ()):
+        self.admins = frozenset(owner_of(k) for k in admin_keys)
+        self.owners = frozenset(owner_of(k) for k in keys) | self.admins
+
+    def is_admin(self, owner: str | None) -> bool:
+        """Without keys everything is visible anyway; with keys, only an operator key sees every owner."""
+        return not self.enabled or owner in self.admins
 
     @property
     def enabled(self) -> bool:

@@ -15,7 +15,6 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 
 from llmbatch.jobs import service
-from llmbatch.jobs.exceptions import JobNotFound
 from llmbatch.jobs.models import Item, ItemStatus, Job, utcnow
 
 from .app import page_owner
@@ -79,11 +78,9 @@ def index(request: Request, who: str | None = Depends(page_owner)):
 def job_page(job_id: str, request: Request, who: str | None = Depends(page_owner)):
     now = utcnow()
     with request.app.state.db.read() as s:
-        job = service.get_job(s, job_id)
-        if who is not None and job.owner != who:
-            raise JobNotFound(job_id)
+        job = service.get_job(s, job_id, who)  # id or name, among the caller's own jobs only
         failed = s.execute(select(Item.line, Item.custom_id, Item.error_code, Item.error_message)
-                           .where(Item.job_id == job_id, Item.status == ItemStatus.failed)
+                           .where(Item.job_id == job.id, Item.status == ItemStatus.failed)
                            .order_by(Item.line).limit(FAILED_SAMPLE)).all()
         view = job_view(job, now)
     return _render(request, "job.html", job=view, failed=failed, sample=FAILED_SAMPLE, now=now.strftime("%H:%M:%S"))

@@ -2,6 +2,10 @@
 
 The job counters already hold the item counts, so a scrape reads the jobs table (one row per
 job), never the items; queue depth is the length of each model's Redis list (Celery's queue).
+
+Who sees what: with API keys on, an ordinary key sees the totals of its own jobs only, and no
+queue depths (a queue holds every owner's work); an operator key (LLMBATCH_ADMIN_KEYS) sees
+everything. Without keys (a loopback server) everything is visible, as on the dashboard.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ router = APIRouter()
 
 
 class _Collector:
-    def __init__(self, db, broker_url: str):
+    def __init__(self, db, broker_url: str, owner: str | None, everything: bool):
         self.db, self.broker_url = db, broker_url
+        self.owner, self.everything = owner, everything  # everything: no owner filter, and queue depths
 
     def collect(self):
         items = GaugeMetricFamily("llmbatch_items", "Items by state and model.", labels=["model", "state"])
@@ -30,11 +35,13 @@ class _Collector:
                                      labels=["model", "kind"])
         jobs = GaugeMetricFamily("llmbatch_jobs", "Jobs by status and model.", labels=["model", "status"])
         cols = [func.coalesce(func.sum(getattr(Job, c)), 0) for c in Job.COUNTERS]
+        mine = [] if self.everything else [Job.owner == self.owner]
         with self.db.read() as s:
             by_model = s.execute(select(Job.model, *cols, func.coalesce(func.sum(Job.prompt_tokens), 0),
                                         func.coalesce(func.sum(Job.completion_tokens), 0))
-                                 .group_by(Job.model)).all()
-            by_status = s.execute(select(Job.model, Job.status, func.count()).group_by(Job.model, Job.status)).all()
+                                 .where(*mine).group_by(Job.model)).all()
+            by_status = s.execute(select(Job.model, Job.status, func.count()).where(*mine)
+                                  .group_by(Job.model, Job.status)).all()
         models = []
         for model, *counts in by_model:
             models.append(model)
@@ -47,7 +54,7 @@ class _Collector:
         yield items
         yield tokens
         yield jobs
-        yield from self._queues(models)
+        yield from self._queues(models if self.everything else [])
 
     def _queues(self, models):
         import redis
@@ -72,7 +79,8 @@ class _Collector:
 
 
 @router.get("/metrics")
-def metrics(request: Request, _who: str | None = Depends(owner)):
+def metrics(request: Request, who: str | None = Depends(owner)):
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(request.app.state.db, request.app.state.settings.broker_url))
+    everything = request.app.state.keys.is_admin(who)
+    registry.register(_Collector(request.app.state.db, request.app.state.settings.broker_url, who, everything))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,12 @@ from llmbatch.jobs.files import Upload
 from llmbatch.jobs.settings import Settings
 
 MAX_FIELD_BYTES = 64 * 1024  # a form field other than the file (purpose, expires_after...)
+MAX_FIELDS = 16  # OpenAI's upload has four (file, purpose, expires_after[anchor], [seconds])
+MAX_FIELDS_BYTES = 64 * 1024  # all fields other than the file together
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers, on top of the file's own bytes
+# The whole body may hold the file, the fields, and their framing; past that it is refused even
+# when it comes chunked (no Content-Length to check up front).
+BODY_OVERHEAD = MULTIPART_OVERHEAD + MAX_FIELDS_BYTES
 
 
 @dataclass
@@ -36,6 +41,8 @@ class _Parts:
     def __init__(self, upload: Upload):
         self.upload = upload
         self.fields: dict[str, str] = {}
+        self.parts = 0  # form fields other than the file, repeated names included
+        self.field_bytes = 0
         self.filename: str | None = None
         self.pending: list[bytes] = []  # file bytes parsed from the current body piece, written after it
         self.ended = False
@@ -74,14 +81,21 @@ class _Parts:
                 raise InvalidRequest("give exactly one 'file' part", "file")
             self._is_file = True
             self.filename = options.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")
+        else:
+            self.parts += 1
+            if self.parts > MAX_FIELDS:
+                raise InvalidRequest(f"too many form fields: at most {MAX_FIELDS} besides the file")
 
     def _data(self, data, start, end):
         if self._is_file:
             self.pending.append(bytes(data[start:end]))
         else:
             self._value += data[start:end]
+            self.field_bytes += end - start
             if len(self._value) > MAX_FIELD_BYTES:
                 raise InvalidRequest(f"form field {self._name!r} is longer than {MAX_FIELD_BYTES} bytes")
+            if self.field_bytes > MAX_FIELDS_BYTES:
+                raise InvalidRequest(f"form fields besides the file hold more than {MAX_FIELDS_BYTES} bytes together")
 
     def _part_end(self):
         if not self._is_file and self._name is not None:
@@ -91,8 +105,9 @@ class _Parts:
         self.ended = True
 
 
-async def receive_upload(request: Request, settings: Settings) -> Received:
-    """Stream the request's `file` part to disk; raises InvalidRequest (400) or FileTooLarge (413).
+async def receive_upload(request: Request, settings: Settings, quota: int | None = None) -> Received:
+    """Stream the request's `file` part to disk; raises InvalidRequest (400), FileTooLarge or
+    StorageQuotaExceeded (413). `quota`: bytes the caller may still store (None: no quota).
 
     On any error the partial file is removed: nothing is stored.
     """
@@ -101,13 +116,17 @@ async def receive_upload(request: Request, settings: Settings) -> Received:
         raise InvalidRequest("expected a multipart/form-data body with a boundary")
     declared = request.headers.get("content-length")
     limit = settings.limits.max_file_bytes
-    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+    if declared and declared.isdigit() and int(declared) > limit + BODY_OVERHEAD:
         raise FileTooLarge(f"file is larger than {limit} bytes")  # refused before a byte is read
-    upload = Upload(settings)
+    upload = Upload(settings, quota)
+    received = 0
     try:
         parts = _Parts(upload)
         parser = MultipartParser(options[b"boundary"], parts.callbacks())
         async for piece in request.stream():
+            received += len(piece)
+            if received > limit + BODY_OVERHEAD:  # a backstop: each part is bounded above, this bounds the rest
+                raise FileTooLarge(f"request body is larger than the {limit} byte file limit allows")
             try:
                 parser.write(piece)
             except MultipartParseError as exc:

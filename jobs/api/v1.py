@@ -31,7 +31,13 @@ STREAM_PIECE = 256 * 1024  # characters of export text per piece sent
 @router.post("/files")
 async def create_file(request: Request, who: str | None = Depends(owner)):
     settings = request.app.state.settings
-    received = await receive_upload(request, settings)
+
+    def left():
+        with request.app.state.db.read() as s:
+            return files.quota_left(s, settings, who)
+
+    quota = await run_in_threadpool(left) if settings.limits.max_storage_bytes_per_key > 0 else None
+    received = await receive_upload(request, settings, quota)
 
     def store():
         try:
@@ -44,13 +50,24 @@ async def create_file(request: Request, who: str | None = Depends(owner)):
     return await run_in_threadpool(store)
 
 
+@router.get("/files")
+def list_files(request: Request, purpose: str | None = None, limit: int = files.MAX_LIST, after: str | None = None,
+               order: str = "desc", who: str | None = Depends(owner)):
+    with request.app.state.db.read() as s:
+        page, has_more = files.list_files(s, who, purpose=purpose, limit=limit, after=after, order=order)
+        data = [files.file_object(f) for f in page]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
 @router.get("/files/{file_id}")
 def retrieve_file(file_id: str, request: Request, who: str | None = Depends(owner)):
     db: Database = request.app.state.db
     with db.read() as s:
         f = files.get_file(s, file_id, who)
-        size = _rendered_size(s, f) if isinstance(f, files.GeneratedFile) else None
-        return files.file_object(f, size)
+    if isinstance(f, files.GeneratedFile):
+        return files.file_object(f, batches.generated_file_size(db, f))
+    return files.file_object(f)
 
 
 @router.get("/files/{file_id}/content")
@@ -69,21 +86,6 @@ def delete_file(file_id: str, request: Request, who: str | None = Depends(owner)
     with request.app.state.db.write() as s:
         files.delete_file(s, request.app.state.settings, file_id, who)
     return {"id": file_id, "object": "file", "deleted": True}
-
-
-class _Counter:
-    def __init__(self):
-        self.n = 0
-
-    def write(self, text: str) -> None:
-        self.n += len(text.encode("utf-8"))
-
-
-def _rendered_size(session, f: files.GeneratedFile) -> int:
-    """A generated file's size: its export rendered into a counter (streamed, nothing kept)."""
-    counter = _Counter()
-    export(session, f.job, counter, "openai", only=f.states)
-    return counter.n
 
 
 class _Stop(Exception):

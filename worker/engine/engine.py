@@ -346,9 +346,12 @@ class Engine:
         # One entry per kept token: a finished row's one extra step (scheduler.py) made one more.
         # A token the grammar forbids has logprob -inf, which JSON cannot hold: it is left out of the
         # alternatives; OpenAI's floor, -9999.0, stands for it anywhere else.
+        kept = len(row.tokens)
+        if row.finish_reason == "stop" and row.stop_text is None and kept and row.tokens[-1] in self.eos_ids:
+            kept -= 1  # the end-of-turn token is not part of the output text: OpenAI lists no entry for it
         return [{"token": self._text(t), "logprob": max(lp, -9999.0),
                  "top_logprobs": [{"token": self._text(a), "logprob": alp} for a, alp in top if alp > -1e30]}
-                for t, lp, top in row.logprobs[:len(row.tokens)]]
+                for t, lp, top in row.logprobs[:kept]]
 
     def _free_memory(self) -> None:
         if self.runner is not None:
