@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from .models import Item, ItemStatus, Job
 
-FORMATS = ("jsonl", "openai", "csv")
+FORMATS = ("jsonl", "openai", "csv", "parquet")  # parquet: embedding jobs (issue 21, jobs/embeddings.py)
 COLUMNS = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens",
            "queued_at", "started_at", "finished_at", "latency_ms", "worker", "error", "warning")
 # issue 10: native lines carry these only when the line asked for them (n > 1, logprobs); CSV always
@@ -303,6 +303,10 @@ def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl",
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if job.task == "embed" or fmt == "parquet":  # issue 21: vectors, not text
+        from . import embeddings
+
+        return embeddings.export(session, job, out, fmt, only)
     iso = _Iso(session)
     rows = 0
     if fmt == "csv":
