@@ -158,7 +158,18 @@ class Embedder:
         batches = token_batches(lengths, self.budget, padded=not self.varlen)
         for batch in batches:
             rows = [ids[i] for i in batch]
-            vecs = self._forward_varlen(rows) if self.varlen else self._forward_padded(rows)
+            if self.varlen:
+                try:
+                    vecs = self._forward_varlen(rows)
+                except (RuntimeError, NotImplementedError) as exc:
+                    if isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    # A kernel this GPU or build lacks: the padded path gives the same vectors.
+                    log.warning("varlen attention failed (%s: %s); using the padded path", type(exc).__name__, exc)
+                    self.varlen = False
+                    return self.encode_ids(ids)
+            else:
+                vecs = self._forward_padded(rows)
             out[batch] = vecs.float().cpu()
         return out
 
