@@ -179,7 +179,6 @@ def st_vectors(texts):
     return SentenceTransformer(resolve_model(MODEL), device="cpu").encode(texts, convert_to_numpy=True)
 
 
-@SQLITE_ONLY
 def test_exports_of_an_embedding_job(finished, invoke, db_url):
     job_id, tmp = finished
     reference = st_vectors(TEXTS)
