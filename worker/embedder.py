@@ -153,7 +153,8 @@ class Embedder:
     @torch.inference_mode()
     def encode_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """[n, dim] float32 on the CPU, in the order given; sorted and batched by the token budget."""
-        out = torch.empty(len(ids), self.dim, dtype=torch.float32)
+        # Kept on the device until the end: a copy per batch would make the GPU wait on the host each time.
+        out = torch.empty(len(ids), self.dim, dtype=torch.float32, device=self.device)
         lengths = [len(x) for x in ids]
         batches = token_batches(lengths, self.budget, padded=not self.varlen)
         for batch in batches:
@@ -170,8 +171,8 @@ class Embedder:
                     return self.encode_ids(ids)
             else:
                 vecs = self._forward_padded(rows)
-            out[batch] = vecs.float().cpu()
-        return out
+            out[torch.tensor(batch, device=self.device)] = vecs.float()
+        return out.cpu()
 
     def _forward_padded(self, rows: list[list[int]]) -> torch.Tensor:
         longest = max(len(r) for r in rows)
