@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
-SECTION = "## Embeddings"
+SECTION = "## Embeddings (issue 21)"
 
 # Everyday words that are one WordPiece token each in BERT's uncased vocabulary, so a text of N
 # words is N + 2 tokens ([CLS] ... [SEP]).
