@@ -283,7 +283,7 @@ def job_summary(job: Job) -> dict:
         "id": job.id, "name": job.name, "status": job.status.value, "model": job.model, "total": job.total,
         **job.counts(),
         "prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-        "cached_tokens": job.cached_tokens, "task": job.task,
+        "cached_tokens": job.cached_tokens,
         "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
     }
 
