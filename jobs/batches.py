@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from . import service, work
+from . import embeddings, service, work
 from .db import Database
 from .exceptions import InputFileError, InvalidRequest, JobNotFound
 from .files import GENERATED_STATES, PURPOSE_BATCH, GeneratedFile, file_path, generated_file_id, get_file
 from .models import Batch, Job, JobStatus, utcnow
-from .settings import Settings, redact_url
+from .inputs import EMBEDDINGS_URL
+from .settings import DEFAULT_MODEL, Settings, redact_url
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")  # embeddings: issue 21
 COMPLETION_WINDOWS = ("24h",)
 MAX_LIST = 100
 
@@ -53,9 +54,12 @@ def create_batch(session: Session, settings: Settings, *, input_file_id: str, en
     f = get_file(session, input_file_id, owner)
     if isinstance(f, GeneratedFile) or f.purpose != PURPOSE_BATCH:
         raise InvalidRequest(f"file {input_file_id} was not uploaded with purpose 'batch'", "input_file_id")
+    task = embeddings.EMBED if endpoint == EMBEDDINGS_URL else embeddings.GENERATE  # the endpoint decides
+    if model is None and task == embeddings.EMBED and settings.model == DEFAULT_MODEL:
+        model = embeddings.DEFAULT_EMBED_MODEL  # the default model generates text
     job = Job(model=model or settings.model, source=f.filename, params={}, status=JobStatus.validating,
               owner=owner, created_at=utcnow(), total=0, pending=0, running=0, succeeded=0, failed=0, cancelled=0,
-              prompt_tokens=0, completion_tokens=0)
+              prompt_tokens=0, completion_tokens=0, task=task)
     session.add(job)
     session.flush()
     session.add(Batch(job_id=job.id, input_file_id=input_file_id, endpoint=endpoint,
@@ -87,7 +91,7 @@ def ingest(db: Database, settings: Settings, job_id: str) -> str:
             except FileNotFoundError:
                 raise InputFileError(f"input file {batch.input_file_id} was deleted before it was parsed") from None
             with fp:
-                submitted = service.submit(s, fp, settings, job=job, endpoint=batch.endpoint)
+                submitted = service.submit(s, fp, settings, job=job, endpoint=batch.endpoint, task=job.task)
             # Under the job row's lock now (submit moved its counters): a cancel either committed
             # before, and this parse is rolled back, or waits and then cancels what was stored.
             moved = s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.validating)

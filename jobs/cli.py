@@ -177,7 +177,15 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
 PROGRESS_MIN_BYTES = 16 * 1024**2  # files larger than this show a progress bar on stderr while they are stored
 
 
-def _store(ctx: Context, file: Path, *, model, name, params, strict, adapters=None):
+def task_option(fn):
+    """issue 21: a job either generates text or embeds; by default the model (a sentence-transformers
+    folder embeds) or the file's first valid line decides."""
+    return click.option("--task", type=click.Choice(["generate", "embed"]), envvar="LLMBATCH_TASK",
+                        help="What every line asks for (default: the model's kind, else the first valid line's) "
+                             "[env LLMBATCH_TASK].")(fn)
+
+
+def _store(ctx: Context, file: Path, *, model, name, params, strict, adapters=None, task=None):
     from . import service
     from .progress import Progress
 
@@ -189,7 +197,8 @@ def _store(ctx: Context, file: Path, *, model, name, params, strict, adapters=No
         try:
             with ctx.db.write() as s:
                 submitted = service.submit(s, fp, ctx.settings, model=model, name=name, params=params,
-                                           strict=strict, source=str(file), on_line=on_line, adapters=adapters)
+                                           strict=strict, source=str(file), on_line=on_line, adapters=adapters,
+                                           task=task)
         finally:
             if progress:
                 progress.close()  # end the bar's line, so an error message starts on a line of its own
@@ -204,14 +213,15 @@ def _store(ctx: Context, file: Path, *, model, name, params, strict, adapters=No
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the id.")
 @generation_options
 @adapter_option
+@task_option
 @pass_ctx
 @handle_errors
-def submit(ctx, file, model, name, strict, as_json, adapter_specs, **kw):
+def submit(ctx, file, model, name, strict, as_json, adapter_specs, task, **kw):
     """Validate and store FILE as a job, and queue its work; prints the job id."""
     from .service import job_summary
 
     submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict,
-                       adapters=collect_adapters(adapter_specs))
+                       adapters=collect_adapters(adapter_specs), task=task)
     job = submitted.job
     _enqueue(ctx, job.model, job.id, submitted.chunk_ids)
     if submitted.bad_lines:
@@ -310,7 +320,8 @@ def _read_table(ctx: Context, limit: int) -> list[dict]:
 @cli.command()
 @click.argument("job")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="File to write; default stdout.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv", "parquet"]), default="jsonl",
+              show_default=True, help="parquet: embedding jobs only, needs -o.")
 @click.option("--only", type=click.Choice(ITEM_STATES), help="Only rows with this status.")
 @pass_ctx
 @handle_errors
@@ -323,6 +334,8 @@ def _export(ctx: Context, job_ref: str, output: Path | None, fmt: str, only: str
     from . import service
     from .export import export as write
 
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet writes a binary file: give -o FILE")
     with ctx.db.read() as s:
         job = service.get_job(s, job_ref)
         if job.status.value not in FINAL_JOB_STATES:
@@ -333,7 +346,8 @@ def _export(ctx: Context, job_ref: str, output: Path | None, fmt: str, only: str
             return write(s, job, sys.stdout, fmt, only)
         tmp = output.with_name(output.name + ".part")
         try:
-            out = open(tmp, "w", encoding="utf-8", newline="", buffering=1 << 20)
+            out = (open(tmp, "wb") if fmt == "parquet"  # issue 21: binary
+                   else open(tmp, "w", encoding="utf-8", newline="", buffering=1 << 20))
         except OSError as exc:
             raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
         try:
@@ -343,6 +357,9 @@ def _export(ctx: Context, job_ref: str, output: Path | None, fmt: str, only: str
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
+        except LLMBatchError:
+            tmp.unlink(missing_ok=True)  # refused (issue 21: parquet of a text job): nothing half-written
+            raise
         return rows
 
 
@@ -459,16 +476,18 @@ def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Results file (default: FILE's name with .results.jsonl, or .results.csv).")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "openai", "csv", "parquet"]), default="jsonl",
+              show_default=True, help="parquet: embedding jobs only.")
 @click.option("--model", envvar="LLMBATCH_MODEL", help="Model id or path [env LLMBATCH_MODEL].")
 @click.option("--name", help="A name to find the job by (status, export, cancel and retry take it for the id).")
 @click.option("--strict", is_flag=True, help="Refuse the whole file if any line is bad.")
 @click.option("--engine", "engine_kind", type=click.Choice(["model", "echo"]), envvar="LLMBATCH_ENGINE", hidden=True)
 @generation_options
 @adapter_option
+@task_option
 @pass_ctx
 @handle_errors
-def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs, **kw):
+def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs, task, **kw):
     """Submit FILE, generate every line in this process, and export: no services needed."""
     from llmbatch.worker.engines import make_engine
     from llmbatch.worker.runner import run_chunk
@@ -476,7 +495,7 @@ def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs,
     from .progress import Progress
 
     submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict,
-                       adapters=collect_adapters(adapter_specs))
+                       adapters=collect_adapters(adapter_specs), task=task)
     job = submitted.job
     click.echo(f"job {job.id}: {job.total} line(s), {submitted.bad_lines} bad; loading {job.model}", err=True)
     engine_kind = engine_kind or ctx.settings.engine
@@ -488,7 +507,7 @@ def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs,
         run_chunk(ctx.db, engine, chunk_id, name, ctx.settings.lease_seconds,
                   on_results=lambda rs: progress.update(len(rs), sum(r.usage.completion_tokens for r in rs)))
     progress.close()
-    suffix = ".results.csv" if fmt == "csv" else ".results.jsonl"
+    suffix = {"csv": ".results.csv", "parquet": ".results.parquet"}.get(fmt, ".results.jsonl")
     output = output or file.with_name(file.name.removesuffix(".jsonl") + suffix)
     rows = _export(ctx, job.id, output, fmt)
     with ctx.db.read() as s:

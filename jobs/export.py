@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from .models import Item, ItemStatus, Job
 
 FORMATS = ("jsonl", "openai", "csv")
+PARQUET = "parquet"  # issue 21: embedding jobs only (jobs/embeddings.py)
 COLUMNS = ("custom_id", "line", "status", "output", "finish_reason", "prompt_tokens", "completion_tokens",
            "queued_at", "started_at", "finished_at", "latency_ms", "worker", "error", "warning")
 # issue 10: native lines carry these only when the line asked for them (n > 1, logprobs); CSV always
@@ -303,8 +304,12 @@ def export(session: Session, job: Job, out: typing.TextIO, fmt: str = "jsonl",
     One SELECT inside one read transaction, so the export is a consistent snapshot even while
     workers keep writing. Rows are read and written a batch at a time: memory stays flat.
     """
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and fmt != PARQUET:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if job.task == "embed" or fmt == PARQUET:  # issue 21: vectors, not text
+        from . import embeddings
+
+        return embeddings.export(session, job, out, fmt, only)
     iso = _Iso(session)
     rows = 0
     if fmt == "csv":

@@ -27,10 +27,17 @@ PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
 # Alternative spellings people bring from other tools; each maps to its canonical name.
 _ALIASES = {"max_new_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
 _TOP_KEYS = frozenset({"custom_id", "prompt", "messages", "method", "url", "body", "max_new_tokens", "adapter",
-                       *PARAM_NAMES})
+                       *PARAM_NAMES, "input", "dimensions", "encoding_format"})
 # OpenAI body keys we can honour; stream/user are accepted only where they change nothing.
 _BODY_KEYS = frozenset({"model", "messages", "prompt", "max_completion_tokens", "stream", "user", *PARAM_NAMES})
 _CHAT_URL, _COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
+EMBEDDINGS_URL = "/v1/embeddings"  # issue 21
+# An embedding line's keys (native: at the top level; OpenAI: in body). `user` changes nothing.
+_EMBED_KEYS = frozenset({"input", "dimensions", "encoding_format"})
+_EMBED_BODY_KEYS = frozenset({"model", "user", *_EMBED_KEYS})
+MAX_INPUTS = 2048  # inputs in one embedding line, as OpenAI's limit
+MAX_INPUT_TOKENS = 8192  # token ids in one input given as ids (the model's own context is checked later)
+_ENCODINGS = ("float", "base64")
 _ROLES = ("system", "user", "assistant")
 _BOM = b"\xef\xbb\xbf"
 _SNIFF_LINES = 5  # non-blank lines looked at to decide whether the file is JSONL at all
@@ -315,18 +322,103 @@ def _content(value: Any, where: str) -> str:
     return "\n".join(texts)  # the same join vLLM uses for multi-part text content
 
 
+# ---- embedding lines (issue 21) ----------------------------------------------------------
+
+
+def _token_ids(value: list, where: str) -> list[int]:
+    if not value:
+        raise ValueError(f"{where} must not be empty")
+    if len(value) > MAX_INPUT_TOKENS:
+        raise ValueError(f"{where} has {len(value)} token ids; at most {MAX_INPUT_TOKENS}")
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
+            raise ValueError(f"{where} must hold token ids (integers from 0), got {t!r}")
+    return value
+
+
+def _embed_input(value: Any) -> list[str] | list[list[int]]:
+    """OpenAI's `input`: a string, strings, token ids, or lists of token ids -> always a list of
+    inputs (strings, or token-id lists), so the worker has one shape to handle."""
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list):
+        raise ValueError(f"'input' must be a string, an array of strings or an array of token ids, "
+                         f"got {_json_type(value)}")
+    if not value:
+        raise ValueError("'input' must not be empty")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [_token_ids(value, "'input'")]  # one input, given as token ids
+    if len(value) > MAX_INPUTS:
+        raise ValueError(f"too many inputs in one line: {len(value)} (at most {MAX_INPUTS})")
+    if all(isinstance(v, str) for v in value):
+        for i, v in enumerate(value):
+            if not v.strip():
+                raise ValueError(f"'input[{i}]' is empty" if len(value) > 1 else "empty input")
+        return value
+    if all(isinstance(v, list) for v in value):
+        return [_token_ids(v, f"'input[{i}]'") for i, v in enumerate(value)]
+    raise ValueError("'input' must hold only strings, or only token ids, or only arrays of token ids")
+
+
+def _embed_options(src: dict) -> dict:
+    out: dict[str, Any] = {}
+    if src.get("dimensions") is not None:
+        d = _int(src["dimensions"], "dimensions")
+        if d < 1:
+            raise ValueError(f"'dimensions' must be at least 1, got {d}")
+        out["dimensions"] = d
+    fmt = src.get("encoding_format")
+    if fmt is not None:
+        if fmt not in _ENCODINGS:
+            raise ValueError(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}")
+        if fmt != "float":  # float is the default: store only what differs
+            out["encoding_format"] = fmt
+    return out
+
+
+def _embedding_request(src: dict) -> dict:
+    """An embedding line's fields (native top level, or an OpenAI body), normalized."""
+    return {"input": _embed_input(src["input"]), **_embed_options(src)}
+
+
+def is_embedding(request: dict | None) -> bool:
+    """Whether a normalized request asks for vectors rather than text."""
+    return request is not None and "input" in request
+
+
+def _openai_embedding(body: dict, line_params: dict) -> dict:
+    bad = None if _EMBED_BODY_KEYS.issuperset(body) else next(k for k in body if k not in _EMBED_BODY_KEYS)
+    if bad is not None:
+        raise ValueError(f"unsupported parameter {bad!r} in body for {EMBEDDINGS_URL}")
+    if line_params:
+        raise ValueError(f"{min(line_params)!r} is a generation parameter; an embedding line takes "
+                         "'input', 'dimensions' and 'encoding_format'")
+    if "input" not in body:
+        raise ValueError(f"body for {EMBEDDINGS_URL} needs 'input'")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"'model' in body must be a string, got {_json_type(model)}")
+    return {**_embedding_request(body), "url": EMBEDDINGS_URL, "body_model": model}
+
+
 def _openai_request(obj: dict, line_params: dict, limits: Limits) -> dict:
     method = obj.get("method", "POST")
     if method != "POST":
         raise ValueError(f"'method' must be 'POST', got {method!r}")
+    urls = f"{_CHAT_URL!r}, {_COMPLETIONS_URL!r} or {EMBEDDINGS_URL!r}"
     if "url" not in obj:
-        raise ValueError(f"missing 'url': expected {_CHAT_URL!r} or {_COMPLETIONS_URL!r}")
+        raise ValueError(f"missing 'url': expected {urls}")
     url = obj["url"]
-    if url not in (_CHAT_URL, _COMPLETIONS_URL):
-        raise ValueError(f"unsupported url {url!r}: expected {_CHAT_URL!r} or {_COMPLETIONS_URL!r}")
+    if url not in (_CHAT_URL, _COMPLETIONS_URL, EMBEDDINGS_URL):
+        raise ValueError(f"unsupported url {url!r}: expected {urls}")
     body = obj["body"]
     if not isinstance(body, dict):
         raise ValueError(f"'body' must be an object, got {_json_type(body)}")
+    for key in _EMBED_KEYS:
+        if key in obj:
+            raise ValueError(f"{key!r} belongs in 'body' on an OpenAI line")
+    if url == EMBEDDINGS_URL:
+        return _openai_embedding(body, line_params)
     bad = None if _BODY_KEYS.issuperset(body) else next(k for k in body if k not in _BODY_KEYS)
     if bad is not None:
         raise ValueError(f"unsupported parameter {bad!r} in body")
@@ -357,22 +449,33 @@ def _request(obj: dict, limits: Limits) -> dict:
     unknown = None if _TOP_KEYS.issuperset(obj) else next(k for k in obj if k not in _TOP_KEYS)
     if unknown is not None:
         raise ValueError(f"unknown parameter {unknown!r}")
-    sources = [k for k in ("prompt", "messages", "body") if k in obj]
+    sources = [k for k in ("prompt", "messages", "input", "body") if k in obj]
     if not sources:
-        raise ValueError("no prompt: expected 'prompt', 'messages' or an OpenAI 'body'")
+        raise ValueError("no prompt: expected 'prompt', 'messages', 'input' (embeddings) or an OpenAI 'body'")
     if len(sources) > 1:
-        raise ValueError(f"give only one of 'prompt', 'messages' or 'body', got {', '.join(map(repr, sources))}")
+        raise ValueError(f"give only one of 'prompt', 'messages', 'input' or 'body', "
+                         f"got {', '.join(map(repr, sources))}")
     line_params = {k: v for k, v in obj.items() if k in _PARAM_KEYS} if not _NOT_PARAMS.issuperset(obj) else {}
     if "adapter" in obj:  # issue 11: a name registered on the job (checked against it at submit)
         adapter = obj["adapter"]
         if not isinstance(adapter, str) or not adapter:
             raise ValueError(f"'adapter' must be a non-empty string, got {_json_type(adapter)}")
+        if "input" in obj or obj.get("url") == EMBEDDINGS_URL:
+            raise ValueError("'adapter' is for generation lines, not embedding lines")
         return {**_request({k: v for k, v in obj.items() if k != "adapter"}, limits), "adapter": adapter}
     if "body" in obj:
         return _openai_request(obj, line_params, limits)
     for key in ("method", "url"):
         if key in obj:
             raise ValueError(f"{key!r} is only valid with an OpenAI 'body'")
+    if "input" in obj:  # issue 21: a native embedding line
+        if line_params:
+            raise ValueError(f"{min(line_params)!r} is a generation parameter; an embedding line takes "
+                             "'input', 'dimensions' and 'encoding_format'")
+        return _embedding_request(obj)
+    for key in ("dimensions", "encoding_format"):
+        if key in obj:
+            raise ValueError(f"{key!r} is only valid on an embedding line (with 'input')")
     params = validate_params(line_params, limits=limits)
     if "prompt" in obj:
         return {"prompt": _prompt(obj["prompt"]), "params": params}

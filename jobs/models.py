@@ -7,7 +7,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, MetaData, String,
+                        Text)
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -116,6 +117,8 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # SHA-256 of the API key that created the job over HTTP (never the key); None from the CLI.
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    # issue 21: what the job's lines ask for, `generate` (text) or `embed` (vectors); never both.
+    task: Mapped[str] = mapped_column(String(16), default="generate", server_default="generate")
 
     COUNTERS = ("pending", "running", "succeeded", "failed", "cancelled")
 
@@ -174,6 +177,10 @@ class Item(Base):
     choices: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     # A note on a result that is not an error, e.g. that the context left less room than max_tokens.
     warning: Mapped[str | None] = mapped_column(Text)
+    # issue 21: an embedding line's vectors, one per input, float32 little-endian back to back (never
+    # JSON text: a million 1,024-dimension vectors are 4 GB so, and about 3x that as text).
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    embedding_dim: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         # One row per line: export order, and what makes a double submit of a line impossible.

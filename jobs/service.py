@@ -14,12 +14,14 @@ from typing import Callable
 
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import adapters as adapters_
+from . import embeddings
 from .exceptions import AmbiguousJob, InputFileError, InvalidState, JobNotFound
-from .inputs import iter_parsed, validate_params
+from .inputs import is_embedding, iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
-from .settings import Settings
+from .settings import DEFAULT_MODEL, Settings
 from .work import bump_counters, finish_job_if_done, lock_job
 
 # Good lines are stored a batch at a time: this many chunks' worth of rows per round of inserts.
@@ -135,7 +137,7 @@ class _ItemWriter:
 def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: str | None = None,
            name: str | None = None, params: dict | None = None, strict: bool = False, source: str | None = None,
            on_line: Callable[[int], None] | None = None, adapters: adapters_.Adapters | None = None,
-           job: Job | None = None, endpoint: str | None = None) -> Submitted:
+           job: Job | None = None, endpoint: str | None = None, task: str | None = None) -> Submitted:
     """Parse and store a JSONL file as a job, its items and its chunks.
 
     `job`: an existing, still empty job row to fill (an HTTP batch, created before its file is parsed).
@@ -146,6 +148,9 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
     SQLite), all on the session's connection, in the caller's transaction. Under --strict any
     bad line raises InputFileError after the whole file was read, and the caller's rollback
     stores nothing.
+
+    `task` (issue 21): `generate` or `embed`; None takes the model's kind when it is known to embed,
+    else the kind of the file's first valid line. Lines of the other kind are bad lines.
     """
     params = validate_params(params or {}, "job parameters", limits=settings.limits)
     adapters = adapters_.check_sources(adapters or adapters_.Adapters())  # issue 11: before anything is stored
@@ -159,6 +164,10 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
         session.flush()
     job_id = job.id
     out = Submitted(job=job)
+    task = task or embeddings.default_task(job.model)
+    if task is not None and job.task != task:
+        job.task = task
+        session.flush()
     writer = _ItemWriter(session)
     chunk_size = max(1, settings.chunk_size)
     flush_at = chunk_size * CHUNKS_PER_FLUSH
@@ -215,6 +224,11 @@ def submit(session: Session, fp: typing.BinaryIO, settings: Settings, *, model: 
             parsed = adapters_.resolve(parsed, adapters)  # issue 11: the line's adapter, by name
             if endpoint is not None:
                 parsed = _check_endpoint(parsed, endpoint)
+            if task is None and parsed.error is None:  # issue 21: the first valid line decides
+                task = embeddings.EMBED if is_embedding(parsed.request) else embeddings.GENERATE
+                _set_task(session, job, task, model is None and job.model == settings.model == DEFAULT_MODEL)
+            if task is not None:
+                parsed = embeddings.check_line(parsed, task, job.model)
             if parsed.error:
                 n_bad += 1
                 if strict:
@@ -258,6 +272,17 @@ def _check_endpoint(parsed, endpoint: str):
         return parsed
     return dataclasses.replace(parsed, request=None,
                                error=f"line {parsed.line}: url {url!r} does not match the batch's endpoint {endpoint!r}")
+
+
+def _set_task(session: Session, job: Job, task: str, default_model: bool) -> None:
+    """Record the task the lines chose; an embedding job given no model gets the bundled embedder
+    (the default model generates text)."""
+    values: dict = {"task": task}
+    if task == embeddings.EMBED and default_model:
+        values["model"] = embeddings.DEFAULT_EMBED_MODEL
+    session.execute(update(Job).where(Job.id == job.id).values(**values))
+    for k, v in values.items():
+        set_committed_value(job, k, v)
 
 
 def validate(fp: typing.BinaryIO, settings: Settings) -> tuple[int, list[str]]:

@@ -69,6 +69,8 @@ class Settings:
     max_attempts: int = 3
     # Files uploaded over the HTTP API (`llmbatch serve`).
     files_dir: Path | None = None
+    # issue 21: tokens per forward pass of an embedding model; 0 picks one for the device.
+    embed_token_budget: int = 0
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -88,6 +90,7 @@ class Settings:
             max_adapters=_env_int("LLMBATCH_MAX_ADAPTERS", 16),
             max_attempts=max(1, _env_int("LLMBATCH_MAX_ATTEMPTS", 3)),
             files_dir=Path(os.environ.get("LLMBATCH_FILES_DIR") or home / "files"),
+            embed_token_budget=_env_int("LLMBATCH_EMBED_TOKEN_BUDGET", 0),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["database_url"] = normalize_database_url(values["database_url"])

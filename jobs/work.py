@@ -66,6 +66,8 @@ class ItemResult:
     choices: list | None = None  # issue 10: choices 1..n-1
     cached_tokens: int = 0  # of prompt_tokens, from a shared prefix
     warning: str | None = None
+    embedding: bytes | None = None  # issue 21: float32 vectors, one per input (jobs/embeddings.pack)
+    embedding_dim: int | None = None
 
 
 def bump_counters(session: Session, job_id: str, **deltas: int) -> None:
@@ -182,7 +184,8 @@ _WRITE_RESULT = (
             started_at=bindparam("_started"), finished_at=bindparam("_finished"), latency_ms=bindparam("_latency"),
             error_code=bindparam("_code"), error_message=bindparam("_message"), warning=bindparam("_warning"),
             logprobs=bindparam("_logprobs", type_=ITEMS.c.logprobs.type),
-            choices=bindparam("_choices", type_=ITEMS.c.choices.type))
+            choices=bindparam("_choices", type_=ITEMS.c.choices.type),
+            embedding=bindparam("_embedding", type_=ITEMS.c.embedding.type), embedding_dim=bindparam("_dim"))
 )
 
 
@@ -206,7 +209,8 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
         rows.append(dict(_id=r.item_id, _status=r.status.value, _output=r.output, _finish=r.finish_reason,
                          _pt=r.prompt_tokens, _ct=r.completion_tokens, _started=r.started_at,
                          _finished=r.finished_at, _latency=latency, _code=r.error_code, _message=r.error_message,
-                         _logprobs=r.logprobs, _choices=r.choices, _cached=r.cached_tokens, _warning=r.warning))
+                         _logprobs=r.logprobs, _choices=r.choices, _cached=r.cached_tokens, _warning=r.warning,
+                         _embedding=r.embedding, _dim=r.embedding_dim))
     written = session.execute(_WRITE_RESULT, rows).rowcount
     if written == len(rows):
         ok = sum(r.status is ItemStatus.succeeded for r in results)

@@ -213,7 +213,7 @@ def test_bad_requests_are_400_and_unknown_ids_404(serve, tmp_path):
     client = server.client()
     f = upload(client, write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]))
     with pytest.raises(openai.BadRequestError, match="endpoint"):
-        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        client.batches.create(input_file_id=f.id, endpoint="/v1/moderations", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="48h")
     with pytest.raises(openai.NotFoundError):

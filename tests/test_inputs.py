@@ -139,11 +139,11 @@ def test_bad_params_on_a_line(params, message):
     [
         ({"prompt": "x", "foo": 1}, "unknown parameter 'foo'"),
         ({"prompt": "x", "max_completion_tokens": 5}, "unknown parameter 'max_completion_tokens'"),
-        ({"custom_id": "a"}, "no prompt: expected 'prompt', 'messages' or an OpenAI 'body'"),
+        ({"custom_id": "a"}, "no prompt: expected 'prompt', 'messages', 'input' (embeddings) or an OpenAI 'body'"),
         ({"prompt": ""}, "empty prompt"),
         ({"prompt": " \n\t"}, "empty prompt"),
         ({"prompt": 5}, "'prompt' must be a string, got number"),
-        ({"prompt": "x", "messages": CHAT}, "give only one of 'prompt', 'messages' or 'body', got 'prompt', 'messages'"),
+        ({"prompt": "x", "messages": CHAT}, "give only one of 'prompt', 'messages', 'input' or 'body', got 'prompt', 'messages'"),
         ({"prompt": "x", "url": "/v1/completions"}, "'url' is only valid with an OpenAI 'body'"),
         ({"custom_id": 5, "prompt": "x"}, "'custom_id' must be a string, got number"),
         ({"custom_id": "", "prompt": "x"}, "'custom_id' must be 1 to 256 characters long"),
@@ -175,7 +175,7 @@ URL = "/v1/chat/completions"
         ({"url": URL, "body": {"messages": CHAT, "logprobs": 2}}, "'logprobs' must be true or false, got number"),
         ({"url": URL, "body": {"messages": CHAT, "max_new_tokens": 5}}, "unsupported parameter 'max_new_tokens' in body"),
         ({"method": "GET", "url": URL, "body": {"messages": CHAT}}, "'method' must be 'POST', got 'GET'"),
-        ({"url": "/v1/embeddings", "body": {"input": "x"}}, "unsupported url '/v1/embeddings'"),
+        ({"url": "/v1/images", "body": {"prompt": "x"}}, "unsupported url '/v1/images'"),
         ({"body": {"messages": CHAT}}, "missing 'url'"),
         ({"url": URL, "body": "hi"}, "'body' must be an object, got string"),
         ({"url": URL, "body": {"prompt": "x"}}, "body for /v1/chat/completions needs 'messages'"),
@@ -193,7 +193,7 @@ URL = "/v1/chat/completions"
         ),
         ({"url": URL, "body": {"messages": CHAT, "max_tokens": 1}, "max_new_tokens": 2}, "'max_tokens' is given both in 'body' and at the top level"),
         ({"url": URL, "body": {"messages": []}}, "'messages' must not be empty"),
-        ({"prompt": "x", "body": {"prompt": "y"}, "url": "/v1/completions"}, "give only one of 'prompt', 'messages' or 'body'"),
+        ({"prompt": "x", "body": {"prompt": "y"}, "url": "/v1/completions"}, "give only one of 'prompt', 'messages', 'input' or 'body'"),
     ],
 )
 def test_bad_openai_lines(obj, message):

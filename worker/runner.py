@@ -21,6 +21,7 @@ from llmbatch.jobs import work
 from llmbatch.jobs.adapters import source_of
 from llmbatch.jobs.db import Database
 from llmbatch.jobs.models import Chunk, Item, ItemStatus, Job, JobStatus
+from llmbatch.worker.embedder import EmbedRequest, EmbedResult, embed_item_result, to_embed_request
 from llmbatch.worker.engine import Request, Result, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ class ChunkOutcome:
     lost: bool = False  # the lease lapsed and another worker took the chunk
 
 
-def to_request(item: Item, job: Job) -> Request:
+def to_request(item: Item, job: Job) -> Request | EmbedRequest:
     req = item.request or {}
+    if "input" in req:  # issue 21: an embedding line
+        return to_embed_request(item.id, req)
     params = SamplingParams.from_dict({**(job.params or {}), **req.get("params", {})})
     return Request(id=item.id, prompt=req.get("prompt"), messages=req.get("messages"), params=params,
                    adapter=source_of(req.get("adapter"), job.adapters))
@@ -45,12 +48,14 @@ def _ts(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
-def to_item_result(r: Result, line: int | None = None) -> work.ItemResult:
+def to_item_result(r: Result | EmbedResult, line: int | None = None) -> work.ItemResult:
     """The row to write; `line` prefixes an error message, as bad input lines' errors are (the
     engine knows requests, not lines)."""
     message = r.error_message
     if message is not None and line is not None:
         message = f"line {line}: {message}"
+    if isinstance(r, EmbedResult):  # issue 21: vectors, stored as float32 bytes
+        return embed_item_result(r, message)
     return work.ItemResult(
         item_id=r.id, status=ItemStatus.succeeded if r.ok else ItemStatus.failed, output=r.output,
         finish_reason=r.finish_reason, prompt_tokens=r.usage.prompt_tokens,
@@ -141,7 +146,7 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
     requests = hold(chunk, items)
     heartbeat.start()
     try:
-        for results in engine.generate(requests, more=more):
+        for results in _run(engine, job)(requests, more=more):
             by_chunk: dict[int, list[Result]] = {}
             for r in results:
                 by_chunk.setdefault(owner[r.id], []).append(r)
@@ -184,6 +189,15 @@ def run_chunk(db: Database, engine, chunk_id: int, worker: str, lease_seconds: i
         raise
     finally:
         heartbeat.stop()
+
+
+def _run(engine, job: Job):
+    """issue 21: an embedding job's chunks run through the engine's `embed`, a text job's through `generate`."""
+    if job.task != "embed":
+        return engine.generate
+    if not hasattr(engine, "embed"):
+        raise RuntimeError(f"job {job.id} asks for embeddings, but this worker's model generates text")
+    return engine.embed
 
 
 def _cancelling(db: Database, job_id: str) -> bool:
