@@ -111,10 +111,10 @@ def ingest(db: Database, settings: Settings, job_id: str) -> str:
 
 def enqueue(db: Database, settings: Settings, model: str, job_id: str, chunk_ids: list[int]) -> bool:
     """Publish the chunks; False (logged, chunks left unqueued for `requeue_unqueued`) if the broker is down."""
-    from llmbatch.worker import app as celery_app
+    from .queues import enqueue_chunks
 
     try:
-        celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids], settings.broker_url)
+        enqueue_chunks(model, [(job_id, c) for c in chunk_ids], settings.broker_url)
     except Exception as exc:
         log.warning("batch %s is stored, but the broker at %s is unreachable (%s); its chunks are queued later",
                     job_id, redact_url(settings.broker_url), type(exc).__name__)

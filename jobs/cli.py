@@ -157,12 +157,11 @@ def cli(ctx, database_url, broker_url):
 
 
 def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> None:
-    from llmbatch.worker import app as celery_app
-
     from . import work
+    from .queues import enqueue_chunks
 
     try:
-        celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids], ctx.settings.broker_url)
+        enqueue_chunks(model, [(job_id, c) for c in chunk_ids], ctx.settings.broker_url)
     except Exception as exc:
         raise BrokerUnavailable(
             f"job {job_id} is stored, but its work could not be queued at "

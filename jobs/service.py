@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import adapters as adapters_
+from . import quickread
 from .exceptions import AmbiguousJob, InputFileError, InvalidState, JobNotFound
 from .inputs import iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
@@ -68,7 +69,7 @@ def get_job(session: Session, ref: str) -> Job:
     return named[0]
 
 
-MAX_LISTED_MATCHES = 10  # jobs named in an ambiguous-name error
+MAX_LISTED_MATCHES = quickread.MAX_LISTED_MATCHES
 
 
 class _ItemWriter:
@@ -251,16 +252,12 @@ def validate(fp: typing.BinaryIO, settings: Settings) -> tuple[int, list[str]]:
 
 
 def job_summary(job: Job) -> dict:
-    def iso(dt):
-        return dt.isoformat() if dt else None
-
-    return {
-        "id": job.id, "name": job.name, "status": job.status.value, "model": job.model, "total": job.total,
-        **job.counts(),
-        "prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-        "cached_tokens": job.cached_tokens,
-        "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
-    }
+    """The job's summary: quickread.COLUMNS, in order (status by value, times in ISO 8601)."""
+    out = {c: getattr(job, c) for c in quickread.COLUMNS}
+    out["status"] = job.status.value
+    for c in quickread.TIMES:
+        out[c] = out[c].isoformat() if out[c] else None
+    return out
 
 
 def list_jobs(session: Session, limit: int = 20) -> list[Job]:
