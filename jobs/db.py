@@ -29,7 +29,7 @@ T = TypeVar("T")
 # llmbatch.migrations, wherever it is installed (a wheel, or this repository in editable mode).
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 # The newest migration's revision. A new migration moves it; tests/test_db.py holds the two equal.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 

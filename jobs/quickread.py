@@ -40,6 +40,11 @@ def statements(columns: tuple[str, ...], placeholder: str) -> dict[str, str]:
 
 
 _QUERIES = {ph: statements(COLUMNS, ph) for ph in ("?", "%s")}
+# The models of live workers (workers.list_workers), by the database's clock.
+_QUERIES["?"]["served"] = ("SELECT model, count(*) FROM workers WHERE last_seen >= "
+                           "strftime('%Y-%m-%d %H:%M:%f', 'now', ?) || '000' GROUP BY model ORDER BY model")
+_QUERIES["%s"]["served"] = ("SELECT model, count(*) FROM workers WHERE last_seen >= now() - make_interval(secs => %s) "
+                            "GROUP BY model ORDER BY model")
 
 
 class _Reader:
@@ -51,6 +56,14 @@ class _Reader:
         try:
             cur.execute(_QUERIES[self.ph][query], args)
             return [self._summary(row) for row in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def plain(self, query: str, args: tuple) -> list[tuple]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(_QUERIES[self.ph][query], args)
+            return [tuple(r) for r in cur.fetchall()]
         finally:
             cur.close()
 
@@ -122,3 +135,13 @@ def job_summary(url: str, ref: str) -> dict | None:
 def recent_jobs(url: str, limit: int) -> list[dict] | None:
     """[service.job_summary(j) for j in service.list_jobs(limit)]; None when only the full path can tell."""
     return _read(url, lambda r: r.rows("recent", (int(limit),)))
+
+
+def served_models(url: str, live_seconds: int) -> dict[str, int] | None:
+    """{model: live workers holding it}, as workers.list_workers counts them; None when only the full path can tell."""
+
+    def read(r: _Reader) -> dict[str, int]:
+        arg = f"-{int(live_seconds)} seconds" if r.sqlite else int(live_seconds)
+        return dict(r.plain("served", (arg,)))
+
+    return _read(url, read)

@@ -272,7 +272,7 @@ def cancel(session: Session, job_id: str) -> Job:
     session.refresh(job)
     if job.status in (JobStatus.completed, JobStatus.cancelled, JobStatus.failed):
         raise InvalidState(f"job {job_id} is already {job.status.value}")
-    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
+    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling, cancelling_at=utcnow()))
     n = session.execute(
         update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.pending)
         .values(status=ItemStatus.cancelled, finished_at=utcnow())
@@ -281,6 +281,26 @@ def cancel(session: Session, job_id: str) -> Job:
     finish_job_if_done(session, job_id)
     session.refresh(job)
     return job
+
+
+def fail_job(session: Session, job_id: str, code: str, message: str) -> Job:
+    """The job can never run here (its model does not load): its unfinished items fail with
+    `code` and `message`, and the job is `failed`; what already finished is kept."""
+    lock_job(session, job_id)
+    now = utcnow()
+    moved = dict(session.execute(
+        select(Item.status, func.count()).where(Item.job_id == job_id,
+                                                Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+        .group_by(Item.status)).all())
+    session.execute(update(Item).where(Item.job_id == job_id,
+                                       Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+                    .values(status=ItemStatus.failed, finished_at=now, error_code=code, error_message=message))
+    session.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.status != ChunkStatus.done)
+                    .values(status=ChunkStatus.done, finished_at=now, lease_until=None, last_error=message))
+    n_pending, n_running = moved.get(ItemStatus.pending, 0), moved.get(ItemStatus.running, 0)
+    bump_counters(session, job_id, pending=-n_pending, running=-n_running, failed=n_pending + n_running)
+    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.failed, finished_at=now))
+    return session.get(Job, job_id)
 
 
 # Failures a second try can fix. A bad line (invalid_input), a request the engine cannot run
@@ -316,7 +336,8 @@ def retry(session: Session, job_id: str) -> list[int]:
             warning=None, prompt_tokens=None, completion_tokens=None, cached_tokens=None, finished_at=None,
             latency_ms=None, queued_at=utcnow()))
     bump_counters(session, job_id, failed=-n_failed, cancelled=-n_cancelled, pending=n_failed + n_cancelled)
-    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
+    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None,
+                                                                cancelling_at=None))
     return chunk_ids
 
 
