@@ -171,16 +171,14 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
         work.mark_enqueued(s, chunk_ids)
 
 
-def _warn_if_unserved(ctx: Context, model: str, status: str) -> None:
-    """A job no live worker can run is stored and waits: say so on stderr, with the models served."""
+def _unserved(ctx: Context, model: str, status: str) -> str | None:
+    """Why a job no live worker can run will wait (with the models served); None if one can."""
     if status in FINAL_JOB_STATES:
-        return
+        return None
     from . import workers
 
     with ctx.db.read() as s:
-        warning = workers.unserved_warning(s, model)
-    if warning:
-        click.echo(f"warning: {warning}", err=True)
+        return workers.unserved_warning(s, model)
 
 
 PROGRESS_MIN_BYTES = 16 * 1024**2  # files larger than this show a progress bar on stderr while they are stored
@@ -223,11 +221,16 @@ def submit(ctx, file, model, name, strict, as_json, adapter_specs, **kw):
                        adapters=collect_adapters(adapter_specs))
     job = submitted.job
     _enqueue(ctx, job.model, job.id, submitted.chunk_ids)
-    _warn_if_unserved(ctx, job.model, job.status.value)
+    warning = _unserved(ctx, job.model, job.status.value)
     if submitted.bad_lines:
         click.echo(f"{submitted.bad_lines} bad line(s) stored as failed items; see `llmbatch export {job.id} "
                    f"--only failed`", err=True)
-    click.echo(json.dumps({**job_summary(job), "chunks": len(submitted.chunk_ids)}) if as_json else job.id)
+    if as_json:  # the warning travels in the object; stdout stays one JSON value
+        click.echo(json.dumps({**job_summary(job), "chunks": len(submitted.chunk_ids), "warning": warning}))
+        return
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(job.id)
 
 
 @cli.command()

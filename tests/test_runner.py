@@ -271,35 +271,41 @@ def test_generation_goes_on_while_the_database_is_write_locked(db, db_url, setti
 
 def test_cancel_reaches_the_engine_within_a_second_of_a_job_whose_lines_take_minutes(db, settings, tmp_path, engine):
     """The real model on the CPU, four lines of 4,000 tokens each (minutes of decoding): a cancel
-    ends the run within about a second (one decode step is far less here), every item cancelled."""
+    ends the run within one decode step or one second, whichever is later (plus the bookkeeper's
+    CANCEL_POLL_S), every item cancelled."""
     import threading
     import time
 
     from llmbatch.worker.engine.engine import Engine
+    from llmbatch.worker.runner import CANCEL_POLL_S
 
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"{i}, {i + 1}, {i + 2},", "max_tokens": 4000,
                                                 "temperature": 0} for i in range(4)])
     with db.write() as s, open(path, "rb") as fp:
         out = service.submit(s, fp, settings)  # one chunk of 4
     eng = Engine(engine.config, loaded=(engine.model, engine.tokenizer, engine.device, engine.dtype))
-    cancelled_at = []
+    seen = {}
 
     def cancel_once_decoding():
-        _wait_until(lambda: eng.stats.steps >= 20, timeout=120)
+        _wait_until(lambda: eng.stats.steps >= 1, timeout=300)
+        first = time.monotonic()
+        _wait_until(lambda: eng.stats.steps >= 4, timeout=300)
+        seen["step_s"] = (time.monotonic() - first) / 3  # this machine's decode step, as loaded now
         with db.write() as s:
             service.cancel(s, out.job.id)
-        cancelled_at.append(time.monotonic())
+        seen["at"], seen["steps"] = time.monotonic(), eng.stats.steps
 
     canceller = threading.Thread(target=cancel_once_decoding, daemon=True)
     canceller.start()
     outcome = run_chunk(db, eng, out.chunk_ids[0], "w", 30)
-    returned = time.monotonic()
+    took = time.monotonic() - seen["at"]
     canceller.join()
-    assert returned - cancelled_at[0] < 3.0, f"run_chunk returned {returned - cancelled_at[0]:.1f} s after the cancel"
+    allowed = max(1.0, seen["step_s"]) + seen["step_s"] + CANCEL_POLL_S + 1.0  # + the step in flight, + writes
+    assert took < allowed, f"run_chunk returned {took:.1f} s after the cancel (a step takes {seen['step_s']:.2f} s)"
     assert outcome.done == 0
     with db.read() as s:
         job = s.get(Job, out.job.id)
         items = s.scalars(select(Item).where(Item.job_id == job.id)).all()
     assert job.status is JobStatus.cancelled and (job.cancelled, job.running, job.succeeded) == (4, 0, 0)
     assert all(i.status is ItemStatus.cancelled for i in items)
-    assert 20 * 4 <= job.completion_tokens < 4 * 4000  # the tokens spent before the drop are counted
+    assert 4 * 4 <= job.completion_tokens < 4 * 4000  # the tokens spent before the drop are counted

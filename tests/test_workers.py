@@ -238,3 +238,10 @@ def test_a_worker_registers_once_loaded_and_leaves_when_stopped(sqlite_url, brok
     finally:
         stop_worker(w)
     assert json.loads(_invoke(sqlite_url, "workers", "--json", "--all").output) == []  # it removed its row
+
+
+def test_submit_json_carries_the_warning_instead_of_stderr(db, db_url, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    out = _invoke(db_url, "submit", path, "--json", "--model", "org/nobody")
+    assert out.exit_code == 0 and out.stderr == ""
+    assert "no live worker serves model 'org/nobody'" in json.loads(out.stdout)["warning"]
