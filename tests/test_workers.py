@@ -173,12 +173,12 @@ def test_a_model_name_that_cannot_load_fails_fast_with_the_bundled_names(tmp_pat
     assert tuple(BUNDLED) == BUNDLED_NAMES
     with pytest.raises(ModelUnavailable, match=r"did you mean 'smollm2-135m-instruct'"):
         check_model("smollm2-135m")
-    with pytest.raises(ModelUnavailable, match=r"no model directory at /no/such/dir.*bundled models: smollm2"):
+    with pytest.raises(ModelUnavailable, match=r"cannot load model '/no/such/dir': no model directory there \(bundled models: smollm2"):
         check_model("/no/such/dir")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         start = time.monotonic()
-        with pytest.raises(ModelUnavailable, match=r"'no/such-model'.*hub .* is offline"):
+        with pytest.raises(ModelUnavailable, match=r"cannot load model 'no/such-model':.*hub .* is offline"):
             check_model("no/such-model")
         assert time.monotonic() - start < 2
     finally:
@@ -192,8 +192,8 @@ def test_worker_with_a_typo_of_the_bundled_name_exits_at_once_with_a_hint(sqlite
                                  "--model", "smollm2-135m"])
     assert out.returncode == 1 and took < 30
     lines = out.stderr.strip().splitlines()
-    assert lines[-1] == ("Error: model 'smollm2-135m' is neither a directory nor a bundled model; did you mean "
-                         "'smollm2-135m-instruct'? (bundled models: smollm2-135m-instruct)")
+    assert lines[-1] == ("Error: cannot load model 'smollm2-135m': neither a directory nor a bundled model; did you "
+                         "mean 'smollm2-135m-instruct'? (bundled models: smollm2-135m-instruct)")
     assert "ready" not in out.stderr and "Traceback" not in out.stderr
 
 
@@ -203,7 +203,7 @@ def test_run_with_a_model_that_cannot_load_is_one_line_and_leaves_no_job_waiting
     base = ["--database-url", sqlite_url, "--broker-url", quiet_broker_url]
     out, took = _cli_subprocess([*base, "run", str(path), "--model", "/no/such/dir"])
     assert out.returncode == 1 and took < 30
-    assert out.stderr.strip().splitlines() == ["Error: no model directory at /no/such/dir "
+    assert out.stderr.strip().splitlines() == ["Error: cannot load model '/no/such/dir': no model directory there "
                                                "(bundled models: smollm2-135m-instruct)"]
     out, _ = _cli_subprocess([*base, "run", str(path), "--model", "no/such-model"], env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr

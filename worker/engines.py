@@ -52,9 +52,10 @@ def check_model(model: str) -> None:
     close = difflib.get_close_matches(model.lower(), BUNDLED_NAMES, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
-        raise ModelUnavailable(f"no model directory at {model}{hint} (bundled models: {bundled})")
+        raise ModelUnavailable(f"cannot load model {model!r}: no model directory there{hint} "
+                               f"(bundled models: {bundled})")
     if close and "/" not in model:  # a bare name next to a bundled alias is a typo, not a hub id
-        raise ModelUnavailable(f"model {model!r} is neither a directory nor a bundled model{hint} "
+        raise ModelUnavailable(f"cannot load model {model!r}: neither a directory nor a bundled model{hint} "
                                f"(bundled models: {bundled})")
     from huggingface_hub import try_to_load_from_cache
 
@@ -63,8 +64,8 @@ def check_model(model: str) -> None:
         if cached:
             _go_offline()
             return
-        raise ModelUnavailable(f"model {model!r} is not a directory, a bundled model ({bundled}) or a hub model "
-                               f"in the local cache, and the hub ({HUB_HOST}) is offline{hint}")
+        raise ModelUnavailable(f"cannot load model {model!r}: not a directory, a bundled model ({bundled}) or a "
+                               f"hub model in the local cache, and the hub ({HUB_HOST}) is offline{hint}")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 
@@ -73,8 +74,8 @@ def check_model(model: str) -> None:
     except GatedRepoError:
         return  # it exists; loading tells whether this token may read it
     except (RepositoryNotFoundError, HFValidationError):
-        raise ModelUnavailable(f"model {model!r} is not a directory, a bundled model ({bundled}) or a model on "
-                               f"the hub{hint}") from None
+        raise ModelUnavailable(f"cannot load model {model!r}: not a directory, a bundled model ({bundled}) or a "
+                               f"model on the hub{hint}") from None
     except Exception:  # the hub answered oddly: loading gives its own error
         return
 
