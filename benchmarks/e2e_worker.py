@@ -10,6 +10,13 @@ and the worker's output tokens/s is reported as a share of the standalone figure
     python benchmarks/e2e_worker.py --json-out e2e.json
     python benchmarks/e2e_worker.py --smoke            # CPU, bundled model, a few prompts
 
+With the database slowed, to show the GPU does not wait on it (worker/runner.py's bookkeeper):
+    --slow-db locked    SQLite write-locked (BEGIN EXCLUSIVE from this process) for --lock-s seconds
+                        every --lock-every-s seconds while the timed job runs (default 5 s every 20 s)
+    --slow-db latency   PostgreSQL (--database-url) behind a proxy adding --latency-ms per round trip
+The worker's figure is timed by its items' own start and finish times; `db_wall_s` is from submit to
+the job completed in the database (what a user waits for, writes included).
+
 With --fp32-match it also reports, on 64 prompts, how often the engine's first 32 greedy tokens equal
 `model.generate`'s when both compute in float32 over the same NF4 weights: in bf16 a random-weight
 model's near-ties flip with the batch shape (see RESULTS.md).
@@ -101,14 +108,103 @@ def start_redis(workdir: Path) -> tuple[str, subprocess.Popen | None]:
     return "filesystem://", None
 
 
+class SQLiteLocker:
+    """Holds the SQLite file write-locked for `hold_s` every `every_s` seconds, from its own connection."""
+
+    def __init__(self, path: Path, hold_s: float, every_s: float):
+        import threading
+
+        self.path, self.hold_s, self.every_s = path, hold_s, every_s
+        self.stop, self.held_s, self.locks = threading.Event(), 0.0, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import sqlite3
+
+        while not self.stop.wait(max(0.0, self.every_s - self.hold_s)):
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+            conn.execute("BEGIN EXCLUSIVE")
+            t0 = time.monotonic()
+            self.stop.wait(self.hold_s)
+            conn.execute("ROLLBACK")
+            conn.close()
+            self.held_s += time.monotonic() - t0
+            self.locks += 1
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+class LatencyProxy:
+    """A TCP proxy that delays every chunk of bytes by half of `latency_ms` each way (a slow network)."""
+
+    def __init__(self, host: str, port: int, latency_ms: float):
+        import socket
+        import threading
+
+        self.target, self.delay = (host, port), latency_ms / 2000
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
 def through_worker(args, workdir: Path) -> dict:
+    import contextlib
+    from urllib.parse import urlsplit, urlunsplit
+
     from sqlalchemy import func, select
 
     from llmbatch.jobs.db import Database
     from llmbatch.jobs.models import Item
 
     broker, redis_proc = start_redis(workdir)
-    db_url = f"sqlite:///{workdir / 'e2e.db'}"
+    db_url = args.database_url or f"sqlite:///{workdir / 'e2e.db'}"
+    proxy = None
+    if args.slow_db == "latency":
+        if not db_url.startswith("postgresql"):
+            raise SystemExit("--slow-db latency needs --database-url postgresql+psycopg://...")
+        parts = urlsplit(db_url)
+        proxy = LatencyProxy(parts.hostname, parts.port or 5432, args.latency_ms)
+        netloc = parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{proxy.port}"
+        db_url = urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+    if args.slow_db == "locked" and not db_url.startswith("sqlite"):
+        raise SystemExit("--slow-db locked locks an SQLite file: leave --database-url out")
     env = {**os.environ, "LLMBATCH_DATABASE_URL": db_url, "LLMBATCH_BROKER_URL": broker, "LLMBATCH_MODEL": args.model,
            "LLMBATCH_CHUNK_SIZE": str(args.chunk_size), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if args.cache_dir:
@@ -149,8 +245,13 @@ def through_worker(args, workdir: Path) -> dict:
 
     try:
         wait(cli("submit", str(job_file("warmup.jsonl", items[:64], 8))), args.timeout)  # loads the model
+        submitted = time.monotonic()
         job_id = cli("submit", str(job_file("job.jsonl", items)))
-        status = wait(job_id, args.timeout)
+        locker = SQLiteLocker(Path(db_url.removeprefix("sqlite:///")), args.lock_s, args.lock_every_s) \
+            if args.slow_db == "locked" else contextlib.nullcontext()
+        with locker:
+            status = wait(job_id, args.timeout)
+        db_wall = time.monotonic() - submitted
     finally:
         worker.terminate()
         try:
@@ -163,9 +264,17 @@ def through_worker(args, workdir: Path) -> dict:
     with db.read() as s:
         first, last, tokens = s.execute(select(func.min(Item.started_at), func.max(Item.finished_at),
                                                func.sum(Item.completion_tokens)).where(Item.job_id == job_id)).one()
+    if proxy:
+        proxy.close()
     wall = (last - first).total_seconds()
-    return {"items": status["succeeded"], "failed": status["failed"], "output_tokens": tokens, "wall_s": round(wall, 2),
-            "output_tok_s": round(tokens / wall, 1), "broker": broker.split(":")[0]}
+    res = {"items": status["succeeded"], "failed": status["failed"], "output_tokens": tokens, "wall_s": round(wall, 2),
+           "output_tok_s": round(tokens / wall, 1), "db_wall_s": round(db_wall, 2), "broker": broker.split(":")[0],
+           "database": db_url.split(":")[0], "slow_db": args.slow_db}
+    if args.slow_db == "locked":
+        res.update(locks=locker.locks, locked_s=round(locker.held_s, 1))
+    elif args.slow_db == "latency":
+        res.update(latency_ms=args.latency_ms)
+    return res
 
 
 def main() -> None:
@@ -186,6 +295,12 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, bundled model, 8 prompts")
     ap.add_argument("--fp32-match", action="store_true")
     ap.add_argument("--json-out")
+    ap.add_argument("--slow-db", choices=["none", "locked", "latency"], default="none",
+                    help="slow the database during the timed job (see the module docstring)")
+    ap.add_argument("--lock-s", type=float, default=5.0, help="--slow-db locked: seconds each lock is held")
+    ap.add_argument("--lock-every-s", type=float, default=20.0, help="--slow-db locked: one lock this often")
+    ap.add_argument("--latency-ms", type=float, default=50.0, help="--slow-db latency: added per round trip")
+    ap.add_argument("--database-url", help="the worker's database (default: a fresh SQLite file)")
     ap.add_argument("--standalone-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
@@ -199,7 +314,9 @@ def main() -> None:
 
         build_random_model(Path(args.model_dir), 0.002)
         args.model = args.model_dir
-    passthrough = [a for a in sys.argv[1:] if a != "--smoke"] + ["--model", args.model, "--prompts", str(args.prompts),
+    drop = {"--slow-db", "--lock-s", "--lock-every-s", "--latency-ms", "--database-url"}  # the worker run's alone
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a not in drop and (i == 0 or sys.argv[i] not in drop)]
+    passthrough = [a for a in argv if a != "--smoke"] + ["--model", args.model, "--prompts", str(args.prompts),
                    "--workload", args.workload,
                    "--min-len", str(args.min_len), "--max-len", str(args.max_len), "--new-tokens", str(args.new_tokens)]
     out = subprocess.run([sys.executable, __file__, "--standalone-only", *passthrough], capture_output=True, text=True)

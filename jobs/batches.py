@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from . import embeddings, service, work
+from . import embeddings, service, work, workers
 from .db import Database
 from .exceptions import InputFileError, InvalidRequest, JobNotFound
 from .files import GENERATED_STATES, PURPOSE_BATCH, GeneratedFile, file_path, generated_file_id, get_file
@@ -115,10 +115,10 @@ def ingest(db: Database, settings: Settings, job_id: str) -> str:
 
 def enqueue(db: Database, settings: Settings, model: str, job_id: str, chunk_ids: list[int]) -> bool:
     """Publish the chunks; False (logged, chunks left unqueued for `requeue_unqueued`) if the broker is down."""
-    from llmbatch.worker import app as celery_app
+    from .queues import enqueue_chunks
 
     try:
-        celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids], settings.broker_url)
+        enqueue_chunks(model, [(job_id, c) for c in chunk_ids], settings.broker_url)
     except Exception as exc:
         log.warning("batch %s is stored, but the broker at %s is unreachable (%s); its chunks are queued later",
                     job_id, redact_url(settings.broker_url), type(exc).__name__)
@@ -259,6 +259,13 @@ def list_batches(session: Session, owner: str | None, after: str | None = None, 
     return [BatchView(*r) for r in rows[:limit]], len(rows) > limit
 
 
+def unserved_warning(session: Session, view: BatchView) -> str | None:
+    """workers.unserved_warning for a batch still waiting to run; None once it has finished."""
+    if view.job.status in (JobStatus.completed, JobStatus.cancelled, JobStatus.failed):
+        return None
+    return workers.unserved_warning(session, view.job.model)
+
+
 def cancel_batch(session: Session, batch_id: str, owner: str | None) -> BatchView:
     get_batch(session, batch_id, owner)  # the owner check; then exactly what `llmbatch cancel` does
     service.cancel(session, batch_id)
@@ -272,8 +279,10 @@ _STATUS = {
 }
 
 
-def batch_object(view: BatchView) -> dict:
-    """The OpenAI Batch object. request_counts: completed = succeeded items, failed = failed items."""
+def batch_object(view: BatchView, warning: str | None = None) -> dict:
+    """The OpenAI Batch object. request_counts: completed = succeeded items, failed = failed items.
+
+    warning: a note for `errors` that does not fail the batch (no live worker serves its model)."""
     job, batch = view.job, view.batch
 
     def ts(dt):
@@ -285,6 +294,9 @@ def batch_object(view: BatchView) -> dict:
     if job.status is JobStatus.failed:
         errors = {"object": "list", "data": [{"code": "invalid_file", "message": batch.error, "param": "input_file_id",
                                               "line": None}]}
+    elif warning is not None and job.status not in (JobStatus.completed, JobStatus.cancelled):
+        errors = {"object": "list", "data": [{"code": "model_not_served", "message": warning, "param": "model",
+                                              "line": None}]}
     return {
         "id": job.id, "object": "batch", "endpoint": batch.endpoint, "errors": errors,
         "input_file_id": batch.input_file_id, "completion_window": batch.completion_window, "status": status,
@@ -294,7 +306,7 @@ def batch_object(view: BatchView) -> dict:
         "finalizing_at": None,
         "completed_at": ts(job.finished_at) if job.status is JobStatus.completed else None,
         "failed_at": ts(job.finished_at) if job.status is JobStatus.failed else None,
-        "expired_at": None, "cancelling_at": None,
+        "expired_at": None, "cancelling_at": ts(job.cancelling_at),
         "cancelled_at": ts(job.finished_at) if job.status is JobStatus.cancelled else None,
         "request_counts": {"total": job.total, "completed": job.succeeded, "failed": job.failed},
         "usage": {"input_tokens": job.prompt_tokens, "output_tokens": job.completion_tokens,

@@ -159,12 +159,11 @@ def cli(ctx, database_url, broker_url):
 
 
 def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> None:
-    from llmbatch.worker import app as celery_app
-
     from . import work
+    from .queues import enqueue_chunks
 
     try:
-        celery_app.enqueue_chunks(model, [(job_id, c) for c in chunk_ids], ctx.settings.broker_url)
+        enqueue_chunks(model, [(job_id, c) for c in chunk_ids], ctx.settings.broker_url)
     except Exception as exc:
         raise BrokerUnavailable(
             f"job {job_id} is stored, but its work could not be queued at "
@@ -172,6 +171,16 @@ def _enqueue(ctx: Context, model: str, job_id: str, chunk_ids: list[int]) -> Non
             f"start the broker and run `llmbatch retry {job_id}`") from exc
     with ctx.db.write() as s:
         work.mark_enqueued(s, chunk_ids)
+
+
+def _unserved(ctx: Context, model: str, status: str) -> str | None:
+    """Why a job no live worker can run will wait (with the models served); None if one can."""
+    if status in FINAL_JOB_STATES:
+        return None
+    from . import workers
+
+    with ctx.db.read() as s:
+        return workers.unserved_warning(s, model)
 
 
 PROGRESS_MIN_BYTES = 16 * 1024**2  # files larger than this show a progress bar on stderr while they are stored
@@ -224,10 +233,16 @@ def submit(ctx, file, model, name, strict, as_json, adapter_specs, task, **kw):
                        adapters=collect_adapters(adapter_specs), task=task)
     job = submitted.job
     _enqueue(ctx, job.model, job.id, submitted.chunk_ids)
+    warning = _unserved(ctx, job.model, job.status.value)
     if submitted.bad_lines:
         click.echo(f"{submitted.bad_lines} bad line(s) stored as failed items; see `llmbatch export {job.id} "
                    f"--only failed`", err=True)
-    click.echo(json.dumps({**job_summary(job), "chunks": len(submitted.chunk_ids)}) if as_json else job.id)
+    if as_json:  # the warning travels in the object; stdout stays one JSON value
+        click.echo(json.dumps({**job_summary(job), "chunks": len(submitted.chunk_ids), "warning": warning}))
+        return
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(job.id)
 
 
 @cli.command()
@@ -280,15 +295,38 @@ def status(ctx, job, as_json, watch, interval, limit):
             summary = _read_summary(ctx, job)
             click.echo(json.dumps(summary) if as_json else _status_line(summary))
             finished = summary["status"] in FINAL_JOB_STATES
+            if not finished and not as_json and summary["model"] not in _served(ctx):
+                click.echo(f"warning: no live worker serves model {summary['model']!r}; the job waits for one "
+                           f"(`llmbatch workers` lists those running)", err=True)
         else:
             jobs = _read_table(ctx, limit)
             if watch and not as_json and sys.stdout.isatty():
                 click.clear()
-            click.echo(json.dumps(jobs) if as_json else _status_table(jobs))
+            click.echo(json.dumps(jobs) if as_json else _status_table(jobs) + "\n" + _workers_line(_served(ctx)))
             finished = all(j["status"] in FINAL_JOB_STATES for j in jobs)
         if not watch or finished:
             return
         time.sleep(interval)
+
+
+def _served(ctx: Context) -> dict[str, int]:
+    """{model: live workers holding it}: the driver alone first, as _read_summary does."""
+    from . import quickread, workers
+
+    served = quickread.served_models(ctx.settings.database_url, workers.LIVE_SECONDS)
+    if served is not None:
+        return served
+    with ctx.db.read() as s:
+        counts: dict[str, int] = {}
+        for w, _ in workers.list_workers(s):
+            counts[w.model] = counts.get(w.model, 0) + 1
+        return counts
+
+
+def _workers_line(served: dict[str, int]) -> str:
+    if not served:
+        return "workers: none live; queued jobs wait until `llmbatch worker` starts"
+    return "workers: " + ", ".join(f"{n} on {m}" for m, n in served.items())
 
 
 def _read_summary(ctx: Context, ref: str) -> dict:
@@ -403,6 +441,40 @@ def retry(ctx, job):
     click.echo(f"{job_id}: requeued {len(chunk_ids)} chunk(s)")
 
 
+def _ago(iso: str) -> str:
+    from datetime import datetime, timezone
+
+    seconds = max(0, int((datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()))
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago" if seconds < 7200 else f"{seconds // 3600}h ago"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--all", "include_gone", is_flag=True,
+              help="Also workers not seen lately (stopped by a crash or cut off; forgotten after a day).")
+@pass_ctx
+@handle_errors
+def workers(ctx, as_json, include_gone):
+    """List the live workers: host, GPU, model, adapters loaded, when started and last seen."""
+    from . import workers as workers_
+
+    with ctx.db.read() as s:
+        rows = [workers_.summary(w, live) for w, live in workers_.list_workers(s, include_gone)]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no live workers; start one with `llmbatch worker --model MODEL`")
+        return
+    lines = [f"{'WORKER':<28}  {'MODEL':<32}  {'GPU':<24}  {'ADAPTERS':<20}  {'STARTED':<19}  LAST SEEN"]
+    for w in rows:
+        adapters = ",".join(w["adapters"]) or "-"
+        seen = _ago(w["last_seen"]) + ("" if w["live"] else " (gone)")
+        lines.append(f"{w['id'][:28]:<28}  {w['model'][:32]:<32}  {(w['gpu'] or '-')[:24]:<24}  {adapters[:20]:<20}  "
+                     f"{w['started_at'][:19]:<19}  {seen}")
+    click.echo("\n".join(lines))
+
+
 ENGINE_LABELS = {"model": "the model", "echo": "ECHO (a test engine: echoes prompts, loads no model)"}
 
 
@@ -440,6 +512,10 @@ def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
         if code:
             raise click.ClickException(f"a GPU worker process exited with code {code}; stopped the others")
         return
+    if engine_kind == "model":  # a name that can never load fails now, before any process starts
+        from llmbatch.worker.engines import check_model
+
+        check_model(model)
     # The pool's child processes read these when they load the model.
     os.environ.update(LLMBATCH_MODEL=model, LLMBATCH_ENGINE=engine_kind,
                       LLMBATCH_DATABASE_URL=ctx.settings.database_url, LLMBATCH_BROKER_URL=ctx.settings.broker_url)
@@ -448,6 +524,9 @@ def worker(ctx, model, gpus, concurrency, engine_kind, loglevel, hostname):
     from llmbatch.worker import app as celery_app
     from llmbatch.worker import tasks  # noqa: F401  (registers the task)
 
+    # Celery says "ready." once its pool has started, before any child has loaded the model; each
+    # child logs its own "ready" once it has (worker/tasks.py).
+    logging.getLogger("celery.apps.worker").addFilter(lambda r: not r.getMessage().endswith(" ready."))
     app = celery_app.configure(ctx.settings.broker_url)
     queue = celery_app.queue_name(model)
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -492,14 +571,26 @@ def run(ctx, file, output, fmt, model, name, strict, engine_kind, adapter_specs,
     from llmbatch.worker.engines import make_engine
     from llmbatch.worker.runner import run_chunk
 
+    from . import service
     from .progress import Progress
 
+    engine_kind = engine_kind or ctx.settings.engine
+    if engine_kind == "model":  # a name that can never load: one line, and no job is made
+        from llmbatch.worker.engines import check_model
+
+        check_model(model or ctx.settings.model)
     submitted = _store(ctx, file, model=model, name=name, params=collect_params(kw), strict=strict,
                        adapters=collect_adapters(adapter_specs), task=task)
     job = submitted.job
     click.echo(f"job {job.id}: {job.total} line(s), {submitted.bad_lines} bad; loading {job.model}", err=True)
-    engine_kind = engine_kind or ctx.settings.engine
-    engine = make_engine(job.model, dataclasses.replace(ctx.settings, engine=engine_kind))
+    try:
+        engine = make_engine(job.model, dataclasses.replace(ctx.settings, engine=engine_kind))
+    except Exception as exc:  # the model is there but does not load: the job it made must not wait forever
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = f"cannot load model {job.model!r}: {type(exc).__name__}: {cause}"
+        with ctx.db.write() as s:
+            service.fail_job(s, job.id, "model_unavailable", message)
+        raise click.ClickException(f"{message} (job {job.id} is marked failed)") from exc
     progress = Progress(job.total)
     progress.update(submitted.bad_lines)
     name = f"run:{os.getpid()}" + (" [echo engine]" if engine_kind == "echo" else "")

@@ -65,3 +65,8 @@ class InvalidRequest(LLMBatchError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class ModelUnavailable(LLMBatchError):
+    """A model name that is no directory, no bundled alias and no hub model reachable now, or a
+    model that failed to load."""

@@ -115,6 +115,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # when a cancel was asked for
     # SHA-256 of the API key that created the job over HTTP (never the key); None from the CLI.
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
     # issue 21: what the job's lines ask for, `generate` (text) or `embed` (vectors); never both.
@@ -219,3 +220,23 @@ class Batch(Base):
     output_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sized_for: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Worker(Base):
+    """A worker process holding a model: registered once it has loaded it, heartbeating while it runs.
+
+    `last_seen` is stamped with the database's clock (as leases are); a worker is live while it
+    was seen within workers.LIVE_SECONDS.
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the worker name items carry: host:pid
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    gpu: Mapped[str | None] = mapped_column(String(200))  # e.g. "cuda:0 NVIDIA H200", or "cpu"
+    model: Mapped[str] = mapped_column(String(300))
+    engine: Mapped[str] = mapped_column(String(16))  # model | echo
+    adapters: Mapped[list | None] = mapped_column(JSON(none_as_null=True))  # LoRA adapter sources loaded now
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)

@@ -12,39 +12,39 @@ database file or table that does not exist yet, any database error.
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 
 from .exceptions import AmbiguousJob, JobNotFound
 
-# service.job_summary's keys, in its order; the SELECT reads them in this order.
+# The one definition of a job summary's keys, in order: service.job_summary builds its dict from
+# them, and the statements below select them, so a new column is added here once.
 COLUMNS = ("id", "name", "status", "model", "total", "pending", "running", "succeeded", "failed", "cancelled",
            "prompt_tokens", "completion_tokens", "cached_tokens", "created_at", "started_at", "finished_at")
-_TIMES = ("created_at", "started_at", "finished_at")
-MAX_LISTED_MATCHES = 10  # as service.MAX_LISTED_MATCHES
-# Literal statements, one per driver's placeholder style (no SQL is built by formatting strings);
-# the columns are COLUMNS, in order.
-_QUERIES = {
-    "?": {
-        "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                 "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs WHERE id = ?",
-        "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                   "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
-                   "WHERE name = ? ORDER BY created_at DESC LIMIT ?",
-        "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                  "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
-                  "ORDER BY created_at DESC LIMIT ?",
-    },
-    "%s": {
-        "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                 "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs WHERE id = %s",
-        "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                   "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
-                   "WHERE name = %s ORDER BY created_at DESC LIMIT %s",
-        "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
-                  "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
-                  "ORDER BY created_at DESC LIMIT %s",
-    },
-}
+TIMES = ("created_at", "started_at", "finished_at")
+MAX_LISTED_MATCHES = 10  # jobs named in an ambiguous-name error (service.get_job uses it too)
+_IDENTIFIER = re.compile(r"[a-z_]+")
+
+
+def statements(columns: tuple[str, ...], placeholder: str) -> dict[str, str]:
+    """The three reads, for one driver's placeholder style. Built from column names (checked to be
+    bare identifiers) and a placeholder, never from input."""
+    if placeholder not in ("?", "%s") or not all(_IDENTIFIER.fullmatch(c) for c in columns):
+        raise ValueError("statements are built from bare column names and a driver placeholder only")
+    select_ = f"SELECT {', '.join(columns)} FROM jobs"
+    return {
+        "by_id": f"{select_} WHERE id = {placeholder}",
+        "by_name": f"{select_} WHERE name = {placeholder} ORDER BY created_at DESC LIMIT {placeholder}",
+        "recent": f"{select_} ORDER BY created_at DESC LIMIT {placeholder}",
+    }
+
+
+_QUERIES = {ph: statements(COLUMNS, ph) for ph in ("?", "%s")}
+# The models of live workers (workers.list_workers), by the database's clock.
+_QUERIES["?"]["served"] = ("SELECT model, count(*) FROM workers WHERE last_seen >= "
+                           "strftime('%Y-%m-%d %H:%M:%f', 'now', ?) || '000' GROUP BY model ORDER BY model")
+_QUERIES["%s"]["served"] = ("SELECT model, count(*) FROM workers WHERE last_seen >= now() - make_interval(secs => %s) "
+                            "GROUP BY model ORDER BY model")
 
 
 class _Reader:
@@ -59,9 +59,17 @@ class _Reader:
         finally:
             cur.close()
 
+    def plain(self, query: str, args: tuple) -> list[tuple]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(_QUERIES[self.ph][query], args)
+            return [tuple(r) for r in cur.fetchall()]
+        finally:
+            cur.close()
+
     def _summary(self, row) -> dict:
         out = dict(zip(COLUMNS, row))
-        for key in _TIMES:
+        for key in TIMES:
             value = out[key]
             if value is None:
                 continue
@@ -127,3 +135,13 @@ def job_summary(url: str, ref: str) -> dict | None:
 def recent_jobs(url: str, limit: int) -> list[dict] | None:
     """[service.job_summary(j) for j in service.list_jobs(limit)]; None when only the full path can tell."""
     return _read(url, lambda r: r.rows("recent", (int(limit),)))
+
+
+def served_models(url: str, live_seconds: int) -> dict[str, int] | None:
+    """{model: live workers holding it}, as workers.list_workers counts them; None when only the full path can tell."""
+
+    def read(r: _Reader) -> dict[str, int]:
+        arg = f"-{int(live_seconds)} seconds" if r.sqlite else int(live_seconds)
+        return dict(r.plain("served", (arg,)))
+
+    return _read(url, read)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from . import adapters as adapters_
-from . import embeddings
+from . import embeddings, quickread
 from .exceptions import AmbiguousJob, InputFileError, InvalidState, JobNotFound
 from .inputs import is_embedding, iter_parsed, validate_params
 from .models import Chunk, ChunkStatus, Item, ItemStatus, Job, JobStatus, utcnow
@@ -77,7 +77,7 @@ def get_job(session: Session, ref: str, owner: str | None = None) -> Job:
     return named[0]
 
 
-MAX_LISTED_MATCHES = 10  # jobs named in an ambiguous-name error
+MAX_LISTED_MATCHES = quickread.MAX_LISTED_MATCHES
 
 
 class _ItemWriter:
@@ -296,16 +296,12 @@ def validate(fp: typing.BinaryIO, settings: Settings) -> tuple[int, list[str]]:
 
 
 def job_summary(job: Job) -> dict:
-    def iso(dt):
-        return dt.isoformat() if dt else None
-
-    return {
-        "id": job.id, "name": job.name, "status": job.status.value, "model": job.model, "total": job.total,
-        **job.counts(),
-        "prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-        "cached_tokens": job.cached_tokens,
-        "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
-    }
+    """The job's summary: quickread.COLUMNS, in order (status by value, times in ISO 8601)."""
+    out = {c: getattr(job, c) for c in quickread.COLUMNS}
+    out["status"] = job.status.value
+    for c in quickread.TIMES:
+        out[c] = out[c].isoformat() if out[c] else None
+    return out
 
 
 def list_jobs(session: Session, limit: int = 20) -> list[Job]:
@@ -320,7 +316,7 @@ def cancel(session: Session, job_id: str) -> Job:
     session.refresh(job)
     if job.status in (JobStatus.completed, JobStatus.cancelled, JobStatus.failed):
         raise InvalidState(f"job {job_id} is already {job.status.value}")
-    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling))
+    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.cancelling, cancelling_at=utcnow()))
     n = session.execute(
         update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.pending)
         .values(status=ItemStatus.cancelled, finished_at=utcnow())
@@ -329,6 +325,26 @@ def cancel(session: Session, job_id: str) -> Job:
     finish_job_if_done(session, job_id)
     session.refresh(job)
     return job
+
+
+def fail_job(session: Session, job_id: str, code: str, message: str) -> Job:
+    """The job can never run here (its model does not load): its unfinished items fail with
+    `code` and `message`, and the job is `failed`; what already finished is kept."""
+    lock_job(session, job_id)
+    now = utcnow()
+    moved = dict(session.execute(
+        select(Item.status, func.count()).where(Item.job_id == job_id,
+                                                Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+        .group_by(Item.status)).all())
+    session.execute(update(Item).where(Item.job_id == job_id,
+                                       Item.status.in_([ItemStatus.pending, ItemStatus.running]))
+                    .values(status=ItemStatus.failed, finished_at=now, error_code=code, error_message=message))
+    session.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.status != ChunkStatus.done)
+                    .values(status=ChunkStatus.done, finished_at=now, lease_until=None, last_error=message))
+    n_pending, n_running = moved.get(ItemStatus.pending, 0), moved.get(ItemStatus.running, 0)
+    bump_counters(session, job_id, pending=-n_pending, running=-n_running, failed=n_pending + n_running)
+    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.failed, finished_at=now))
+    return session.get(Job, job_id)
 
 
 # Failures a second try can fix. A bad line (invalid_input), a request the engine cannot run
@@ -364,7 +380,8 @@ def retry(session: Session, job_id: str) -> list[int]:
             warning=None, prompt_tokens=None, completion_tokens=None, cached_tokens=None, finished_at=None,
             latency_ms=None, queued_at=utcnow()))
     bump_counters(session, job_id, failed=-n_failed, cancelled=-n_cancelled, pending=n_failed + n_cancelled)
-    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None))
+    session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.queued, finished_at=None,
+                                                                cancelling_at=None))
     return chunk_ids
 
 

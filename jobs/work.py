@@ -53,7 +53,7 @@ class ItemResult:
     """What a worker writes back for one item."""
 
     item_id: int
-    status: ItemStatus  # succeeded or failed
+    status: ItemStatus  # succeeded or failed; cancelled for one dropped from the engine on cancel
     output: str | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -214,7 +214,9 @@ def record_results(session: Session, chunk: Chunk, worker: str, results: list[It
     written = session.execute(_WRITE_RESULT, rows).rowcount
     if written == len(rows):
         ok = sum(r.status is ItemStatus.succeeded for r in results)
-        bump_counters(session, chunk.job_id, running=-len(results), succeeded=ok, failed=len(results) - ok,
+        cancelled = sum(r.status is ItemStatus.cancelled for r in results)  # dropped from the engine on cancel
+        bump_counters(session, chunk.job_id, running=-len(results), succeeded=ok, cancelled=cancelled,
+                      failed=len(results) - ok - cancelled,
               prompt_tokens=sum(r.prompt_tokens for r in results),
               completion_tokens=sum(r.completion_tokens for r in results),
               cached_tokens=sum(r.cached_tokens for r in results))

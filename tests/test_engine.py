@@ -326,3 +326,34 @@ def test_a_feed_that_raises_stops_feeding_and_the_items_in_flight_run_on(engine)
     assert all(r.ok for r in res), [r.error_message for r in res]
     assert len(calls) == 2  # not asked again after it raised
     assert e.stats.batch_failures == 0 and e.stats.feed_errors == 1
+
+
+def test_cancelled_rows_leave_the_batch_at_the_next_step_and_free_their_blocks(engine):
+    """The `cancelled` hook: a live row and a waiting one are dropped mid-run; the other item
+    runs on unchanged, and every block comes back."""
+    e = variant(engine, max_batch_size=1, flush_seconds=60.0)  # one row at a time: b and c wait behind a
+    reqs = [Request(id="a", prompt="1, 2, 3, 4, 5,", params=greedy(200)),
+            Request(id="b", prompt="The capital of France is", params=greedy(4)),
+            Request(id="c", prompt="1, 2, 3, 4, 5,", params=greedy(200))]
+    yields = list(e.generate(reqs, cancelled=lambda: {"a", "c"} if e.stats.steps >= 5 else set()))
+    # Dropped at step 5 and yielded at once (flush_seconds is 60 s), before b has even started.
+    assert sorted((r.id, r.finish_reason) for r in yields[0]) == [("a", "cancelled"), ("c", "cancelled")]
+    results = {r.id: r for batch in yields for r in batch}
+    assert len(results) == 3 and sum(len(batch) for batch in yields) == 3  # one result each
+    a, b, c = results["a"], results["b"], results["c"]
+    assert a.error_code == "cancelled" and 4 <= a.usage.completion_tokens <= 7
+    assert c.error_code == "cancelled" and c.usage.completion_tokens == 0
+    alone = engine.generate_all([Request(id="b", prompt="The capital of France is", params=greedy(4))])[0]
+    assert b.ok and b.output == alone.output and b.usage.completion_tokens == alone.usage.completion_tokens
+    assert len(e.runner.free_blocks) == e.runner.blocks  # the dropped rows' blocks were freed
+    assert e.stats.steps < 20  # nobody decoded a's or c's 200 tokens
+
+
+def test_requests_cancelled_before_they_start_are_never_prefilled(engine):
+    e = variant(engine)
+    out = [r for batch in e.generate([Request(id=1, prompt="Hi", params=greedy(3)),
+                                      Request(id=2, prompt="Hi", params=greedy(3))], cancelled=lambda: {2})
+           for r in batch]
+    by_id = {r.id: r for r in out}
+    assert len(out) == 2 and by_id[2].finish_reason == "cancelled" and by_id[1].ok
+    assert e.stats.prefill_tokens == by_id[1].usage.prompt_tokens

@@ -67,3 +67,19 @@ def test_status_command_reads_without_sqlalchemy(db, db_url, settings, tmp_path)
         assert json.loads(run.stdout) == expected
         imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if "|" in line}
         assert not {m for m in imported if m.split(".")[0] in ("sqlalchemy", "alembic", "celery")}, run.stderr[-2000:]
+
+
+def test_one_definition_of_a_summary_feeds_both_paths(db, settings, tmp_path, monkeypatch):
+    """A column added to quickread.COLUMNS reaches the service's summary and every driver's SQL."""
+    out = _submit(db, settings, tmp_path)
+    with db.read() as s:
+        assert tuple(service.job_summary(service.get_job(s, out.job.id))) == quickread.COLUMNS
+    for ph in ("?", "%s"):
+        sql = quickread.statements(quickread.COLUMNS + ("owner",), ph)
+        assert all(q.startswith("SELECT " + ", ".join(quickread.COLUMNS) + ", owner FROM jobs") for q in sql.values())
+        assert sql["by_id"].endswith(f"WHERE id = {ph}")
+    monkeypatch.setattr(quickread, "COLUMNS", quickread.COLUMNS + ("owner",))
+    with db.read() as s:
+        assert service.job_summary(service.get_job(s, out.job.id))["owner"] is None
+    with pytest.raises(ValueError):
+        quickread.statements(("id; DROP TABLE jobs",), "?")

@@ -305,8 +305,8 @@ def test_sqlite_locked_for_a_few_seconds(sqlite_url, broker_url, tmp_path):
         locker.execute("ROLLBACK")
         locker.close()
 
-    # One chunk: claiming a further chunk is a write too, made from the engine's loop, so under the lock
-    # it would hold generation up (no item could finish while locked, and this check would race it).
+    # One chunk: a further chunk's claim is a write too (made beside the engine), and with nothing
+    # else left to run the engine would wait for it under the lock, which this check would race.
     invoke, job_id, status, _ = run_with_fault(sqlite_url, broker_url, tmp_path, lock, n=8, chunk_size=8,
                                                max_tokens=16)
     assert status["succeeded"] == 8

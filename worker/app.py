@@ -1,36 +1,22 @@
 """The Celery app. Messages carry ids only; the database holds every prompt and result.
 
-Imported by the CLI to queue work, so it must stay light: no torch, no transformers here.
+Queue names and publishing live in llmbatch.jobs.queues, which the control plane imports
+instead of this module; this one stays light too (no torch, no transformers).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-
 from celery import Celery
 
+from llmbatch.jobs import queues
+from llmbatch.jobs.queues import SERIALIZER, TASK_RUN_CHUNK, queue_name  # noqa: F401  (re-exported)
 from llmbatch.jobs.settings import Settings
-
-TASK_RUN_CHUNK = "llmbatch.run_chunk"
-
-
-def queue_name(model: str) -> str:
-    """One queue per model, so a worker only takes work for the model it holds.
-
-    A readable slug of the name, plus a hash of the exact name: `a/b` and `a_b` share a slug
-    but never a queue.
-    """
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:120]
-    return f"llmbatch.{slug}.{hashlib.sha256(model.encode()).hexdigest()[:10]}"
 
 
 def make_app(broker_url: str) -> Celery:
     app = Celery("llmbatch", broker=broker_url, include=["llmbatch.worker.tasks"])
     app.conf.update(
-        # JSON only: a pickled message is refused, never executed.
-        task_serializer="json",
-        accept_content=["json"],
+        **SERIALIZER,  # JSON only: a pickled message is refused, never executed
         # Results live in the database; Celery keeps none.
         task_ignore_result=True,
         result_backend=None,
@@ -62,14 +48,5 @@ def configure(broker_url: str) -> Celery:
 
 
 def enqueue_chunks(model: str, chunks: list[tuple[str, int]], broker_url: str | None = None) -> None:
-    """Publish one message per chunk, (job_id, chunk_id), over one fresh broker connection."""
-    if not chunks:
-        return
-    queue = queue_name(model)
-    # A connection of our own, not the app's pool: the pool would keep the broker it first saw.
-    with app.connection_for_write(broker_url or app.conf.broker_url) as conn:
-        producer = app.amqp.Producer(conn)
-        for job_id, chunk_id in chunks:
-            app.send_task(TASK_RUN_CHUNK, args=[job_id, chunk_id], queue=queue, routing_key=queue,
-                          producer=producer, retry=True,
-                          retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    """queues.enqueue_chunks through this app, on its broker unless another is named."""
+    queues.enqueue_chunks(model, chunks, broker_url or app.conf.broker_url, app=app)

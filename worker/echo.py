@@ -34,7 +34,7 @@ def echo_vector(x: str | list[int]) -> np.ndarray:
 class EchoEngine:
     batch_size = 64
 
-    def generate(self, requests: list[Request], more=None) -> Iterator[list[Result]]:
+    def generate(self, requests: list[Request], more=None, cancelled=None) -> Iterator[list[Result]]:
         queue = list(requests)
         while queue or more is not None:
             if more is not None and len(queue) < self.batch_size:
@@ -46,6 +46,11 @@ class EchoEngine:
                 return
             started = time.time()
             out = []
+            gone = cancelled() if cancelled is not None else ()
+            if gone:  # as the real engine: a dropped request comes back cancelled
+                out = [Result(id=r.id, finish_reason="cancelled", error_code="cancelled", started_at=started,
+                              finished_at=started) for r in batch if r.id in gone]
+                batch = [r for r in batch if r.id not in gone]
             for r in batch:
                 text = r.prompt if r.prompt is not None else (r.messages or [{}])[-1].get("content", "")
                 words = text.split()[: r.params.max_tokens]

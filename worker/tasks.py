@@ -90,18 +90,33 @@ def run_chunk(job_id: str, chunk_id: int) -> None:
              outcome.lost)
 
 
+_presence = None  # this process's row in the workers table, once its model is loaded
+
+
 @signals.worker_process_init.connect
 def _load_model(**_):
+    global _presence
+    import time
+
     # A forked child must not share the parent's database connections.
     database.cache_clear()
     # Load before this process takes any message, so a model that cannot load stops the worker
     # with one clear error instead of failing every chunk it is handed.
     failfile = os.environ.get(FAILFILE_ENV)
+    started = time.monotonic()
     try:
-        engine()
+        eng = engine()
+        from llmbatch.worker.presence import Presence
+
+        _presence = Presence(database(), worker_name(), settings().model, settings().engine, eng)
+        _presence.register()  # visible (`llmbatch workers`, /v1/models) only once it can serve
+        _presence.start()
     except Exception as exc:
+        from llmbatch.jobs.exceptions import ModelUnavailable
+
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        message = f"cannot load model {settings().model!r}: {type(exc).__name__}: {first_line}"
+        message = first_line if isinstance(exc, ModelUnavailable) else \
+            f"cannot load model {settings().model!r}: {type(exc).__name__}: {first_line}"
         if not failfile:
             log.error("%s", message)
         elif not os.path.exists(failfile):  # another pool process already reported it
@@ -109,6 +124,14 @@ def _load_model(**_):
                 f.write(message)
         os.kill(os.getppid(), signal.SIGTERM)  # stop the worker: no process of it can serve
         os._exit(1)
+    log.info("ready: model %s loaded in %.1f s on %s; worker %s", settings().model, time.monotonic() - started,
+             _presence.me.gpu or "no device (echo engine)", _presence.me.id)
+
+
+@signals.worker_process_shutdown.connect
+def _leave(**_):
+    if _presence is not None:
+        _presence.stop()
 
 
 @signals.worker_ready.connect

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 
-from llmbatch.jobs import service
+from llmbatch.jobs import service, workers
 from llmbatch.jobs.models import Item, ItemStatus, Job, utcnow
 
 from .app import page_owner
@@ -71,7 +71,11 @@ def index(request: Request, who: str | None = Depends(page_owner)):
         if who is not None:
             query = query.where(Job.owner == who)
         jobs = [job_view(j, now) for j in s.scalars(query)]
-    return _render(request, "index.html", jobs=jobs, now=now.strftime("%H:%M:%S"))
+        live = [workers.summary(w, True) for w, _ in workers.list_workers(s)]
+    served = {w["model"] for w in live}
+    for j in jobs:  # a job no live worker can run says so, instead of waiting silently
+        j["unserved"] = j["status"] in ("validating", "queued", "running") and j["model"] not in served
+    return _render(request, "index.html", jobs=jobs, workers=live, now=now.strftime("%H:%M:%S"))
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
 from llmbatch.jobs.models import Job
-from llmbatch.worker.app import queue_name
+from llmbatch.jobs.queues import queue_name
 
 from .app import owner
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from llmbatch.jobs import batches, files
+from llmbatch.jobs import batches, files, workers
 from llmbatch.jobs.db import Database
 from llmbatch.jobs.exceptions import InvalidRequest
 from llmbatch.jobs.export import export
@@ -174,7 +174,8 @@ async def create_batch(request: Request, who: str | None = Depends(owner)):
             job = batches.create_batch(s, app.state.settings, input_file_id=body["input_file_id"],
                                        endpoint=body["endpoint"], completion_window=body["completion_window"],
                                        metadata=body.get("metadata"), model=body.get("model"), owner=who)
-            return batches.batch_object(batches.get_batch(s, job.id, who))
+            view = batches.get_batch(s, job.id, who)
+            return batches.batch_object(view, batches.unserved_warning(s, view))
 
     obj = await run_in_threadpool(store)
     if app.state.ingestor is not None:
@@ -185,7 +186,8 @@ async def create_batch(request: Request, who: str | None = Depends(owner)):
 @router.get("/batches/{batch_id}")
 def retrieve_batch(batch_id: str, request: Request, who: str | None = Depends(owner)):
     with request.app.state.db.read() as s:
-        return batches.batch_object(batches.get_batch(s, batch_id, who))
+        view = batches.get_batch(s, batch_id, who)
+        return batches.batch_object(view, batches.unserved_warning(s, view))
 
 
 @router.get("/batches")
@@ -201,3 +203,26 @@ def list_batches(request: Request, after: str | None = None, limit: int = 20, wh
 def cancel_batch(batch_id: str, request: Request, who: str | None = Depends(owner)):
     with request.app.state.db.write() as s:
         return batches.batch_object(batches.cancel_batch(s, batch_id, who))
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+@router.get("/models")
+def list_models(request: Request, who: str | None = Depends(owner)):
+    """The models live workers hold, and the LoRA adapters loaded on them (as vLLM lists them:
+    `parent` names the base model)."""
+    with request.app.state.db.read() as s:
+        live = workers.list_workers(s)
+    data, seen = [], set()
+    for w, _ in sorted(live, key=lambda p: p[0].started_at):
+        if w.model not in seen:
+            seen.add(w.model)
+            data.append({"id": w.model, "object": "model", "created": int(w.started_at.timestamp()),
+                         "owned_by": "llmbatch", "root": w.model, "parent": None})
+        for a in w.adapters or []:
+            if (w.model, a) not in seen:
+                seen.add((w.model, a))
+                data.append({"id": a, "object": "model", "created": int(w.started_at.timestamp()),
+                             "owned_by": "llmbatch", "root": a, "parent": w.model})
+    return {"object": "list", "data": data}

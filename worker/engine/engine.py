@@ -12,8 +12,9 @@ Architectures the slot runner does not know fall back to length-sorted padded ba
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 
@@ -22,7 +23,7 @@ from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .forward import BLOCK, Dims, Runner, supports
 from .controls import needs_controls
-from .scheduler import InFlight, Prompt, Stats, run_slots
+from .scheduler import CANCELLED, InFlight, Prompt, Stats, run_slots
 from .types import Choice, Request, Result, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,23 @@ class Engine:
     # -- public ---------------------------------------------------------------
 
     def generate(self, requests: list[Request],
-                 more: Callable[[], list[Request]] | None = None) -> Iterator[list[Result]]:
+                 more: Callable[[], list[Request]] | None = None,
+                 cancelled: Callable[[], Collection[Any]] | None = None) -> Iterator[list[Result]]:
         """Yield results as rows finish (grouped, at least every flush_seconds); each request gets one.
 
         more: called when the engine could take more work; returns further requests (or none).
+        cancelled: called once per decode step (so keep it cheap); returns the ids of requests to
+        drop so far, a collection that only grows. A dropped request not yet finished leaves the
+        batch at the next step, its slot, blocks and prefix freed, and is yielded at once as a
+        Result with finish_reason and error_code "cancelled".
         """
+        drops = _Drops(cancelled) if cancelled is not None else None
         prepared, failed = self._prepare(requests)
+        if drops is not None:
+            gone = drops.cancelled()
+            failed += [_cancelled(p.request.id, "cancelled before it started", time.time())
+                       for p in prepared if p.request.id in gone]
+            prepared = [p for p in prepared if p.request.id not in gone]
         if failed:
             yield failed
         late_failures: list[Result] = []
@@ -136,11 +148,11 @@ class Engine:
             last = n == len(groups) - 1
             if batch or (last and more is not None):
                 yield from retry.run(self, batch, self.max_batch_size, feed if last and more is not None else None,
-                                     late_failures)
+                                     late_failures, drops)
         if late_failures:
             yield late_failures
         if deferred:
-            yield from self.generate(deferred)
+            yield from self.generate(deferred, cancelled=cancelled)
 
     def generate_all(self, requests: list[Request]) -> list[Result]:
         by_id = {r.id: r for batch in self.generate(requests) for r in batch}
@@ -271,11 +283,11 @@ class Engine:
             r.allocate(max(rows, min(slots, c.max_batch_size)), want, self.context_length, prefixes, prefix_len)
         return min(slots, r.slots)
 
-    def _loop(self, batch: list[Prepared], slots: int,
-              feed: Callable[[], list[Prepared]] | None = None) -> Iterator[list[tuple[int, RowOutput]]]:
+    def _loop(self, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,
+              drops: "_Drops | None" = None) -> Iterator[list[tuple[int, RowOutput]]]:
         """(index into batch, row) lists as rows finish; `feed`'s requests are appended to batch."""
         if self.runner is None:
-            yield from self._loop_padded(batch, slots)
+            yield from self._loop_padded(batch, slots, drops)
             return
         slots = self._rows = self._ensure_pool(batch, slots)
         items = [Prompt(p.ids, p.params, p.grammar, p.adapter) for p in batch]
@@ -287,13 +299,23 @@ class Engine:
 
         yield from run_slots(self.runner, items, slots, self.config.prefill_tokens,
                              self._check, self.stats, self.config.refill_fraction, self.config.flush_seconds,
-                             more if feed is not None else None, self._grammars, self.config.shared_prefix_min)
+                             more if feed is not None else None, self._grammars, self.config.shared_prefix_min,
+                             (lambda: drops.indices(batch)) if drops is not None else None)
 
-    def _loop_padded(self, batch: list[Prepared], rows: int) -> Iterator[list[tuple[int, RowOutput]]]:
+    def _loop_padded(self, batch: list[Prepared], rows: int,
+                     drops: "_Drops | None" = None) -> Iterator[list[tuple[int, RowOutput]]]:
         order = sorted(range(len(batch)), key=lambda i: -len(batch[i].ids))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), rows):
             idx = order[start:start + rows]
+            gone = drops.indices(batch) if drops is not None else set()
+            if gone:  # padded batches run whole: a dropped item is taken out before its batch starts
+                now = time.time()
+                yield [(i, RowOutput(finish_reason=CANCELLED, started_at=now, finished_at=now, choice=c))
+                       for i in idx if i in gone for c in range(batch[i].params.n)]
+                idx = [i for i in idx if i not in gone]
+                if not idx:
+                    continue
             try:
                 width = max(len(batch[i].ids) for i in idx)
                 input_ids = torch.tensor([[pad] * (width - len(batch[i].ids)) + batch[i].ids for i in idx],
@@ -308,6 +330,10 @@ class Engine:
 
     def _result(self, p: Prepared, row: RowOutput, started: float, more: list[RowOutput] = ()) -> Result:
         """more: choices 1..n-1 of an n > 1 request; completion_tokens counts them all."""
+        if any(r.finish_reason == CANCELLED for r in (row, *more)):
+            done = len(row.tokens) + sum(len(c.tokens) for c in more)
+            return _cancelled(p.request.id, "cancelled while it was generating", started,
+                              Usage(prompt_tokens=len(p.ids), completion_tokens=done, cached_tokens=row.cached))
         if row.finish_reason == "too_long":
             return Result.failure(p.request.id, "context_length_exceeded",
                                   f"prompt and max_tokens need {p.need} tokens of KV cache; this worker holds "
@@ -358,3 +384,25 @@ class Engine:
             self.runner.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _cancelled(request_id: Any, message: str, started: float, usage: Usage | None = None) -> Result:
+    r = Result.failure(request_id, CANCELLED, message, started, usage)
+    r.finish_reason = CANCELLED
+    return r
+
+
+class _Drops:
+    """The caller's `cancelled` ids, as batch indices for the scheduler; cheap while nothing changed."""
+
+    def __init__(self, cancelled: Callable[[], Collection[Any]]):
+        self.cancelled = cancelled
+        self.seen: tuple = ()  # (ids, batch, batch length) last mapped: ids only grow, a batch grows when fed
+
+    def indices(self, batch: list[Prepared]) -> set[int]:
+        ids = self.cancelled()
+        key = (len(ids), id(batch), len(batch))
+        if not ids or key == self.seen:
+            return set()
+        self.seen = key
+        return {i for i, p in enumerate(batch) if p.request.id in ids}

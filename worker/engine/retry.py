@@ -27,10 +27,11 @@ UNRUN = ("too_long", "too_many_rows")  # rows the scheduler ended without runnin
 
 
 def run(engine: Engine, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,
-        late_failures: list[Result] | None = None) -> Iterator[list[Result]]:
+        late_failures: list[Result] | None = None, drops=None) -> Iterator[list[Result]]:
     """Generate the batch with at most `slots` rows at once; on failure, back off and retry the rest.
 
     `feed` appends to `batch` while it runs; failures it met in preparing are yielded as they come.
+    `drops` (engine._Drops): requests cancelled while they run, which leave at the next step.
     """
     initial = slots
     while batch or feed is not None:
@@ -40,7 +41,7 @@ def run(engine: Engine, batch: list[Prepared], slots: int, feed: Callable[[], li
         try:
             if engine.config.oom_above_batch is not None and slots > engine.config.oom_above_batch:
                 raise torch.OutOfMemoryError(f"test hook: batch {slots} > {engine.config.oom_above_batch}")
-            for rows in engine._loop(batch, slots, feed):
+            for rows in engine._loop(batch, slots, feed, drops):
                 complete = []
                 for i, row in rows:  # an item is done once all its n choices are
                     partial.setdefault(i, []).append(row)
@@ -83,6 +84,6 @@ def run(engine: Engine, batch: list[Prepared], slots: int, feed: Callable[[], li
             return
         log.warning("%d items failed together (%s); splitting to isolate the cause", len(rest), cause)
         half = len(rest) // 2
-        yield from run(engine, [batch[i] for i in rest[:half]], slots)
-        yield from run(engine, [batch[i] for i in rest[half:]], slots)
+        yield from run(engine, [batch[i] for i in rest[:half]], slots, drops=drops)
+        yield from run(engine, [batch[i] for i in rest[half:]], slots, drops=drops)
         return

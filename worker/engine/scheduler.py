@@ -9,7 +9,9 @@ once enough of them open (or none is live), so a prefill chunk is big enough to 
 The host never waits for the step it just launched: step t+1 is queued on the device before the
 host reads step t's tokens back (copied asynchronously) and does its bookkeeping, so that work
 overlaps the GPU. A row found finished at step t has computed one token too many at t+1, which
-is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes.
+is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes;
+`dropped` lets it take items out (a cancelled job): they leave the batch at the next step, freed
+like finished rows, and come back as rows with finish_reason "cancelled".
 
 Rows with per-step controls (controls.py: grammar masks, penalties, logit_bias, logprobs) have
 their masks filled on the CPU while the step's forward runs: the grammar matchers take step t's
@@ -41,6 +43,7 @@ from .types import SamplingParams
 
 MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its padding: smaller ones run slowly
 MORE_EVERY_S = 0.5  # how often to ask `more` for prompts while it has none
+CANCELLED = "cancelled"  # finish_reason of a row taken out by `dropped`
 
 
 @dataclass
@@ -130,10 +133,15 @@ Check = Callable[[list[tuple[RowOutput, SamplingParams]]], None]
 def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: int, check: Check, stats: Stats,
               refill_fraction: float = 0.125, flush_seconds: float = 1.0,
               more: Callable[[], list[Prompt]] | None = None, grammars=None,
-              prefix_min: int = 0) -> Iterator[list[tuple[int, RowOutput]]]:
+              prefix_min: int = 0,
+              dropped: Callable[[], set[int]] | None = None) -> Iterator[list[tuple[int, RowOutput]]]:
     """Generate every item (and those `more` hands over, appended to `items`); yield (item index, row)
     lists as rows finish, at most every flush_seconds. `check` marks rows finished after new tokens.
-    An item with n > 1 yields n rows (row.choice 0..n-1)."""
+    An item with n > 1 yields n rows (row.choice 0..n-1).
+
+    dropped: asked once per step for item indices to take out; each such item still waiting or
+    live ends at once with n rows of finish_reason CANCELLED (tokens so far kept), yielded without
+    waiting for flush_seconds. Items already finished are not affected."""
     controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars)
     runner.reset()
     prefixes = Prefixes(runner, prefix_min, stats)
@@ -194,6 +202,10 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
             for earlier in inflight:  # 2. the host catches up while the device works
                 _absorb(earlier, check)
             inflight = [launch] if launch else []
+            if dropped is not None:
+                gone = dropped()
+                if gone and _drop(gone, items, waiting, active, done, prefixes):
+                    last_flush = float("-inf")  # hand them back now
             if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
                 done += _retire(runner, active, controls if controls.active else None, prefixes)
                 dirty = True
@@ -230,6 +242,29 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
         raise
     except Exception as exc:
         raise InFlight([s.index for s in active]) from exc
+
+
+def _drop(gone: set[int], items: list[Prompt], waiting: deque, active: list[Seq],
+          done: list[tuple[int, RowOutput]], prefixes: Prefixes) -> bool:
+    """End the waiting and live rows of items in `gone` as CANCELLED; True if any was.
+    Live ones are retired (blocks, slot and prefix freed) by the loop's next _retire."""
+    now, hit = time.time(), False
+    for s in active:
+        if s.index in gone and not s.row.finish_reason:
+            s.row.finish_reason, s.row.finished_at, hit = CANCELLED, now, True
+    if any(i in gone for i in waiting):
+        kept = [i for i in waiting if i not in gone]
+        for i in waiting:
+            if i in gone:
+                it = items[i]
+                done.extend((i, RowOutput(finish_reason=CANCELLED, started_at=now, finished_at=now, choice=c))
+                            for c in range(it.params.n))
+                if it.prefix is not None:
+                    prefixes.release(it.prefix, it.params.n)
+        waiting.clear()
+        waiting.extend(kept)
+        hit = True
+    return hit
 
 
 def _absorb(launch: Launch, check: Check) -> None:
