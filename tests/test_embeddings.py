@@ -278,7 +278,8 @@ def test_batches_api_embeddings_with_a_real_worker(db_url, broker_url, tmp_path)
             want = reference[i][:128] / np.linalg.norm(reference[i][:128]) if i == 1 else reference[i]
             assert v.shape == want.shape and float(v @ want) >= 0.9999
         errors = client.files.content(batch.error_file_id).text
-        assert "a text generation line in an embedding job" in errors
+        # A chat line in an embeddings batch: its url is not the batch's endpoint (checked first, issue 20).
+        assert "url '/v1/chat/completions' does not match the batch's endpoint '/v1/embeddings'" in errors
     finally:
         stop_worker(worker)
         server.stop()

@@ -166,11 +166,12 @@ def _cli_subprocess(args, env=None, timeout=60):
 
 
 def test_a_model_name_that_cannot_load_fails_fast_with_the_bundled_names(tmp_path):
+    from llmbatch.jobs import embeddings
     from llmbatch.jobs.exceptions import ModelUnavailable
     from llmbatch.worker.engine.loading import BUNDLED
     from llmbatch.worker.engines import BUNDLED_NAMES, check_model
 
-    assert tuple(BUNDLED) == BUNDLED_NAMES
+    assert (*BUNDLED, *embeddings.BUNDLED) == BUNDLED_NAMES
     with pytest.raises(ModelUnavailable, match=r"did you mean 'smollm2-135m-instruct'"):
         check_model("smollm2-135m")
     with pytest.raises(ModelUnavailable, match=r"cannot load model '/no/such/dir': no model directory there \(bundled models: smollm2"):
@@ -193,7 +194,7 @@ def test_worker_with_a_typo_of_the_bundled_name_exits_at_once_with_a_hint(sqlite
     assert out.returncode == 1 and took < 30
     lines = out.stderr.strip().splitlines()
     assert lines[-1] == ("Error: cannot load model 'smollm2-135m': neither a directory nor a bundled model; did you "
-                         "mean 'smollm2-135m-instruct'? (bundled models: smollm2-135m-instruct)")
+                         "mean 'smollm2-135m-instruct'? (bundled models: smollm2-135m-instruct, all-minilm-l6-v2)")
     assert "ready" not in out.stderr and "Traceback" not in out.stderr
 
 
@@ -204,7 +205,7 @@ def test_run_with_a_model_that_cannot_load_is_one_line_and_leaves_no_job_waiting
     out, took = _cli_subprocess([*base, "run", str(path), "--model", "/no/such/dir"])
     assert out.returncode == 1 and took < 30
     assert out.stderr.strip().splitlines() == ["Error: cannot load model '/no/such/dir': no model directory there "
-                                               "(bundled models: smollm2-135m-instruct)"]
+                                               "(bundled models: smollm2-135m-instruct, all-minilm-l6-v2)"]
     out, _ = _cli_subprocess([*base, "run", str(path), "--model", "no/such-model"], env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert json.loads(_cli_subprocess([*base, "status", "--json"])[0].stdout) == []  # no job was made

