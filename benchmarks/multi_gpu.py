@@ -289,7 +289,7 @@ def run_on(devices: list[str], args, lines: list[dict], broker: str, db_url: str
 
     try:
         t0 = time.monotonic()
-        while log_path.read_text(errors="replace").count(" ready.") < len(devices):  # every process has its model
+        while log_path.read_text(errors="replace").count("ready: model ") < len(devices):  # every process has its model
             if any(p.poll() is not None for p in procs) or time.monotonic() - t0 > args.timeout:
                 raise RuntimeError(f"workers did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)

@@ -53,7 +53,7 @@ def test_one_pinned_worker_per_gpu_serves_the_queue_and_stops_on_sigterm(sqlite_
     try:
         status = wait_for_status(invoke, job_id, timeout=120, proc=proc, log_path=log)
         deadline = time.monotonic() + 60
-        while log.read_text().count(" ready.") < 2:
+        while log.read_text().count("ready: model ") < 2:  # each child, once its model is loaded
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.3)
         text = log.read_text()
