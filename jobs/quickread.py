@@ -12,34 +12,43 @@ database file or table that does not exist yet, any database error.
 from __future__ import annotations
 
 import os
-import re
 from datetime import datetime, timezone
 
 from .exceptions import AmbiguousJob, JobNotFound
 
 # The one definition of a job summary's keys, in order: service.job_summary builds its dict from
-# them, and the statements below select them, so a new column is added here once.
+# them, and the literal statements below select them in this order (tests/test_quickread.py checks
+# every statement against it), so a new column is added here, in the statements, and nowhere else.
+# The statements are literal text, one set per driver placeholder: no SQL is built by formatting.
 COLUMNS = ("id", "name", "status", "model", "total", "pending", "running", "succeeded", "failed", "cancelled",
            "prompt_tokens", "completion_tokens", "cached_tokens", "created_at", "started_at", "finished_at")
 TIMES = ("created_at", "started_at", "finished_at")
 MAX_LISTED_MATCHES = 10  # jobs named in an ambiguous-name error (service.get_job uses it too)
-_IDENTIFIER = re.compile(r"[a-z_]+")
 
-
-def statements(columns: tuple[str, ...], placeholder: str) -> dict[str, str]:
-    """The three reads, for one driver's placeholder style. Built from column names (checked to be
-    bare identifiers) and a placeholder, never from input."""
-    if placeholder not in ("?", "%s") or not all(_IDENTIFIER.fullmatch(c) for c in columns):
-        raise ValueError("statements are built from bare column names and a driver placeholder only")
-    select_ = f"SELECT {', '.join(columns)} FROM jobs"
-    return {
-        "by_id": f"{select_} WHERE id = {placeholder}",
-        "by_name": f"{select_} WHERE name = {placeholder} ORDER BY created_at DESC LIMIT {placeholder}",
-        "recent": f"{select_} ORDER BY created_at DESC LIMIT {placeholder}",
-    }
-
-
-_QUERIES = {ph: statements(COLUMNS, ph) for ph in ("?", "%s")}
+_QUERIES = {
+    "?": {
+        "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                 "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
+                 "WHERE id = ?",
+        "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                   "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
+                   "WHERE name = ? ORDER BY created_at DESC LIMIT ?",
+        "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                  "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
+                  "ORDER BY created_at DESC LIMIT ?",
+    },
+    "%s": {
+        "by_id": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                 "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
+                 "WHERE id = %s",
+        "by_name": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                   "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
+                   "WHERE name = %s ORDER BY created_at DESC LIMIT %s",
+        "recent": "SELECT id, name, status, model, total, pending, running, succeeded, failed, cancelled, "
+                  "prompt_tokens, completion_tokens, cached_tokens, created_at, started_at, finished_at FROM jobs "
+                  "ORDER BY created_at DESC LIMIT %s",
+    },
+}
 # The models of live workers (workers.list_workers), by the database's clock.
 _QUERIES["?"]["served"] = ("SELECT model, count(*) FROM workers WHERE last_seen >= "
                            "strftime('%Y-%m-%d %H:%M:%f', 'now', ?) || '000' GROUP BY model ORDER BY model")

@@ -70,16 +70,18 @@ def test_status_command_reads_without_sqlalchemy(db, db_url, settings, tmp_path)
 
 
 def test_one_definition_of_a_summary_feeds_both_paths(db, settings, tmp_path, monkeypatch):
-    """A column added to quickread.COLUMNS reaches the service's summary and every driver's SQL."""
+    """quickread.COLUMNS is the summary's one definition: the service's summary is built from it, and
+    every driver's literal statement selects exactly those columns, in that order."""
     out = _submit(db, settings, tmp_path)
     with db.read() as s:
         assert tuple(service.job_summary(service.get_job(s, out.job.id))) == quickread.COLUMNS
+    select_ = "SELECT " + ", ".join(quickread.COLUMNS) + " FROM jobs"
     for ph in ("?", "%s"):
-        sql = quickread.statements(quickread.COLUMNS + ("owner",), ph)
-        assert all(q.startswith("SELECT " + ", ".join(quickread.COLUMNS) + ", owner FROM jobs") for q in sql.values())
-        assert sql["by_id"].endswith(f"WHERE id = {ph}")
+        sql = quickread._QUERIES[ph]
+        assert all(sql[q].startswith(select_ + " ") for q in ("by_id", "by_name", "recent"))
+        assert sql["by_id"].endswith(f"WHERE id = {ph}") and sql["recent"].endswith(f"LIMIT {ph}")
     monkeypatch.setattr(quickread, "COLUMNS", quickread.COLUMNS + ("owner",))
     with db.read() as s:
         assert service.job_summary(service.get_job(s, out.job.id))["owner"] is None
-    with pytest.raises(ValueError):
-        quickread.statements(("id; DROP TABLE jobs",), "?")
+    select_ = "SELECT " + ", ".join(quickread.COLUMNS) + " FROM jobs"
+    assert not quickread._QUERIES["?"]["by_id"].startswith(select_)  # a column added only there is caught
