@@ -34,16 +34,21 @@ def echo_vector(x: str | list[int]) -> np.ndarray:
 class EchoEngine:
     batch_size = 64
 
-    def generate(self, requests: list[Request], more=None, cancelled=None) -> Iterator[list[Result]]:
+    def _batches(self, requests: list, more, take: int) -> Iterator[list]:
+        """`take` requests at a time, asking `more` whenever fewer than batch_size wait, until both run dry."""
         queue = list(requests)
         while queue or more is not None:
             if more is not None and len(queue) < self.batch_size:
                 fresh = more()
                 queue += fresh
                 more = more if fresh else None
-            batch, queue = queue[:self.batch_size], queue[self.batch_size:]
+            batch, queue = queue[:take], queue[take:]
             if not batch:
                 return
+            yield batch
+
+    def generate(self, requests: list[Request], more=None, cancelled=None) -> Iterator[list[Result]]:
+        for batch in self._batches(requests, more, self.batch_size):
             started = time.time()
             out = []
             gone = cancelled() if cancelled is not None else ()
@@ -63,16 +68,8 @@ class EchoEngine:
     def embed(self, requests, more=None):
         from llmbatch.worker.embedder import EmbedResult, truncate_np
 
-        queue = list(requests)
-        while queue or more is not None:
-            if more is not None and len(queue) < self.batch_size:
-                fresh = more()
-                queue += fresh
-                more = more if fresh else None
-            # Vectors are cheap: results go back in micro-batches of 8 x batch_size rows.
-            batch, queue = queue[:8 * self.batch_size], queue[8 * self.batch_size:]
-            if not batch:
-                return
+        # Vectors are cheap: results go back in micro-batches of 8 x batch_size rows.
+        for batch in self._batches(requests, more, 8 * self.batch_size):
             started = time.time()
             out = []
             for r in batch:
