@@ -115,7 +115,6 @@ if triton is not None:
         rows = pid_b * BB + tl.arange(0, BB)  # [BB]
         row_ok = rows < M
         g = tl.arange(0, G)
-        j = tl.arange(0, 32)  # byte within an absmax block
         kk = tl.arange(0, BK)
         kb = tl.arange(0, BK // 2)
         # Byte b of a step holds elements 2b (high nibble) and 2b + 1 (low nibble) of it; absmax
