@@ -101,6 +101,21 @@ def test_token_ids_embed_like_their_text(embedder):
     assert results[2].error_code == "invalid_request" and "vocabulary" in results[2].error_message
 
 
+def test_one_tokenizer_call_per_pool_keeps_mixed_inputs_in_step(embedder):
+    """A pool's texts are tokenized in one call; token-id inputs and a failing request in between
+    must not shift which text's ids go to which request."""
+    text_ids = {t: embedder.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:3]}
+    pool = [EmbedRequest("a", [TEXTS[0]]), EmbedRequest("bad", [TEXTS[1], [10**7]]),
+            EmbedRequest("mixed", [text_ids[TEXTS[2]], TEXTS[1], text_ids[TEXTS[0]]]), EmbedRequest("b", [TEXTS[2]])]
+    alone = {t: next(iter(embedder.embed([EmbedRequest(0, [t])])))[0].vectors[0] for t in TEXTS[:3]}
+    [out] = list(embedder.embed(pool))
+    assert [r.id for r in out] == ["a", "bad", "mixed", "b"]
+    assert out[1].error_code == "invalid_request" and out[1].vectors is None
+    expected = {"a": [TEXTS[0]], "mixed": [TEXTS[2], TEXTS[1], TEXTS[0]], "b": [TEXTS[2]]}
+    for r in (out[0], out[2], out[3]):
+        np.testing.assert_allclose(r.vectors, np.stack([alone[t] for t in expected[r.id]]), atol=1e-5)
+
+
 def test_more_feeds_further_requests(embedder):
     waves = [[EmbedRequest(10 + i, [f"wave two {i}"]) for i in range(3)], []]
     out = [r for batch in embedder.embed([EmbedRequest(1, ["wave one"])], more=lambda: waves.pop(0)) for r in batch]

@@ -23,8 +23,11 @@ The engine knows nothing of Celery or the database: requests in, results out, li
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -188,20 +191,25 @@ class Embedder:
         return self.st.forward(features)["sentence_embedding"]
 
     def _forward_varlen(self, rows: list[list[int]]) -> torch.Tensor:
-        lengths = torch.tensor([len(r) for r in rows])
+        lengths = [len(r) for r in rows]
+        total = sum(lengths)
+        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total))
         cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lengths, 0)
-        flat = torch.tensor([t for r in rows for t in r], device=self.device)  # [N] all rows' tokens
-        positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).to(self.device)
-        hidden = bert_varlen(self.st[0].model, flat, positions, cu.to(self.device), int(lengths.max()))  # [N, H]
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        flat, cu_dev = flat.to(self.device, non_blocking=True), cu.to(self.device, non_blocking=True)
+        lens = torch.tensor(lengths, device=self.device)
+        # Row of each packed token, and its position within the row: [N]. output_size keeps the host
+        # from waiting on the GPU to learn N.
+        seg = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lens, output_size=total)
+        positions = torch.arange(total, device=self.device) - cu_dev[:-1].long()[seg]
+        hidden = bert_varlen(self.st[0].model, flat, positions, cu_dev, max(lengths))  # [N, H]
         mode = self.st[1].pooling_mode
         if mode == "cls":
-            pooled = hidden[cu[:-1].long().to(self.device)]
+            pooled = hidden[cu_dev[:-1].long()]
         else:  # mean over each row's segment
-            seg = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lengths.to(self.device))
             pooled = torch.zeros(len(rows), hidden.shape[-1], dtype=torch.float32, device=self.device)
             pooled.index_add_(0, seg, hidden.float())
-            pooled /= lengths.to(self.device, torch.float32)[:, None]
+            pooled /= lens.float()[:, None]
         features = {"sentence_embedding": pooled.to(hidden.dtype)}
         for module in list(self.st)[2:]:  # Dense, Normalize: the model's own, after pooling
             features = module(features)
@@ -209,29 +217,46 @@ class Embedder:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def _run_pool(self, pool: list[EmbedRequest]) -> list[EmbedResult]:
-        started = time.time()
-        results: dict[int, EmbedResult] = {}
-        wanted: list[tuple[int, list[list[int]]]] = []  # (position in pool, its inputs' ids)
+    def _prepare(self, pool: list[EmbedRequest]) -> tuple[dict[int, EmbedResult], list[tuple[int, list[list[int]]]]]:
+        """Tokenize a pool and refuse what cannot run: (failed results by position, [(position, ids)]).
+
+        All of the pool's texts go to the tokenizer in one call: the fast tokenizer spreads a batch over
+        every core, while a call per request runs on one (on an H200 that made tokenizing, not the GPU,
+        the embedder's bottleneck: 0.8x SentenceTransformer.encode)."""
+        texts = [x for req in pool for x in req.inputs if isinstance(x, str)]
+        if self.lower:
+            texts = [t.lower() for t in texts]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+                       if texts else [])
+        failed: dict[int, EmbedResult] = {}
+        wanted: list[tuple[int, list[list[int]]]] = []
         for k, req in enumerate(pool):
+            mine = [next(encoded) if isinstance(x, str) else None for x in req.inputs]  # keeps `encoded` in step
             try:
-                ids = self.tokenize(req.inputs)
+                ids = self.tokenize([x for x in req.inputs if not isinstance(x, str)])
             except Exception as exc:  # a token id outside the vocabulary, say
-                results[k] = EmbedResult(req.id, usage=Usage(), error_code="invalid_request",
-                                         error_message=f"cannot tokenize the input: {exc}")
+                failed[k] = EmbedResult(req.id, usage=Usage(), error_code="invalid_request",
+                                        error_message=f"cannot tokenize the input: {exc}")
                 continue
+            ids_iter = iter(ids)
+            ids = [m if m is not None else next(ids_iter) for m in mine]
             over = next((i for i, x in enumerate(ids) if len(x) > self.max_tokens), None)
             if over is not None:
-                results[k] = EmbedResult(
+                failed[k] = EmbedResult(
                     req.id, usage=Usage(), error_code="context_length_exceeded",
                     error_message=f"input {over} has {len(ids[over])} tokens, over the model's context of "
                                   f"{self.max_tokens} tokens")
             elif req.dimensions is not None and req.dimensions > self.dim:
-                results[k] = EmbedResult(
+                failed[k] = EmbedResult(
                     req.id, usage=Usage(), error_code="invalid_request",
                     error_message=f"'dimensions' is {req.dimensions}, but the model gives {self.dim}-dimension vectors")
             else:
                 wanted.append((k, ids))
+        return failed, wanted
+
+    def _run_pool(self, pool: list[EmbedRequest], prepared=None) -> list[EmbedResult]:
+        started = time.time()
+        results, wanted = prepared if prepared is not None else self._prepare(pool)
         flat = [x for _, ids in wanted for x in ids]
         vectors = self._encode_with_retry(flat) if flat else torch.empty(0, self.dim)
         at = 0
@@ -262,24 +287,34 @@ class Embedder:
     def embed(self, requests: list[EmbedRequest],
               more: Callable[[], list[EmbedRequest]] | None = None) -> Iterator[list[EmbedResult]]:
         """Yield results a pool at a time: requests are gathered up to `pool_tokens` (roughly, by
-        characters and ids), so sorting by length spans many requests; `more` refills the queue."""
+        characters and ids), so sorting by length spans many requests; `more` refills the queue.
+        The next pool is tokenized on a second thread while this one runs (the tokenizer releases
+        the GIL), so the GPU does not wait for the CPU between pools."""
         pool_tokens = self.config.pool_tokens or 8 * self.budget
-        queue = list(requests)
-        while queue or more is not None:
-            if more is not None and _size(queue) < pool_tokens:
+        queue = deque(requests)  # popleft: a list's pop(0) is O(n), quadratic over a 100k-request call
+
+        def next_pool() -> list[EmbedRequest]:
+            nonlocal more
+            while more is not None and _size(queue) < pool_tokens:
                 fresh = more()
-                queue += fresh
+                queue.extend(fresh)
                 more = more if fresh else None
-                if fresh:
-                    continue
-            if not queue:
-                return
             pool, size = [], 0
             while queue and (not pool or size < pool_tokens):
-                req = queue.pop(0)
+                req = queue.popleft()
                 pool.append(req)
                 size += _request_size(req)
-            yield self._run_pool(pool)
+            return pool
+
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as ahead:
+            pool = next_pool()
+            prepared = ahead.submit(self._prepare, pool) if pool else None
+            while pool:
+                ready = prepared.result()
+                upcoming = next_pool()
+                prepared = ahead.submit(self._prepare, upcoming) if upcoming else None
+                yield self._run_pool(pool, ready)
+                pool = upcoming
 
     def generate(self, requests, more=None):
         raise RuntimeError(f"this worker holds the embedding model {self.config.model!r}; it cannot generate "
@@ -302,7 +337,7 @@ def _request_size(req: EmbedRequest) -> int:
     return sum(len(x) // 4 + 2 if isinstance(x, str) else len(x) + 2 for x in req.inputs)
 
 
-def _size(queue: list[EmbedRequest]) -> int:
+def _size(queue) -> int:
     return sum(_request_size(r) for r in queue)
 
 
