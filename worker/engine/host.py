@@ -22,8 +22,8 @@ import torch
 
 
 def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list (nested for 2-D) as a tensor on `device`, without waiting for the device."""
-    t = torch.tensor(values, dtype=dtype)
+    """A host list (nested for 2-D) or CPU tensor as a tensor on `device`, without waiting for the device."""
+    t = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)

@@ -9,12 +9,13 @@ once enough of them open (or none is live), so a prefill chunk is big enough to 
 The host never waits for the step it just launched: step t+1 is queued on the device before the
 host reads step t's tokens back (copied asynchronously) and does its bookkeeping, so that work
 overlaps the GPU. Every read goes through host.Readback, which counts in Stats.host_waits the
-steps whose results were read before another was queued (0 in a loop that keeps this promise);
+launches whose results were read before another was queued (0 in a loop that keeps this promise);
 host values go to the device through pinned, asynchronous copies (host.upload), and the rows'
-sampling settings live on the device per slot (SlotSampling), written only when a row comes or moves. A row found finished at step t has computed one token too many at t+1, which
-is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes;
-`dropped` lets it take items out (a cancelled job): they leave the batch at the next step, freed
-like finished rows, and come back as rows with finish_reason "cancelled".
+sampling settings live on the device per slot (SlotSampling), written when a row comes or moves.
+A row found finished at step t has computed one token too many at t+1, which is dropped. `more`
+lets the caller feed new prompts while the tail of the current ones decodes; `dropped` lets it
+take items out (a cancelled job): they leave the batch at the next step, freed like finished rows,
+and come back as rows with finish_reason "cancelled".
 
 Rows with per-step controls (controls.py: grammar masks, penalties, logit_bias, logprobs) have
 their masks filled on the CPU while the step's forward runs: the grammar matchers take step t's
@@ -195,7 +196,8 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
                 runner.tokens[:B] = nxt
                 runner.pos[:B] += 1
                 t_ctl = time.perf_counter()
-                launch = Launch.of(readback, step, list(active), nxt, ctl.logprobs(0, logits, nxt) if ctl else ([], []))
+                lp = ctl.logprobs(0, logits, nxt) if ctl is not None else ([], [])  # read with the tokens
+                launch = Launch.of(readback, step, list(active), nxt, lp)
                 if ctl is not None:  # penalty counts on the device; the grammar takes the tokens later
                     ctl.after(0, nxt, launch.values)
                     stats.controls_s += time.perf_counter() - t_ctl
@@ -375,7 +377,8 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
         first = sample(logits, sampling.rows(first_slot, k), at)
         runner.tokens[first_slot:first_slot + k] = first
         runner.pos[first_slot:first_slot + k] = at
-        launch = Launch.of(readback, step, seqs, first, ctl.logprobs(first_slot, logits, first) if ctl else ([], []))
+        lp = ctl.logprobs(first_slot, logits, first) if ctl is not None else ([], [])
+        launch = Launch.of(readback, step, seqs, first, lp)
         if ctl is not None:
             ctl.after(first_slot, first, launch.values)
         launches.append(launch)
