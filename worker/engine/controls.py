@@ -159,8 +159,8 @@ class Controls:
             self.grammars.fill(matchers, list(range(len(matchers))), host)
             mask = host.to(self.device, non_blocking=True) if cuda else host
         b = self._tensors(lo, B)
-        if b is None:
-            return logits
+        if b is None or not ("penalties" in b or "bias" in b or mask is not None):
+            return logits  # logprobs alone read the logits as they are (token_logprobs: [R, V] in float32)
         logits = logits.float() if logits.dtype != torch.float32 else logits
         if "penalties" in b:  # only the penalty rows: [R, V]
             rows, tables = b["penalties"]
