@@ -113,7 +113,7 @@ STOPS = ("<never-a-stop>", "qq zz")  # two stop strings that never match: their 
 LONG_TOKENS = 1024  # mixed: the long lines' max_tokens
 
 
-WORKLOADS = ("fixed", "varied", "sampled", "mixed", "penalties")  # make_workload's kinds
+WORKLOADS = ("fixed", "varied", "sampled", "mixed", "penalties", "logprobs1")  # make_workload's kinds
 
 
 def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int, tokenizer, seed: int,
@@ -122,7 +122,9 @@ def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int
     sampled: fixed's prompts at temperature 0.7, top_p 0.9, a seed per line, two stop strings.
     mixed: fixed with every 50th line (2%) at max_tokens 1,024.
     penalties: fixed with a few lines asking for more (issue 19): every 200th line a frequency and presence
-    penalty, every 200th (offset 100) logprobs with 5 alternatives; a small run gets one of each, first."""
+    penalty, every 200th (offset 100) logprobs with 5 alternatives; a small run gets one of each, first.
+    logprobs1: fixed with its middle line asking for logprobs with 5 alternatives (issue 18: one such row
+    must not make every step wait; compare vs_fixed and scheduler.host_waits)."""
     rng = random.Random(seed)
     items = []
     for _ in range(n):
@@ -133,6 +135,10 @@ def make_workload(kind: str, n: int, min_len: int, max_len: int, new_tokens: int
             text = tokenizer.decode([rng.randrange(1000, tokenizer.vocab_size - 1000) for _ in range(length)])
         if kind == "fixed":
             params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        elif kind == "logprobs1":
+            one = len(items) == n // 2
+            params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=one,
+                                    top_logprobs=5 * one)
         elif kind == "sampled":
             params = SamplingParams(max_tokens=new_tokens, temperature=0.7, top_p=0.9, seed=len(items), stop=STOPS,
                                     ignore_eos=True)
@@ -248,6 +254,7 @@ def run_engine(engine: Engine, items: list[Item]) -> tuple[dict, list[list[int]]
     stats = _finish(engine.device, t0, sum(r.usage.prompt_tokens for r in rs),
                     sum(r.usage.completion_tokens for r in rs), s.prefill_slots + s.decode_slots,
                     yields=yields, errors=len(errors), batch_failures=s.batch_failures, slots=_slots(engine),
+                    host_waits=s.host_waits,  # issue 18: launches read back before the next was queued
                     scheduler=dataclasses.asdict(s),
                     runner=dict(engine.runner.stats) if engine.runner is not None else None)
     return stats, [r.token_ids for r in rs]
@@ -789,6 +796,8 @@ def md_row(res: dict, workload: str) -> str:
     ratio = f"**{w['ratio']}x**" if "ratio" in w else "-"
     if "vs_fixed" in w:
         ratio += f" ({w['vs_fixed']}x fixed's engine)"
+    if "host_waits" in g:
+        ratio += f", {g['host_waits']} host waits"
     return (f"| {res['date']} | {e['gpu']} | {res['model']} | {workload} | {w['prompts']} | {b.get('output_tok_s', '-')} | "
             f"{s.get('output_tok_s', '-')} | {g['output_tok_s']} | {ratio} | {g['total_tok_s']} | "
             f"{b.get('wall_s', '-')} / {g['wall_s']} | {b.get('peak_reserved_gb', '-')} / {g['peak_reserved_gb']} | "
@@ -883,7 +892,7 @@ def main(argv: list[str] | None = None) -> dict:
         out: dict = {"prompts": len(items)}
         print(f"== {wl}: {len(items)} prompts", flush=True)
         base_rows = None
-        if wl not in ("mixed", "penalties") and args.batch:  # judged against the engine on fixed, in the same run
+        if wl not in ("mixed", "penalties", "logprobs1") and args.batch:  # judged against the engine on fixed, in the same run
             if engine.runner is not None:
                 engine.runner.release()  # the engine keeps its cache between calls; not during others' runs
             out["baseline"], base_rows = run_generate(model, tok, items[:args.baseline_prompts], args.batch, eos)

@@ -357,3 +357,88 @@ def test_requests_cancelled_before_they_start_are_never_prefilled(engine):
     by_id = {r.id: r for r in out}
     assert len(out) == 2 and by_id[2].finish_reason == "cancelled" and by_id[1].ok
     assert e.stats.prefill_tokens == by_id[1].usage.prompt_tokens
+
+
+# -- issue 18: a decode loop that never waits -----------------------------------------------------
+
+
+def test_the_host_never_waits_for_the_step_it_just_launched(engine):
+    """Greedy, sampled, and one logprobs row (plus one grammar row, whose mask needs the token of the
+    step before: it reads that step while the next one is queued) among rows that finish at different
+    times and refill the slots: no read of the step just launched (Stats.host_waits, host.py)."""
+    lengths = [3 + (5 * i) % 7 for i in range(10)]
+    runs = {
+        "greedy": [greedy(n, ignore_eos=True) for n in lengths],
+        "sampled": [SamplingParams(max_tokens=n, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
+                    for i, n in enumerate(lengths)],
+        "logprobs": [greedy(n, ignore_eos=True, logprobs=i == 3, top_logprobs=2 * (i == 3)) for i, n in enumerate(lengths)],
+        "json": [greedy(n, ignore_eos=True, response_format="json_object" if i == 5 else "text")
+                 for i, n in enumerate(lengths)],
+    }
+    out = {}
+    for name, params in runs.items():
+        e = variant(engine, max_batch_size=4)
+        out[name] = e.generate_all([Request(id=i, prompt=PROMPTS[i % 5], params=p) for i, p in enumerate(params)])
+        assert all(r.ok for r in out[name]), (name, [r.error_message for r in out[name]])
+        assert e.stats.steps > 10 and e.stats.prefills > 1  # rows came and went
+        assert e.stats.host_waits == 0, name
+    lp = out["logprobs"][3]
+    assert len(lp.logprobs) == len(lp.token_ids) == lengths[3]
+    alone = variant(engine).generate_all([Request(id=0, prompt=PROMPTS[3], params=runs["logprobs"][3])])[0]
+    assert lp.token_ids == alone.token_ids
+    for a, b in zip(lp.logprobs, alone.logprobs):  # each token's entry is the one computed at its step
+        assert a["token"] == b["token"] and abs(a["logprob"] - b["logprob"]) < 1e-3
+        assert [t["token"] for t in a["top_logprobs"]] == [t["token"] for t in b["top_logprobs"]]
+
+
+def test_a_read_of_the_step_just_launched_is_counted(engine, monkeypatch):
+    """The counter can fail: a loop that reads every launch's results before queuing the next waits on
+    every decode step and every prefill chunk."""
+    from llmbatch.worker.engine.host import Readback
+
+    copy = Readback.copy
+
+    def eager(self, step, tensors):
+        c = copy(self, step, tensors)
+        self.read(c)
+        return c
+
+    monkeypatch.setattr(Readback, "copy", eager)
+    e = variant(engine, max_batch_size=4)
+    res = e.generate_all([Request(id=i, prompt=PROMPTS[i % 5], params=greedy(2 + i, ignore_eos=True))
+                          for i in range(6)])
+    assert all(r.ok for r in res)
+    assert e.stats.host_waits == e.stats.steps + e.stats.prefills > 0
+
+
+def test_a_penalty_row_among_rows_that_finish_at_different_times_uses_memory_only_for_itself(engine, monkeypatch):
+    """Penalty tables are reserved for penalty_rows rows with the cache, not for every slot; each step
+    penalizes only the rows that have penalties ([R, V], not [B, V]); a second penalty row waits for the
+    table; outputs equal each line run alone."""
+    from llmbatch.worker.engine import logits as L
+
+    shapes = []
+    apply = L.apply_penalties
+
+    def spy(logits, *rest):
+        shapes.append(tuple(logits.shape))
+        apply(logits, *rest)
+
+    monkeypatch.setattr(L, "apply_penalties", spy)
+    e = variant(engine, max_batch_size=4, penalty_rows=1)
+    pen = dict(frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.2, ignore_eos=True)
+    reqs = [Request(id=i, prompt=PROMPTS[i % 5], params=greedy(2 + (5 * i) % 9, ignore_eos=True)) for i in range(8)]
+    reqs[1] = Request(id=1, prompt=PROMPTS[1], params=greedy(9, **pen))
+    reqs[2] = Request(id=2, prompt=PROMPTS[2], params=greedy(5, **pen))
+    res = e.generate_all(reqs)
+    assert all(r.ok for r in res), [r.error_message for r in res]
+    V = e.runner.dims.vocab
+    assert e.runner.slots >= 4
+    assert tuple(e.runner.penalty_counts.shape) == (1, V) and tuple(e.runner.penalty_seen.shape) == (1, V)
+    assert set(shapes) == {(1, V)}  # one penalty row at a time, among up to four
+    # Every token of both penalty rows, each penalized alone, and the one step each computes in flight
+    # after its last token (scheduler.py), before it leaves with its table.
+    assert len(shapes) == (9 + 1) + (5 + 1)
+    for i in (1, 2, 0, 4):
+        alone = variant(engine).generate_all([reqs[i]])[0]
+        assert res[i].token_ids == alone.token_ids, i

@@ -13,8 +13,8 @@ def test_smoke_runs_every_workload_and_the_engine_computes_what_generate_does(tm
     out = tmp_path / "bench.json"
     md = tmp_path / "RESULTS.md"
     res = throughput.main(["--smoke", "--cache-dir", os.environ["LLMBATCH_MODEL_CACHE"],
-                           "--workloads", "fixed,sampled,mixed,penalties", "--json-out", str(out), "--results-md", str(md)])
-    assert json.loads(out.read_text())["workloads"].keys() == {"fixed", "sampled", "mixed", "penalties"}
+                           "--workloads", "fixed,sampled,mixed,penalties,logprobs1", "--json-out", str(out), "--results-md", str(md)])
+    assert json.loads(out.read_text())["workloads"].keys() == {"fixed", "sampled", "mixed", "penalties", "logprobs1"}
     w = res["workloads"]
     n, new = w["fixed"]["prompts"], 8  # --smoke: 6 prompts, 8 new tokens, EOS ignored
     for name in ("fixed", "sampled"):
@@ -30,12 +30,15 @@ def test_smoke_runs_every_workload_and_the_engine_computes_what_generate_does(tm
     # issue 19: fixed's prompts with a penalty line and a logprobs line: all made, no batch failed.
     assert w["penalties"]["engine"]["output_tokens"] == n * new and w["penalties"]["vs_fixed"] > 0
     assert all(w[k]["engine"]["batch_failures"] == 0 for k in w)
+    # issue 18: one logprobs line among fixed's, and no workload read a step back before queuing the next.
+    assert w["logprobs1"]["engine"]["output_tokens"] == n * new and w["logprobs1"]["vs_fixed"] > 0
+    assert all(w[k]["engine"]["host_waits"] == 0 for k in w)
     # The first token comes from the prefill, the other 7 from decode steps; the async loop computes at
     # most one step too many per row (the step in flight when the row is seen to finish).
     s = w["fixed"]["engine"]["scheduler"]
     assert n * (new - 1) <= s["decode_tokens"] <= s["decode_slots"] <= n * new
     rows = [line for line in md.read_text().splitlines() if line.startswith("| 20")]
-    assert [r.split(" | ")[3] for r in rows] == ["fixed", "sampled", "mixed", "penalties"]
+    assert [r.split(" | ")[3] for r in rows] == ["fixed", "sampled", "mixed", "penalties", "logprobs1"]
 
 
 def test_smoke_json_and_n4_workloads(tmp_path):

@@ -32,6 +32,9 @@ class EngineConfig:
     shared_prefix_min: int = 64
     prefix_slots: int = 4
     prefix_max_len: int = 2048
+    # Rows with frequency/presence/repetition penalties decoding at once; their tables (5 bytes x vocab
+    # each: 0.6 MB at 128k) are reserved out of the KV budget. More such rows wait for a free table.
+    penalty_rows: int = 64
     max_adapters: int = 16  # LoRA adapters held at once (LRU); their stacks are allocated at this capacity
     # Test hook: pretend the device runs out of memory for batches bigger than this.
     oom_above_batch: int | None = None

@@ -83,9 +83,16 @@ class Engine:
         free, _ = torch.cuda.mem_get_info(self.device)
         # Memory our own cache and the allocator's idle blocks hold is free for this purpose.
         held = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        if self.runner is not None and self.runner.kv is not None:
+        if self.runner is not None and self.runner.kv is not None:  # the cache and its penalty tables
             held += self.runner.kv.numel() * self.runner.kv.element_size()
-        return int((free + held) * self.config.kv_memory_fraction / self.kv_bytes_per_token())
+            held += Runner.penalty_bytes(self.runner.penalty_counts.shape[0], self.runner.dims.vocab)
+        # The penalty tables come out of the same share, reserved before any row asks for them.
+        tables = Runner.penalty_bytes(self.penalty_tables(), Dims.of(self.model).vocab)
+        return int(((free + held) * self.config.kv_memory_fraction - tables) / self.kv_bytes_per_token())
+
+    def penalty_tables(self) -> int:
+        """Rows with penalties that may decode at once (controls.py), at least one."""
+        return max(1, min(self.config.penalty_rows, self.config.max_batch_size))
 
     # -- public ---------------------------------------------------------------
 
@@ -263,6 +270,7 @@ class Engine:
         CPU it is as large as this batch needs (at least 4,096 tokens, so fed chunks fit too).
         """
         r, c = self.runner, self.config
+        tables = self.penalty_tables()
         total = self.token_budget()
         prefix_len = c.prefix_max_len if self.device.type == "cuda" else \
             min(c.prefix_max_len, max((len(p.ids) for p in batch), default=1))
@@ -279,8 +287,9 @@ class Engine:
             rows = min(c.max_batch_size, max(sum(p.params.n for p in batch), 64))
         stored = r.prefix_kv.shape[2] if r.kv is not None and r.prefix_kv is not None else 0
         if r.kv is None or r.slots < min(rows, slots) or r.blocks < want or stored != prefixes or \
-                (prefixes and r.prefix_kv.shape[4] < prefix_len):
-            r.allocate(max(rows, min(slots, c.max_batch_size)), want, self.context_length, prefixes, prefix_len)
+                (prefixes and r.prefix_kv.shape[4] < prefix_len) or r.penalty_counts.shape[0] != tables:
+            r.allocate(max(rows, min(slots, c.max_batch_size)), want, self.context_length, prefixes, prefix_len,
+                       tables)
         return min(slots, r.slots)
 
     def _loop(self, batch: list[Prepared], slots: int, feed: Callable[[], list[Prepared]] | None = None,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from . import paged
+from .host import upload
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class Runner:
         self.device = self.base.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.kv: torch.Tensor | None = None
+        self.penalty_counts: torch.Tensor | None = None  # [P, V] int32, with the cache (allocate)
+        self.penalty_seen: torch.Tensor | None = None  # [P, V] bool
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # (rows bucket, *adapters' key)
         self.seen: set[tuple] = set()
         self.graph_retry_at = 0  # after a failed capture, eager steps until this step count
@@ -111,9 +114,11 @@ class Runner:
 
     # -- cache ----------------------------------------------------------------
 
-    def allocate(self, slots: int, blocks: int, max_len: int, prefixes: int = 0, prefix_len: int = 0) -> None:
+    def allocate(self, slots: int, blocks: int, max_len: int, prefixes: int = 0, prefix_len: int = 0,
+                 penalty_rows: int = 1) -> None:
         """A pool of `blocks` blocks, `slots` rows, rows up to max_len tokens; `prefixes` shared prompt
-        prefixes of up to prefix_len tokens, each stored once; plus the step's static tensors."""
+        prefixes of up to prefix_len tokens, each stored once; tables for `penalty_rows` rows with
+        penalties at once (controls.py); plus the step's static tensors."""
         self.release()
         d = self.dims
         # Zeros, not empty: a masked key still meets V in the product (0 * NaN garbage = NaN).
@@ -138,6 +143,9 @@ class Runner:
         self.prefix_of = torch.full((slots,), -1, dtype=torch.long, device=self.device)  # [S] -1: none
         self.offset = torch.zeros(slots, dtype=torch.long, device=self.device)  # [S] its prefix's length
         self.prefixes_live = 0  # prefix slots [0, n) decode attends to: part of the graph key
+        # Penalty tables [P, V]: tokens generated (counts) and seen in the prompt or generated.
+        self.penalty_counts = torch.zeros(penalty_rows, d.vocab, dtype=torch.int32, device=self.device)
+        self.penalty_seen = torch.zeros(penalty_rows, d.vocab, dtype=torch.bool, device=self.device)
         if self.use_graphs:
             self.pool = torch.cuda.graph_pool_handle()
 
@@ -155,7 +163,7 @@ class Runner:
 
     def release(self) -> None:
         # Graphs hold pointers into the cache, so they go with it.
-        self.kv = None
+        self.kv = self.penalty_counts = self.penalty_seen = None
         self.graphs.clear()
         self.seen.clear()
         if self.device.type == "cuda":
@@ -174,6 +182,11 @@ class Runner:
         return self.width * BLOCK
 
     @staticmethod
+    def penalty_bytes(rows: int, vocab: int) -> int:
+        """Memory of the penalty tables for `rows` rows: counts int32 and seen bool, [rows, V] each."""
+        return rows * vocab * (4 + 1)
+
+    @staticmethod
     def blocks_for(tokens: int) -> int:
         return -(-tokens // BLOCK)
 
@@ -186,7 +199,7 @@ class Runner:
         for b in ids:
             self.refs[b] = 1
         self.owned[slot] = ids
-        self.block_table[slot, :n] = torch.tensor(ids, dtype=torch.int32, device=self.device)
+        self.block_table[slot, :n] = upload(ids, torch.int32, self.device)
         return True
 
     def can_take(self, blocks: int) -> bool:
@@ -219,7 +232,7 @@ class Runner:
         if shared % BLOCK:
             self.kv[:, :, ids[full]].copy_(self.kv[:, :, self.owned[src][full]])
         self.owned[dst] = ids
-        self.block_table[dst, :n] = torch.tensor(ids, dtype=torch.int32, device=self.device)
+        self.block_table[dst, :n] = upload(ids, torch.int32, self.device)
         if self.lora is not None:  # the choice runs the same adapter
             self.lora.move(src, dst)
         self.prefix_of[dst] = self.prefix_of[src]
@@ -263,7 +276,7 @@ class Runner:
     @torch.inference_mode()
     def prefill_prefix(self, p: int, ids: list[int]) -> None:
         """A shared prefix's tokens, run once, into prefix slot p: later rows attend to it, not recompute it."""
-        t = torch.tensor([ids], device=self.device)
+        t = upload([ids], torch.long, self.device)
         T = t.shape[1]
         if self.lora is not None:
             self.lora.select(0, 0)  # prefixes are shared by rows without an adapter only

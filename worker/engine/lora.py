@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .host import upload
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RANK = 64
 # peft's key for one LoRA matrix of one projection, adapter name already stripped by load_peft_weights.
@@ -295,7 +297,7 @@ class Registry:
         for i, s in enumerate(slots):
             if s >= 0:
                 rows[i, s] = self.slot_scale[s]
-        self.w[first_row:first_row + len(slots)].copy_(rows)
+        self.w[first_row:first_row + len(slots)].copy_(upload(rows, self.w.dtype, self.w.device))
 
     def move(self, src: int, dst: int) -> None:
         self.row_slot[dst] = self.row_slot[src]

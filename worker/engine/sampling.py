@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .host import upload
 from .types import SamplingParams
 
 # splitmix64 constants, as signed 64-bit integers (torch has no uint64 arithmetic).
@@ -79,6 +80,50 @@ class RowSampling:
             max_top_k=max([p.top_k for p in sampled if p.top_k > 0], default=0),
             any_top_p=any(p.top_p < 1 for p in sampled),
         )
+
+
+class SlotSampling:
+    """RowSampling's tensors for every slot [S], kept on the device and written by index when rows are
+    admitted or moved, so a step's settings are views of slots [lo, lo + B): no host-to-device copy."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.device = device
+        self.temperature = torch.ones(slots, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self.seed = torch.zeros(slots, dtype=torch.long, device=device)
+        self.greedy = torch.ones(slots, dtype=torch.bool, device=device)
+        self.params: list[SamplingParams | None] = [None] * slots  # host copy, for RowSampling's flags
+        self._view: tuple | None = None  # ((lo, B), RowSampling): valid until a slot changes
+
+    def admit(self, lo: int, params: list[SamplingParams], seeds: list[int]) -> None:
+        """Rows of slots [lo, lo + len(params)): one pinned upload per tensor."""
+        hi = lo + len(params)
+        self.temperature[lo:hi] = upload([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                         torch.float32, self.device)
+        self.top_p[lo:hi] = upload([p.top_p for p in params], torch.float32, self.device)
+        self.top_k[lo:hi] = upload([p.top_k for p in params], torch.long, self.device)
+        self.seed[lo:hi] = upload(seeds, torch.long, self.device)
+        self.greedy[lo:hi] = upload([p.temperature <= 0 for p in params], torch.bool, self.device)
+        self.params[lo:hi] = params
+        self._view = None
+
+    def move(self, src: int, dst: int) -> None:
+        for t in (self.temperature, self.top_p, self.top_k, self.seed, self.greedy):
+            t[dst] = t[src]  # a copy on the device
+        self.params[dst], self.params[src] = self.params[src], None
+        self._view = None
+
+    def rows(self, lo: int, B: int) -> "RowSampling":
+        """The settings of slots [lo, lo + B), every one admitted."""
+        if self._view is None or self._view[0] != (lo, B):
+            sampled = [p for p in self.params[lo:lo + B] if p.temperature > 0]
+            s = slice(lo, lo + B)
+            self._view = ((lo, B), RowSampling(
+                self.temperature[s], self.top_p[s], self.top_k[s], self.seed[s], self.greedy[s],
+                all_greedy=not sampled, max_top_k=max([p.top_k for p in sampled if p.top_k > 0], default=0),
+                any_top_p=any(p.top_p < 1 for p in sampled)))
+        return self._view[1]
 
 
 def sample(logits: torch.Tensor, s: RowSampling, position: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,20 @@ once enough of them open (or none is live), so a prefill chunk is big enough to 
 
 The host never waits for the step it just launched: step t+1 is queued on the device before the
 host reads step t's tokens back (copied asynchronously) and does its bookkeeping, so that work
-overlaps the GPU. A row found finished at step t has computed one token too many at t+1, which
-is dropped. `more` lets the caller feed new prompts while the tail of the current ones decodes;
-`dropped` lets it take items out (a cancelled job): they leave the batch at the next step, freed
-like finished rows, and come back as rows with finish_reason "cancelled".
+overlaps the GPU. Every read goes through host.Readback, which counts in Stats.host_waits the
+launches whose results were read before another was queued (0 in a loop that keeps this promise);
+host values go to the device through pinned, asynchronous copies (host.upload), and the rows'
+sampling settings live on the device per slot (SlotSampling), written when a row comes or moves.
+A row found finished at step t has computed one token too many at t+1, which is dropped. `more`
+lets the caller feed new prompts while the tail of the current ones decodes; `dropped` lets it
+take items out (a cancelled job): they leave the batch at the next step, freed like finished rows,
+and come back as rows with finish_reason "cancelled".
 
 Rows with per-step controls (controls.py: grammar masks, penalties, logit_bias, logprobs) have
 their masks filled on the CPU while the step's forward runs: the grammar matchers take step t's
 tokens (waiting for them) only once step t+1 is queued, so the GPU keeps going while the host
-advances them and fills the masks. Logprobs are recorded as each step's tokens arrive.
+advances them and fills the masks. Logprobs are computed on the device and copied with the step's
+tokens, and recorded when those are absorbed.
 An item with n > 1 choices is prefilled once; its other choices fork the prompt's cache blocks.
 
 Prompts that share a token prefix of at least `prefix_min` tokens (a system prompt, few-shot
@@ -37,8 +42,9 @@ import torch
 from .controls import Controls, needs_controls
 from .generate import RowOutput
 from .forward import Runner
+from .host import Copy, Readback, upload
 from .prefixes import Prefix, Prefixes
-from .sampling import RowSampling, row_seed, sample
+from .sampling import SlotSampling, row_seed, sample
 from .types import SamplingParams
 
 MIN_PREFILL = 4096  # padded tokens a prefill chunk may take whatever its padding: smaller ones run slowly
@@ -74,26 +80,22 @@ class Seq:
 
 @dataclass
 class Launch:
-    """Tokens chosen on the device for `seqs` (in slot order at launch), being copied to the host."""
+    """Results of one launch for `seqs` (in slot order at launch), being copied to the host: the tokens
+    [B], then for the rows `logprob_rows` (indices into seqs) logprob [R], top [R, k], top ids [R, k]."""
 
     seqs: list[Seq]
-    tokens: torch.Tensor  # [len(seqs)] on the host (pinned on CUDA)
-    event: torch.cuda.Event | None
+    copy: Copy
+    readback: Readback
+    logprob_rows: list[int]
 
     @classmethod
-    def of(cls, seqs: list[Seq], tokens: torch.Tensor) -> "Launch":
-        if tokens.device.type != "cuda":
-            return cls(seqs, tokens.clone(), None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return cls(seqs, host, event)
+    def of(cls, readback: Readback, step: int, seqs: list[Seq], tokens: torch.Tensor,
+           logprobs: tuple[list[int], list[torch.Tensor]]) -> "Launch":
+        rows, tensors = logprobs
+        return cls(seqs, readback.copy(step, [tokens, *tensors]), readback, rows)
 
     def values(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.tokens.tolist()
+        return self.readback.read(self.copy)[0]
 
 
 @dataclass
@@ -109,6 +111,9 @@ class Stats:
     prefill_s: float = 0.0  # host wall time launching and waiting on prefill chunks
     decode_s: float = 0.0  # host wall time in the decode loop outside prefill, bookkeeping included
     controls_s: float = 0.0  # of which in per-step controls (grammar masks, logprobs), not waiting for tokens
+    # Launches (decode steps, prefill chunks) whose results the host read before it queued the next one,
+    # the device idling meanwhile (host.Readback): 0 when the loop overlaps as it promises.
+    host_waits: int = 0
     # Runs of items that failed together and took the engine's retry path (out-of-memory back-off,
     # split, or a lone item failed): 0 whenever the input is valid and memory suffices.
     batch_failures: int = 0
@@ -142,7 +147,10 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
     dropped: asked once per step for item indices to take out; each such item still waiting or
     live ends at once with n rows of finish_reason CANCELLED (tokens so far kept), yielded without
     waiting for flush_seconds. Items already finished are not affected."""
-    controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars)
+    controls = Controls(runner.slots, runner.dims.vocab, runner.device, grammars, runner.penalty_counts,
+                        runner.penalty_seen)
+    sampling = SlotSampling(runner.slots, runner.device)
+    readback = Readback(stats)
     runner.reset()
     prefixes = Prefixes(runner, prefix_min, stats)
     done: list[tuple[int, RowOutput]] = []
@@ -152,7 +160,8 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
         now ("too_many_rows"), before it takes a prefix or blocks the queue."""
         ok = []
         for i in new:
-            if items[i].params.n > slots:
+            p = items[i].params
+            if p.n > slots or (p.uses_penalties and p.n > controls.tables):
                 done.append((i, RowOutput(finish_reason="too_many_rows", started_at=time.time(),
                                           finished_at=time.time())))
             else:
@@ -170,29 +179,27 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
     refill_at = max(1, int(slots * refill_fraction))
     last_flush = time.monotonic()
     asked = 0.0
-    sampling, dirty = None, True
     try:
         while True:
             t_loop = time.perf_counter()
             launch = None
             if active:  # 1. queue step t+1 before looking at step t
                 B = len(active)
-                if dirty:  # the live set changed: rebuild its sampling tensors
-                    sampling = RowSampling.build([s.params for s in active], [s.seed for s in active], runner.device)
-                    dirty = False
                 logits = runner.decode(B, max(s.pos for s in active))
+                step = readback.launch()
                 ctl = controls if controls.active else None
                 if ctl is not None:  # masks filled on the CPU while the forward runs, applied on the GPU
                     t_ctl = time.perf_counter()
                     logits = ctl.process(0, logits)
                     stats.controls_s += time.perf_counter() - t_ctl
-                nxt = sample(logits, sampling, runner.pos[:B] + 1)  # [B], stays on the device
+                nxt = sample(logits, sampling.rows(0, B), runner.pos[:B] + 1)  # [B], stays on the device
                 runner.tokens[:B] = nxt
                 runner.pos[:B] += 1
-                launch = Launch.of(list(active), nxt)
-                if ctl is not None:  # penalty counts on the device; logprobs need the tokens here
-                    t_ctl = time.perf_counter()
-                    ctl.after(0, logits, nxt, launch.values)
+                t_ctl = time.perf_counter()
+                lp = ctl.logprobs(0, logits, nxt) if ctl is not None else ([], [])  # read with the tokens
+                launch = Launch.of(readback, step, list(active), nxt, lp)
+                if ctl is not None:  # penalty counts on the device; the grammar takes the tokens later
+                    ctl.after(0, nxt, launch.values)
                     stats.controls_s += time.perf_counter() - t_ctl
                 for s in active:
                     s.pos += 1
@@ -207,8 +214,7 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
                 if gone and _drop(gone, items, waiting, active, done, prefixes):
                     last_flush = float("-inf")  # hand them back now
             if any(s.row.finish_reason for s in active):  # 3. free finished rows' blocks and slots
-                done += _retire(runner, active, controls if controls.active else None, prefixes)
-                dirty = True
+                done += _retire(runner, active, sampling, controls if controls.active else None, prefixes)
             if more is not None and len(waiting) < slots and (
                     not (waiting or active or inflight) or time.monotonic() - asked >= MORE_EVERY_S):
                 asked = time.monotonic()
@@ -221,10 +227,10 @@ def run_slots(runner: Runner, items: list[Prompt], slots: int, prefill_tokens: i
             free = slots - len(active)
             if waiting and free and (not active or free >= refill_at):  # 4. refill
                 t0 = time.perf_counter()
-                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats, controls, prefixes)
+                admitted = _admit(runner, items, waiting, active, free, prefill_tokens, stats, controls, prefixes,
+                                  sampling, readback)
                 if admitted:
                     inflight += admitted
-                    dirty = True
                 elif not active and not inflight:
                     i = waiting.popleft()  # alone in an empty pool and still too big: it can never run
                     row = RowOutput(finish_reason="too_long", started_at=time.time(), finished_at=time.time())
@@ -268,19 +274,29 @@ def _drop(gone: set[int], items: list[Prompt], waiting: deque, active: list[Seq]
 
 
 def _absorb(launch: Launch, check: Check) -> None:
-    """Append a launch's tokens to rows still running, then mark the finished ones."""
+    """Append a launch's tokens (and logprobs) to rows still running, then mark the finished ones.
+    A launch whose rows had all finished is not read: its tokens are dropped anyway."""
+    if all(s.row.finish_reason for s in launch.seqs):
+        return
+    tokens, *logprobs = launch.readback.read(launch.copy)
+    lp = dict(zip(launch.logprob_rows, zip(*logprobs))) if launch.logprob_rows else {}
     rows = []
-    for s, t in zip(launch.seqs, launch.values()):
+    for j, (s, t) in enumerate(zip(launch.seqs, tokens)):
         if s.row.finish_reason:
             continue  # finished at the step before: this token was computed in flight, and is dropped
         s.row.tokens.append(t)
+        if j in lp:  # (the token, its logprob, the top_logprobs (id, logprob) pairs)
+            mine, top, ids = lp[j]
+            k = s.params.top_logprobs
+            s.row.logprobs.append((t, mine, list(zip(ids[:k], top[:k]))))
         rows.append((s.row, s.params))
     if rows:
         check(rows)
 
 
 def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq], free: int,
-           prefill_tokens: int, stats: Stats, controls: Controls, prefixes: Prefixes) -> list[Launch]:
+           prefill_tokens: int, stats: Stats, controls: Controls, prefixes: Prefixes, sampling: SlotSampling,
+           readback: Readback) -> list[Launch]:
     """Prefill waiting prompts into free slots and free blocks, in chunks of at most prefill_tokens
     padded tokens; their first tokens are chosen on the device. Returns the launches to absorb.
 
@@ -299,7 +315,7 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
             head = None
         skip = len(head.ids) if head is not None else 0  # prompt tokens the prefix holds
         chunk: list[int] = []
-        width = used = 0
+        width = used = tables = 0
         while waiting and used + items[waiting[0]].params.n <= free and items[waiting[0]].prefix is head:
             i = waiting[0]
             it = items[i]
@@ -312,17 +328,20 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
             if chunk and (len(chunk) + 1) * w > MIN_PREFILL and real < 0.9 * (len(chunk) + 1) * w:
                 break
             forks = (it.params.n - 1) * runner.fork_cost(own, need)
+            pen = it.params.n if it.params.uses_penalties else 0
+            if tables + pen > controls.tables_free():
+                break  # its penalty tables are in use until penalty rows finish
             if not runner.can_take(runner.blocks_for(need) + forks) or \
                     not runner.reserve(len(active) + len(chunk), need):
                 break  # the pool is full until rows finish
             runner.hold(forks)  # kept back for the choices, given to them after the prefill
             chunk.append(waiting.popleft())
-            width, used = w, used + it.params.n
+            width, used, tables = w, used + it.params.n, tables + pen
         if not chunk:
             break
-        ids = torch.tensor([items[i].ids[skip:] + [0] * (width - len(items[i].ids) + skip) for i in chunk],
-                           device=device)
-        lengths = torch.tensor([len(items[i].ids) - skip for i in chunk], device=device)  # own tokens
+        ids = upload([items[i].ids[skip:] + [0] * (width - len(items[i].ids) + skip) for i in chunk], torch.long,
+                     device)
+        lengths = upload([len(items[i].ids) - skip for i in chunk], torch.long, device)  # own tokens
         seqs = [Seq(i, items[i].params.for_choice(0), row_seed(items[i].params), len(items[i].ids),
                     RowOutput(started_at=time.time(), cached=skip), head) for i in chunk]
         first_slot = len(active)
@@ -330,6 +349,7 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
         if runner.lora is not None:  # each row's adapter goes into its slot
             runner.lora.assign(first_slot, [items[i].adapter for i in chunk])
         logits = runner.prefill(first_slot, ids, lengths, head.slot if head else -1, skip)  # [k, V]
+        step = readback.launch()
         src = list(range(len(chunk)))
         for j, i in enumerate(chunk):  # the other choices of n > 1 items: no second prefill
             it = items[i]
@@ -344,22 +364,23 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
                 seqs.append(extra)
                 src.append(j)
         if len(src) > len(chunk):
-            idx = torch.tensor(src, device=device)
+            idx = upload(src, torch.long, device)
             logits, lengths = logits[idx], lengths[idx]
         ctl = controls if controls.active or any(needs_controls(s.params) for s in seqs) else None
         if ctl is not None:
             for j, s in enumerate(seqs):
                 ctl.admit(first_slot + j, s.params, items[s.index].grammar, s.row, items[s.index].ids)
             logits = ctl.process(first_slot, logits)
-        sampling = RowSampling.build([s.params for s in seqs], [s.seed for s in seqs], device)
-        at = lengths + skip  # the first new token sits at position len(prompt)
-        first = sample(logits, sampling, at)
         k = len(seqs)
+        sampling.admit(first_slot, [s.params for s in seqs], [s.seed for s in seqs])
+        at = lengths + skip  # the first new token sits at position len(prompt)
+        first = sample(logits, sampling.rows(first_slot, k), at)
         runner.tokens[first_slot:first_slot + k] = first
         runner.pos[first_slot:first_slot + k] = at
-        launch = Launch.of(seqs, first)
+        lp = ctl.logprobs(first_slot, logits, first) if ctl is not None else ([], [])
+        launch = Launch.of(readback, step, seqs, first, lp)
         if ctl is not None:
-            ctl.after(first_slot, logits, first, launch.values)
+            ctl.after(first_slot, first, launch.values)
         launches.append(launch)
         free -= k
         stats.prefills += 1
@@ -368,13 +389,15 @@ def _admit(runner: Runner, items: list[Prompt], waiting: deque, active: list[Seq
     return launches
 
 
-def _retire(runner: Runner, active: list[Seq], ctl: Controls | None = None,
+def _retire(runner: Runner, active: list[Seq], sampling: SlotSampling, ctl: Controls | None = None,
             prefixes: Prefixes | None = None) -> list[tuple[int, RowOutput]]:
     """Drop finished rows and free their blocks; move the last live rows into their slots."""
     out = [(s.index, s.row) for s in active if s.row.finish_reason]
     for j, s in enumerate(active):
         if s.row.finish_reason:
             runner.free(j)
+            if ctl is not None:
+                ctl.free(j)
             if s.prefix is not None and prefixes is not None:
                 prefixes.release(s.prefix)
     n = len(active) - len(out)
@@ -382,6 +405,7 @@ def _retire(runner: Runner, active: list[Seq], ctl: Controls | None = None,
     movers = [j for j in range(n, len(active)) if not active[j].row.finish_reason]
     for h, m in zip(holes, movers):
         runner.move(m, h)
+        sampling.move(m, h)
         if ctl is not None:  # the row's controls follow it
             ctl.move(m, h)
         active[h] = active[m]
