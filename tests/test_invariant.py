@@ -123,6 +123,7 @@ model = torch.nn.Sequential(LlamaRMSNorm(128), bnb.nn.Linear4bit(128, 64, bias=F
 model = model.to(torch.bfloat16).eval()
 model[1] = model[1].to("cpu")
 assert invariant.use(model) == 3 and invariant.use(model) == 3  # idempotent
+assert invariant.use(model, False) == 3 and type(model[2]) is torch.nn.Linear and invariant.use(model) == 3
 assert isinstance(model[1], bnb.nn.Linear4bit) and isinstance(model[2], torch.nn.Linear)
 x = torch.randn(5, 128).to(torch.bfloat16)
 with torch.no_grad():

@@ -335,7 +335,7 @@ class Runner:
         # With a prefix, query i (position prefix_len + i) sees keys [0, prefix_len + i]: causal aligned
         # to the lower right, which flash attention runs as such (no [T, L + T] mask materialized).
         mask = causal_lower_right(T, prefix_len + T) if prefix >= 0 else None
-        own = lengths.tolist() if self.invariant and k > 1 else None  # attention prompt by prompt
+        own = lengths.tolist() if self.invariant and k > 1 and prefix < 0 else None  # attention prompt by prompt
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, self.dims.head_dim)

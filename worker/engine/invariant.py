@@ -211,16 +211,20 @@ def plain_rms_norm(module) -> bool:
         and not type(module).__name__.startswith("Gemma")
 
 
-def use(model) -> int:
+def use(model, on: bool = True) -> int:
     """Swap every Linear4bit, plain nn.Linear and Llama-style RMSNorm of the model to the invariant
-    forwards above; returns how many. For CUDA (Triton); before an Engine is made (graphs keep what
-    they captured). Idempotent."""
+    forwards above (on=False: back to their own classes, bitsandbytes' for NF4); returns how many.
+    For CUDA (Triton); before an Engine is made (graphs keep what they captured). Idempotent."""
     import bitsandbytes as bnb
 
     n = 0
     for m in model.modules():
         base = _base(m)
-        if issubclass(base, bnb.nn.Linear4bit):
+        if not on:
+            n += type(m) is not base
+            m.__class__ = base
+            continue
+        elif issubclass(base, bnb.nn.Linear4bit):
             m.__class__ = _ours(base, _linear4bit)
         elif base is torch.nn.Linear:
             m.__class__ = _ours(base, _linear)
