@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.lines, args.mates, args.new_tokens = min(args.lines, 4), min(args.mates, 8), min(args.new_tokens, 8)
         args.min_len, args.max_len, args.cost_prompts = 8, 40, min(args.cost_prompts, 6)
         args.sizes = "1,3,8"
+        args.budget_s = float("inf")
     if args.results_md is None and not args.smoke:
         args.results_md = str(Path(__file__).with_name("RESULTS.md"))
     if args.model is None:

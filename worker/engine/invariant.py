@@ -1,15 +1,17 @@
 """Batch-invariant mode (issue 22): a row's logits are a function of its own tokens, bitwise.
 
-Whatever its batch mates, its slot and the batch's padded width. The sampler already draws from a
-row's own logits, seed and position only (sampling.py), so a seeded line then repeats its tokens in
-any batch. Two paths, one promise:
+Whatever its batch mates, its slot and the batch's padded width. The sampler draws from a row's
+own logits, seed and position only (sampling.py, its scans included), so a seeded line then repeats
+its tokens in any batch. Two paths, one promise:
 
 - Off CUDA (the CPU, CI, the bundled model): each row's forward runs alone, a batch of one
   (forward.Runner with invariant=True): decode row by row, prefill prompt by prompt, so every shape a
   row meets is set by the row itself (M = 1 or its prompt's length, attention over its own length).
-  What made rows differ there (bitsandbytes' CPU 4-bit matmul rounding, attention sums over the
-  padded width, matmul blocking by M) then has nothing to vary with. It costs a weight read per row
-  per step instead of one per step: fine for the small models run on CPUs.
+  What made rows differ there (matmul blocking by M, attention sums over the padded width) then has
+  nothing to vary with. The NF4 weights are dequantized once to float32 (`dequantized`): exact
+  float32 products, where bitsandbytes' CPU 4-bit path rounds at bf16 and dequantizes on every
+  call. It costs a weight pass per row per step instead of one per step, and 4 bytes a weight:
+  fine for the small models run on CPUs.
 - On CUDA, batched, through kernels whose reduction order per output element is fixed by the shape's
   N and K (never by M or by which rows share a tile): NF4 projections through nf4.py (its plan is
   per (N, K)); dense Linear (the LM head) through `matmul` below (fixed tiles, no split-K); RMSNorm
