@@ -6,6 +6,16 @@ import os
 from dataclasses import dataclass, field
 
 
+def env_flag(name: str) -> bool:
+    """A boolean environment variable: unset or empty is off; anything but 0/1/true/false/yes/no fails."""
+    raw = (os.environ.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={os.environ[name]!r}: use 1 (on) or 0 (off)")
+
+
 @dataclass
 class EngineConfig:
     model: str  # a bundled alias, a local path or a hub id
@@ -16,6 +26,11 @@ class EngineConfig:
     # or "triton" (ours, worker/engine/nf4.py: fused, batch-invariant). bnb is the default: on an H200
     # ours is correct and invariant but slower (benchmarks/RESULTS.md, issue 18).
     nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "bnb")
+    # Batch-invariant mode (issue 22): a row's logits, hence a seeded line's tokens, are bitwise the same
+    # whatever its batch mates, slot and the batch's padded width (README, "Reproducibility"). It
+    # forces nf4_kernel="triton" (GPUs) and shared_prefix_min=0 (a shared prefix is computed apart from
+    # the rest of the prompt, which a line alone never is). Off by default: its cost is unmeasured.
+    batch_invariant: bool = field(default_factory=lambda: env_flag("LLMBATCH_BATCH_INVARIANT"))
     cache_dir: str | None = None  # where converted checkpoints (the bundled GGUF) are kept
     # Batching. Rows decode together in "slots" of a KV cache sized slots x (longest prompt + max_tokens).
     # max_batch_size caps the slots; max_batch_tokens caps slots x columns, and 0 derives it from
@@ -38,3 +53,7 @@ class EngineConfig:
     max_adapters: int = 16  # LoRA adapters held at once (LRU); their stacks are allocated at this capacity
     # Test hook: pretend the device runs out of memory for batches bigger than this.
     oom_above_batch: int | None = None
+
+    def __post_init__(self):
+        if self.batch_invariant:
+            self.nf4_kernel, self.shared_prefix_min = "triton", 0

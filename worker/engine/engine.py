@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Iterator
 
 import torch
 
-from . import chat, loading, lora, retry
+from . import chat, invariant, loading, lora, retry
 from .config import EngineConfig
 from .generate import RowOutput, check_finished, decode_output, generate_padded
 from .forward import BLOCK, Dims, Runner, supports
@@ -52,7 +52,13 @@ class Engine:
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
         self.eos_ids = self._eos_ids()
         self.max_batch_size = config.max_batch_size
-        self.runner = Runner(self.model, self.dtype, config.cuda_graphs) if supports(self.model) else None
+        self.runner = Runner(self.model, self.dtype, config.cuda_graphs, config.batch_invariant) \
+            if supports(self.model) else None
+        if self.runner is None and config.batch_invariant:
+            raise ValueError(f"batch-invariant mode needs the slot runner, which {cfg.model_type} lacks "
+                             "(LLMBATCH_BATCH_INVARIANT)")
+        if config.batch_invariant and self.device.type == "cuda":  # the CPU's runner goes row by row instead
+            log.info("batch-invariant mode: %d modules swapped", invariant.use(self.model))
         if self.runner is None:
             log.warning("%s: no slot runner for this architecture; using padded batches", cfg.model_type)
         self.stats = Stats()

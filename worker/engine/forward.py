@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from . import paged
+from . import invariant, paged
 from .host import upload
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,17 @@ def row_buckets(max_rows: int) -> list[int]:
     """Decode batch sizes a graph is captured for: 1, 2, 4, 8, 16, 32, then steps of 32."""
     sizes = [b for b in (1, 2, 4, 8, 16) if b < max_rows] + list(range(32, max_rows, 32)) + [max_rows]
     return sorted(set(sizes))
+
+
+def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
+                 gqa: bool) -> torch.Tensor:
+    """Causal attention prompt by prompt over its own length: q [k, Hq, T, D], k/v [k, Hkv, T, D] ->
+    [k, Hq, T, D] (padding left zero). The kernel's choice and tiling then never see the batch."""
+    o = torch.zeros_like(q)
+    for j, n in enumerate(lengths):
+        o[j, :, :n] = F.scaled_dot_product_attention(q[j:j + 1, :, :n], k[j:j + 1, :, :n], v[j:j + 1, :, :n],
+                                                     is_causal=True, scale=scale, enable_gqa=gqa)[0]
+    return o
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +86,8 @@ class Dims:
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm as one fused kernel where it is the plain kind (7 elementwise passes in eager)."""
     eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or type(norm).__name__.startswith("Gemma"):  # Gemma scales by 1 + weight
+    # Gemma scales by 1 + weight; invariant.use() swapped in a row-wise kernel of its own.
+    if eps is None or type(norm).__name__.startswith("Gemma") or getattr(norm, "_llmbatch_invariant", False):
         return norm(x)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
 
@@ -96,12 +108,17 @@ def _qkv(attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: 
 class Runner:
     """Prefill into slots and decode all slots one step; owns the paged KV cache and the graphs."""
 
-    def __init__(self, model, dtype: torch.dtype, use_graphs: bool = True):
+    def __init__(self, model, dtype: torch.dtype, use_graphs: bool = True, invariant: bool = False):
+        """invariant: a row's logits must not depend on its batch (invariant.py). On CUDA the modules are
+        invariant.use()'s, decode attention takes one split a row and prefill attention runs prompt by
+        prompt; elsewhere each row's forward runs alone (`rowwise`)."""
         self.model, self.dtype = model, dtype
         self.dims = Dims.of(model)
         self.base = model.model
         self.device = self.base.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.invariant = invariant
+        self.rowwise = invariant and self.device.type != "cuda"
         self.kv: torch.Tensor | None = None
         self.penalty_counts: torch.Tensor | None = None  # [P, V] int32, with the cache (allocate)
         self.penalty_seen: torch.Tensor | None = None  # [P, V] bool
@@ -304,6 +321,15 @@ class Runner:
         in the prefix store), ids are the rows' own tokens after it: they sit at positions
         prefix_len.. and attend to the prefix too.
         """
+        if not self.rowwise:
+            return self._prefill(first_slot, ids, lengths, prefix, prefix_len)
+        n = lengths.tolist()  # each prompt alone, unpadded (invariant.py)
+        with invariant.dequantized(self.model):
+            return torch.cat([self._prefill(first_slot + j, ids[j:j + 1, :n[j]], lengths[j:j + 1], prefix, prefix_len)
+                              for j in range(len(n))])
+
+    def _prefill(self, first_slot: int, ids: torch.Tensor, lengths: torch.Tensor, prefix: int,
+                 prefix_len: int) -> torch.Tensor:
         k, T = ids.shape
         if self.lora is not None:  # arm the adapter hooks for these slots
             self.lora.select(first_slot, k)
@@ -322,6 +348,7 @@ class Runner:
         # With a prefix, query i (position prefix_len + i) sees keys [0, prefix_len + i]: causal aligned
         # to the lower right, which flash attention runs as such (no [T, L + T] mask materialized).
         mask = causal_lower_right(T, prefix_len + T) if prefix >= 0 else None
+        own = lengths.tolist() if self.invariant and k > 1 and prefix < 0 else None  # attention prompt by prompt
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, self.dims.head_dim)
@@ -331,9 +358,12 @@ class Runner:
                 pk = self.prefix_kv[i, 0, prefix, :, :prefix_len][None].expand(k, -1, -1, -1)
                 pv = self.prefix_kv[i, 1, prefix, :, :prefix_len][None].expand(k, -1, -1, -1)
                 key, val = torch.cat([pk, key], 2), torch.cat([pv, val], 2)
-            o = F.scaled_dot_product_attention(q, key, val, is_causal=mask is None, attn_mask=mask,
-                                               scale=attn.scaling,
-                                               enable_gqa=self.dims.q_heads != self.dims.kv_heads)
+            if own is not None:
+                o = _attend_each(q, key, val, own, attn.scaling, self.dims.q_heads != self.dims.kv_heads)
+            else:
+                o = F.scaled_dot_product_attention(q, key, val, is_causal=mask is None, attn_mask=mask,
+                                                   scale=attn.scaling,
+                                                   enable_gqa=self.dims.q_heads != self.dims.kv_heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(k, T, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
         last = x[torch.arange(k, device=x.device), lengths - 1]  # [k, hidden]
@@ -341,32 +371,35 @@ class Runner:
             self.lora.select(0, 0)
         return self.model.lm_head(rms_norm(self.base.norm, last))
 
-    def _decode(self, B: int, max_len: int) -> torch.Tensor:
-        """One token for rows [0, B): self.tokens/pos [B] -> logits [B, V]. Static shapes for B on CUDA.
+    def _decode(self, B: int, max_len: int, first: int = 0) -> torch.Tensor:
+        """One token for rows [first, first + B): self.tokens/pos -> logits [B, V]. Static shapes for B on CUDA.
 
         A row's own tokens are in its blocks from its offset (its prefix's length) on; a row with a
         shared prefix attends to it through attend_prefixes, and the two parts merge exactly."""
         d = self.dims
-        tokens, pos = self.tokens[:B], self.pos[:B]
-        own = pos - self.offset[:B]  # index of the fed token among the row's own
-        block = self.block_table[:B].long().gather(1, (own // BLOCK)[:, None])[:, 0]  # [B]
+        live = slice(first, first + B)
+        tokens, pos = self.tokens[live], self.pos[live]
+        own = pos - self.offset[live]  # index of the fed token among the row's own
+        table = self.block_table[live]
+        block = table.long().gather(1, (own // BLOCK)[:, None])[:, 0]  # [B]
         offset = own % BLOCK
         x = self.base.embed_tokens(tokens[:, None])  # [B, 1, hidden]
         cos, sin = self.base.rotary_emb(x, pos[:, None])
         lens = own + 1
-        splits = paged.splits_for(B, d.kv_heads)
+        # Invariant: one split a row, so no merge whose association follows the row count.
+        splits = 1 if self.invariant else paged.splits_for(B, d.kv_heads)
         P = self.prefixes_live
-        rows = paged.prefix_rows(self.prefix_of[:B], P) if P and self.device.type == "cuda" else None
+        rows = paged.prefix_rows(self.prefix_of[live], P) if P and self.device.type == "cuda" else None
         for i, layer in enumerate(self.base.layers):
             attn = layer.self_attn
             q, key, val = _qkv(attn, rms_norm(layer.input_layernorm, x), cos, sin, d.head_dim)
             self._write(i, block, offset, key[:, :, 0], val[:, :, 0])
             if P:
-                o = paged.attend_shared(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
+                o = paged.attend_shared(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], table, lens,
                                         attn.scaling, max_len, splits, self.prefix_kv[i, 0, :P],
-                                        self.prefix_kv[i, 1, :P], self.prefix_of[:B], self.prefix_lens[:P], rows)
+                                        self.prefix_kv[i, 1, :P], self.prefix_of[live], self.prefix_lens[:P], rows)
             else:
-                o, _ = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], self.block_table[:B], lens,
+                o, _ = paged.attend(q[:, :, 0], self.kv[i, 0], self.kv[i, 1], table, lens,
                                     attn.scaling, max_len, splits)  # [B, Hq, D]
             x = x + attn.o_proj(o.reshape(B, 1, -1))
             x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
@@ -382,7 +415,15 @@ class Runner:
         # Graphs with and without the LoRA path differ: the adapters' state is part of the key.
         key = (rb, self.prefixes_live, *(self.lora.select(0, rows, live=B) if self.lora is not None else ()))
         try:
-            if not self.use_graphs:
+            if self.rowwise:  # a batch of one a row, attending to exactly its own length
+                with invariant.dequantized(self.model):
+                    for b, p in enumerate(self.pos[:B].tolist()):
+                        if self.lora is not None:
+                            self.lora.select(b, 1)
+                        self.logits[b:b + 1].copy_(self._decode(1, p + 1, first=b))
+                self.last_rows = B
+                self.stats["eager_steps"] += 1
+            elif not self.use_graphs:
                 self.logits[:B].copy_(self._decode(B, max_pos + 1))  # eager: exactly the live rows
                 self.last_rows = B
                 self.stats["eager_steps"] += 1

@@ -26,6 +26,9 @@ _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _M2 = 0x94D049BB133111EB - (1 << 64)
 _SEEDS = random.SystemRandom()
+# CUDA's row-wise scan picks its thread shape by the number of rows (and takes cub's scan for one row),
+# so a row's cumsum follows its batch. On CUDA the scans run over exactly this many rows (zero-padded).
+SCAN_ROWS = 512
 
 
 def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,6 +129,15 @@ class SlotSampling:
         return self._view[1]
 
 
+def cumsum(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> its row-wise inclusive cumsum, each row's bits independent of B."""
+    if not x.is_cuda:
+        return x.cumsum(dim=-1)  # the CPU kernel scans each row on its own, in order
+    B, V = x.shape
+    padded = torch.cat([x, x.new_zeros(-B % SCAN_ROWS, V)]) if B % SCAN_ROWS else x
+    return torch.cat([part.cumsum(dim=-1) for part in padded.split(SCAN_ROWS)])[:B]
+
+
 def sample(logits: torch.Tensor, s: RowSampling, position: torch.Tensor) -> torch.Tensor:
     """logits [B, V], position [B] (of the token being chosen) -> next token ids [B]."""
     greedy_ids = logits.argmax(dim=-1)
@@ -143,14 +155,14 @@ def sample(logits: torch.Tensor, s: RowSampling, position: torch.Tensor) -> torc
     if s.any_top_p:
         desc = probs.sort(dim=-1, descending=True).values  # [B, V]
         # Keep a token while the mass strictly before it is under top_p; the first always stays.
-        before = desc.cumsum(dim=-1) - desc
+        before = cumsum(desc) - desc
         kept = (before < s.top_p[:, None]).sum(dim=-1).clamp(min=1)  # [B]
         floor = desc.gather(1, (kept - 1)[:, None])  # the smallest kept probability
         # A row without top_p keeps everything: float32 sums over the vocabulary can reach 1 before its
         # last tokens, which would cut its tail only when a batch mate made this path run.
         floor = floor.masked_fill(s.top_p[:, None] >= 1, 0.0)
         probs = probs.masked_fill(probs < floor, 0.0)
-    cdf = probs.cumsum(dim=-1)  # [B, V], in vocabulary order: any fixed order samples exactly
+    cdf = cumsum(probs)  # [B, V], in vocabulary order: any fixed order samples exactly
     u = (uniform(s.seed, position) * cdf[:, -1].double()).float()
     choice = torch.searchsorted(cdf, u[:, None]).squeeze(-1).clamp(max=vocab - 1)
     return torch.where(s.greedy, greedy_ids, choice)
