@@ -42,7 +42,12 @@ def set_mode(engine: Engine, on: bool) -> None:
         invariant.use(engine.model, on)
 
 
-def mode_engine(base: Engine, on: bool) -> Engine:
+# Contenders: (name, invariant mode on, how NF4 runs in it: invariant.NF4_PATHS).
+MODES = {"default": (False, "kernel"), "invariant": (True, "kernel"), "invariant_dequant": (True, "dequant")}
+
+
+def mode_engine(base: Engine, on: bool, nf4_path: str = "kernel") -> Engine:
+    invariant.NF4_PATH = nf4_path  # read at call time: before the Engine captures its graphs
     set_mode(base, on)
     config = dataclasses.replace(base.config, batch_invariant=on)
     return Engine(config, loaded=(base.model, base.tokenizer, base.device, base.dtype))
@@ -79,7 +84,10 @@ def logits_phase(engine: Engine, sizes: list[int], targets: int, steps: int, rng
     mates = [prompt(rng.randint(16, 96)) for _ in range(max(sizes))]
     mates[0] = prompt(160)  # a long mate sets the padded width
     res = {}
-    for on in (True, False):
+    for name in ("invariant", "invariant_dequant", "default"):
+        on, invariant.NF4_PATH = MODES[name]
+        if name == "invariant_dequant" and engine.device.type != "cuda":
+            continue  # the CPU's invariant mode dequantizes anyway
         set_mode(engine, on)
         runner = Runner(engine.model, engine.dtype, engine.config.cuda_graphs, invariant=on)
         runner.allocate(max(sizes), max(sizes) * 12, 256)
@@ -96,10 +104,11 @@ def logits_phase(engine: Engine, sizes: list[int], targets: int, steps: int, rng
             same = [torch.equal(out[s], alone[t]) for t, s in enumerate(slots)]
             diff = max((out[s] - alone[t]).abs().max().item() for t, s in enumerate(slots))
             got[size] = {"equal": sum(same), "rows": len(slots), "max_abs_diff": diff}
-            print(f"logits {'invariant' if on else 'default'} batch {size}: {sum(same)}/{len(slots)} bitwise, "
+            print(f"logits {name} batch {size}: {sum(same)}/{len(slots)} bitwise, "
                   f"max diff {diff:.3g}", flush=True)
         runner.release()
-        res["invariant" if on else "default"] = got
+        res[name] = got
+    invariant.NF4_PATH = "kernel"
     return res
 
 
@@ -168,16 +177,21 @@ def cost_phase(engine: Engine, args, tok, words: bool) -> dict:
     for wl in ("fixed", "sampled"):
         items = make_workload(wl, args.cost_prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
         res[wl] = {}
-        for on in (False, True):
-            e = mode_engine(engine, on)
+        for name, (on, path) in MODES.items():
+            if name == "invariant_dequant" and engine.device.type != "cuda":
+                continue
+            e = mode_engine(engine, on, path)
             run_engine(e, items[:min(32, len(items))])  # warm-up: Triton compiles, the first graphs are captured
             stats, _ = run_engine(e, items)
             if e.runner is not None:
                 e.runner.release()
-            res[wl]["invariant" if on else "default"] = {k: stats[k] for k in ("wall_s", "output_tok_s",
-                                                                               "total_tok_s", "peak_reserved_gb")}
+            res[wl][name] = {k: stats[k] for k in ("wall_s", "output_tok_s", "total_tok_s", "peak_reserved_gb")}
         res[wl]["ratio"] = round(res[wl]["invariant"]["output_tok_s"] / res[wl]["default"]["output_tok_s"], 3)
+        if "invariant_dequant" in res[wl]:
+            res[wl]["ratio_dequant"] = round(res[wl]["invariant_dequant"]["output_tok_s"]
+                                             / res[wl]["default"]["output_tok_s"], 3)
         print(f"cost {wl}: invariant/default {res[wl]['ratio']}x {res[wl]}", flush=True)
+    invariant.NF4_PATH = "kernel"
     return res
 
 

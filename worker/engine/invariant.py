@@ -143,12 +143,19 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
     return matmul(x, module.weight, module.bias)
 
 
+# How NF4 projections run in this mode: "kernel" (ours, nf4.py, dequantizing in registers) or
+# "dequant" (bitsandbytes' dequantize_4bit, elementwise, then `matmul`). Both keep a row's bits;
+# benchmarks/invariance.py times both, as issue 18 measured ours slower than bitsandbytes' dequantize.
+NF4_PATHS = ("kernel", "dequant")
+NF4_PATH = "kernel"
+
+
 def _linear4bit(module, x: torch.Tensor) -> torch.Tensor:
-    """Our NF4 kernel where it applies; elsewhere (float32 compute, odd shapes) bitsandbytes' weights
-    dequantized and multiplied by `matmul`: both keep a row's bits whatever M."""
+    """Our NF4 kernel where it applies (NF4_PATH "kernel"); elsewhere (float32 compute, odd shapes, or
+    "dequant") bitsandbytes' weights dequantized and multiplied by `matmul`: both keep a row's bits whatever M."""
     weight, qs = module.weight, getattr(module.weight, "quant_state", None)
     bias = module.bias.to(x.dtype) if module.bias is not None else None
-    if nf4.supported(weight, qs, x):
+    if NF4_PATH == "kernel" and nf4.supported(weight, qs, x):
         return nf4.matmul(x, weight, qs, bias)
     import bitsandbytes.functional as bf
 
