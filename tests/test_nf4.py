@@ -57,11 +57,13 @@ print(check(64, 320, True, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128, two=True
 
 MODULE_CHECK = r"""
 import bitsandbytes as bnb
+from llmbatch.worker.engine.loading import keep_standard_layout
 
 model = torch.nn.Sequential(bnb.nn.Linear4bit(256, 128, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4"),
                             torch.nn.ReLU(),
                             bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"))
 model = model.to("cpu").eval()
+keep_standard_layout(model)  # as the engine's loader: no AVX512 repacking of the weights at the first forward
 x = torch.randn(2, 5, 256).to(torch.bfloat16)  # [B, T, in], as the runner calls the projections
 with torch.no_grad():
     ours = model[0](x)  # still bitsandbytes

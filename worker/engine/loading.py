@@ -135,6 +135,7 @@ def load(config: EngineConfig):
         device_map={"": device.index if device.index is not None else ("cuda:0" if device.type == "cuda" else "cpu")},
     )
     model.eval()
+    keep_standard_layout(model)
     if config.nf4_kernel == "triton" and device.type == "cuda":
         log.info("NF4 kernel: ours (Triton) on %d modules", nf4.use(model, "triton"))
     if config.batch_invariant and device.type == "cuda":
@@ -144,3 +145,19 @@ def load(config: EngineConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, device, dtype
+
+
+def keep_standard_layout(model) -> int:
+    """Keep every Linear4bit's weights in bitsandbytes' standard NF4 layout on the CPU.
+
+    On CPUs with AVX512-BF16, Linear4bit repacks its weights at the first forward for a CPU kernel of
+    its own. Our NF4 kernel, LoRA's hooks and the batch-invariant mode read the standard layout, and
+    that path's products depend on the batch (logprobs and LoRA rows differed from single runs on
+    such a machine), so the same CPU path runs on every machine. Returns how many modules it set."""
+    import bitsandbytes as bnb
+
+    mods = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in mods:
+        m.support_avx512bf16_for_cpu = False
+    return len(mods)
+
