@@ -43,10 +43,10 @@ def set_mode(engine: Engine, on: bool) -> None:
 
 
 # Contenders: (name, invariant mode on, how NF4 runs in it: invariant.NF4_PATHS).
-MODES = {"default": (False, "kernel"), "invariant": (True, "kernel"), "invariant_dequant": (True, "dequant")}
+MODES = {"default": (False, "dequant"), "invariant": (True, "dequant"), "invariant_kernel": (True, "kernel")}
 
 
-def mode_engine(base: Engine, on: bool, nf4_path: str = "kernel") -> Engine:
+def mode_engine(base: Engine, on: bool, nf4_path: str = "dequant") -> Engine:
     invariant.NF4_PATH = nf4_path  # read at call time: before the Engine captures its graphs
     set_mode(base, on)
     config = dataclasses.replace(base.config, batch_invariant=on)
@@ -84,9 +84,9 @@ def logits_phase(engine: Engine, sizes: list[int], targets: int, steps: int, rng
     mates = [prompt(rng.randint(16, 96)) for _ in range(max(sizes))]
     mates[0] = prompt(160)  # a long mate sets the padded width
     res = {}
-    for name in ("invariant", "invariant_dequant", "default"):
+    for name in ("invariant", "invariant_kernel", "default"):
         on, invariant.NF4_PATH = MODES[name]
-        if name == "invariant_dequant" and engine.device.type != "cuda":
+        if name == "invariant_kernel" and engine.device.type != "cuda":
             continue  # the CPU's invariant mode dequantizes anyway
         set_mode(engine, on)
         runner = Runner(engine.model, engine.dtype, engine.config.cuda_graphs, invariant=on)
@@ -108,7 +108,7 @@ def logits_phase(engine: Engine, sizes: list[int], targets: int, steps: int, rng
                   f"max diff {diff:.3g}", flush=True)
         runner.release()
         res[name] = got
-    invariant.NF4_PATH = "kernel"
+    invariant.NF4_PATH = "dequant"
     return res
 
 
@@ -178,7 +178,7 @@ def cost_phase(engine: Engine, args, tok, words: bool) -> dict:
         items = make_workload(wl, args.cost_prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
         res[wl] = {}
         for name, (on, path) in MODES.items():
-            if name == "invariant_dequant" and engine.device.type != "cuda":
+            if name == "invariant_kernel" and engine.device.type != "cuda":
                 continue
             e = mode_engine(engine, on, path)
             run_engine(e, items[:min(32, len(items))])  # warm-up: Triton compiles, the first graphs are captured
@@ -187,11 +187,11 @@ def cost_phase(engine: Engine, args, tok, words: bool) -> dict:
                 e.runner.release()
             res[wl][name] = {k: stats[k] for k in ("wall_s", "output_tok_s", "total_tok_s", "peak_reserved_gb")}
         res[wl]["ratio"] = round(res[wl]["invariant"]["output_tok_s"] / res[wl]["default"]["output_tok_s"], 3)
-        if "invariant_dequant" in res[wl]:
-            res[wl]["ratio_dequant"] = round(res[wl]["invariant_dequant"]["output_tok_s"]
+        if "invariant_kernel" in res[wl]:
+            res[wl]["ratio_kernel"] = round(res[wl]["invariant_kernel"]["output_tok_s"]
                                              / res[wl]["default"]["output_tok_s"], 3)
         print(f"cost {wl}: invariant/default {res[wl]['ratio']}x {res[wl]}", flush=True)
-    invariant.NF4_PATH = "kernel"
+    invariant.NF4_PATH = "dequant"
     return res
 
 

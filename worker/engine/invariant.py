@@ -13,8 +13,9 @@ its tokens in any batch. Two paths, one promise:
   call. It costs a weight pass per row per step instead of one per step, and 4 bytes a weight:
   fine for the small models run on CPUs.
 - On CUDA, batched, through kernels whose reduction order per output element is fixed by the shape's
-  N and K (never by M or by which rows share a tile): NF4 projections through nf4.py (its plan is
-  per (N, K)); dense Linear (the LM head) through `matmul` below (fixed tiles, no split-K); RMSNorm
+  N and K (never by M or by which rows share a tile): NF4 projections dequantized by bitsandbytes
+  (elementwise), then `matmul` below (or our nf4.py kernel, see NF4_PATH; its plan is per (N, K));
+  dense Linear (the LM head) through `matmul` too (fixed tiles, no split-K); RMSNorm
   through `rms_norm` below (one program a row). forward.py adds one KV split a row in decode
   attention (no merge) and prefill attention prompt by prompt. CUDA-graph buckets pad with rows
   that no other row's output reads.
@@ -144,10 +145,11 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 # How NF4 projections run in this mode: "kernel" (ours, nf4.py, dequantizing in registers) or
-# "dequant" (bitsandbytes' dequantize_4bit, elementwise, then `matmul`). Both keep a row's bits;
-# benchmarks/invariance.py times both, as issue 18 measured ours slower than bitsandbytes' dequantize.
+# "dequant" (bitsandbytes' dequantize_4bit, elementwise, then `matmul`). Both keep a row's bits
+# (benchmarks/invariance.py checks both). "dequant" is the default: on an H200 it ran `fixed` at
+# 0.76x the default mode against 0.24x for our kernel (benchmarks/RESULTS.md, issue 22).
 NF4_PATHS = ("kernel", "dequant")
-NF4_PATH = "kernel"
+NF4_PATH = "dequant"
 
 
 def _linear4bit(module, x: torch.Tensor) -> torch.Tensor:
