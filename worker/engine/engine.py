@@ -98,7 +98,7 @@ class Engine:
 
     def penalty_tables(self) -> int:
         """Rows with penalties that may decode at once (controls.py), at least one."""
-        return max(1, min(self.config.penalty_rows, self.config.max_batch_size))
+        return max(1, min(self.config.penalty_rows or self.config.max_batch_size, self.config.max_batch_size))
 
     # -- public ---------------------------------------------------------------
 
