@@ -66,10 +66,11 @@ def run_logits(runner: Runner, prompts: list[list[int]], steps: int) -> torch.Te
     dev = runner.device
     ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=dev)
     lengths = torch.tensor([len(p) for p in prompts], device=dev)
-    out = [runner.prefill(0, ids, lengths).float().cpu()]
+    # copy=True: on the CPU, float32 logits' .float().cpu() would be the runner's own tensor, not a copy.
+    out = [runner.prefill(0, ids, lengths).to("cpu", torch.float32, copy=True)]
     runner.tokens[:k], runner.pos[:k] = out[0].argmax(-1).to(dev), lengths
     for _ in range(steps):
-        out.append(runner.decode(k, int(runner.pos[:k].max())).float().cpu())
+        out.append(runner.decode(k, int(runner.pos[:k].max())).to("cpu", torch.float32, copy=True))
         runner.tokens[:k] = out[-1].argmax(-1).to(dev)
         runner.pos[:k] += 1
     return torch.stack(out, 1)

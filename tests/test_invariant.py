@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.invariance import run_logits
 from llmbatch.worker.engine import Request, SamplingParams
 from llmbatch.worker.engine.config import EngineConfig
 from llmbatch.worker.engine.engine import Engine
@@ -39,24 +40,6 @@ def test_sixteen_seeded_chat_lines_repeat_alone_and_together(engine):
     assert len({tuple(r.token_ids) for r in together}) == 16
 
 
-def _logits(runner: Runner, prompts: list[list[int]], steps: int) -> torch.Tensor:
-    """Prefill prompts into slots 0.. in one chunk, then greedy decode steps -> logits [rows, steps + 1, V]."""
-    k = len(prompts)
-    runner.reset()
-    for j, p in enumerate(prompts):
-        assert runner.reserve(j, len(p) + steps + 1)
-    width = max(map(len, prompts))
-    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
-    lengths = torch.tensor([len(p) for p in prompts])
-    out = [runner.prefill(0, ids, lengths).clone()]
-    runner.tokens[:k], runner.pos[:k] = out[0].argmax(-1), lengths
-    for _ in range(steps):
-        out.append(runner.decode(k, int(runner.pos[:k].max())).clone())
-        runner.tokens[:k] = out[-1].argmax(-1)
-        runner.pos[:k] += 1
-    return torch.stack(out, 1)
-
-
 def test_a_rows_logits_are_bitwise_the_same_at_batch_1_3_and_8(engine):
     tok = engine.tokenizer
     mine = tok("The capital of France is")["input_ids"]
@@ -64,13 +47,13 @@ def test_a_rows_logits_are_bitwise_the_same_at_batch_1_3_and_8(engine):
     mates[3] = mates[3] * 4  # a long mate: the batch's padded width is not the row's
     runner = Runner(engine.model, engine.dtype, use_graphs=False, invariant=True)
     runner.allocate(8, 64, 256)
-    alone = _logits(runner, [mine], 3)[0]
-    assert torch.equal(_logits(runner, [mates[0], mates[3], mine], 3)[2], alone)  # last of 3
-    assert torch.equal(_logits(runner, mates[:4] + [mine] + mates[4:], 3)[4], alone)  # slot 4 of 8
+    alone = run_logits(runner, [mine], 3)[0]
+    assert torch.equal(run_logits(runner, [mates[0], mates[3], mine], 3)[2], alone)  # last of 3
+    assert torch.equal(run_logits(runner, mates[:4] + [mine] + mates[4:], 3)[4], alone)  # slot 4 of 8
     # The default mode's logits do move with the batch (else this test would show nothing).
     default = Runner(engine.model, engine.dtype, use_graphs=False)
     default.allocate(8, 64, 256)
-    assert not torch.equal(_logits(default, mates[:4] + [mine] + mates[4:], 3)[4], _logits(default, [mine], 3)[0])
+    assert not torch.equal(run_logits(default, mates[:4] + [mine] + mates[4:], 3)[4], run_logits(default, [mine], 3)[0])
 
 
 def test_the_mode_is_read_from_the_environment_and_forces_its_settings(monkeypatch):
