@@ -71,23 +71,28 @@ class RowSampling:
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], device: torch.device) -> "RowSampling":
-        sampled = [p for p in params if p.temperature > 0]
         return cls(
-            temperature=torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                     dtype=torch.float32, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            seed=torch.tensor(seeds, dtype=torch.long, device=device),
-            greedy=torch.tensor([p.temperature <= 0 for p in params], device=device),
-            all_greedy=not sampled,
-            max_top_k=max([p.top_k for p in sampled if p.top_k > 0], default=0),
-            any_top_p=any(p.top_p < 1 for p in sampled),
+            temperature=upload([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, device),
+            top_p=upload([p.top_p for p in params], torch.float32, device),
+            top_k=upload([p.top_k for p in params], torch.long, device),
+            seed=upload(seeds, torch.long, device),
+            greedy=upload([p.temperature <= 0 for p in params], torch.bool, device),
+            **cls.flags(params),
         )
+
+    @staticmethod
+    def flags(params: list[SamplingParams]) -> dict:
+        """The host-side flags of these rows' settings."""
+        sampled = [p for p in params if p.temperature > 0]
+        return dict(all_greedy=not sampled, max_top_k=max([p.top_k for p in sampled if p.top_k > 0], default=0),
+                    any_top_p=any(p.top_p < 1 for p in sampled))
 
 
 class SlotSampling:
     """RowSampling's tensors for every slot [S], kept on the device and written by index when rows are
     admitted or moved, so a step's settings are views of slots [lo, lo + B): no host-to-device copy."""
+
+    TENSORS = ("temperature", "top_p", "top_k", "seed", "greedy")  # RowSampling's [B] tensors, here [S]
 
     def __init__(self, slots: int, device: torch.device):
         self.device = device
@@ -100,19 +105,16 @@ class SlotSampling:
         self._view: tuple | None = None  # ((lo, B), RowSampling): valid until a slot changes
 
     def admit(self, lo: int, params: list[SamplingParams], seeds: list[int]) -> None:
-        """Rows of slots [lo, lo + len(params)): one pinned upload per tensor."""
-        hi = lo + len(params)
-        self.temperature[lo:hi] = upload([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                                         torch.float32, self.device)
-        self.top_p[lo:hi] = upload([p.top_p for p in params], torch.float32, self.device)
-        self.top_k[lo:hi] = upload([p.top_k for p in params], torch.long, self.device)
-        self.seed[lo:hi] = upload(seeds, torch.long, self.device)
-        self.greedy[lo:hi] = upload([p.temperature <= 0 for p in params], torch.bool, self.device)
-        self.params[lo:hi] = params
+        """Rows of slots [lo, lo + len(params)): one pinned upload per tensor (RowSampling.build)."""
+        rows = RowSampling.build(params, seeds, self.device)
+        for name in self.TENSORS:
+            getattr(self, name)[lo:lo + len(params)] = getattr(rows, name)
+        self.params[lo:lo + len(params)] = params
         self._view = None
 
     def move(self, src: int, dst: int) -> None:
-        for t in (self.temperature, self.top_p, self.top_k, self.seed, self.greedy):
+        for name in self.TENSORS:
+            t = getattr(self, name)
             t[dst] = t[src]  # a copy on the device
         self.params[dst], self.params[src] = self.params[src], None
         self._view = None
@@ -120,12 +122,9 @@ class SlotSampling:
     def rows(self, lo: int, B: int) -> "RowSampling":
         """The settings of slots [lo, lo + B), every one admitted."""
         if self._view is None or self._view[0] != (lo, B):
-            sampled = [p for p in self.params[lo:lo + B] if p.temperature > 0]
             s = slice(lo, lo + B)
-            self._view = ((lo, B), RowSampling(
-                self.temperature[s], self.top_p[s], self.top_k[s], self.seed[s], self.greedy[s],
-                all_greedy=not sampled, max_top_k=max([p.top_k for p in sampled if p.top_k > 0], default=0),
-                any_top_p=any(p.top_p < 1 for p in sampled)))
+            self._view = ((lo, B), RowSampling(**{name: getattr(self, name)[s] for name in self.TENSORS},
+                                               **RowSampling.flags(self.params[s])))
         return self._view[1]
 
 
