@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import invariant, nf4
+from . import nf4
 from .config import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,6 @@ def load(config: EngineConfig):
     keep_standard_layout(model)
     if config.nf4_kernel == "triton" and device.type == "cuda":
         log.info("NF4 kernel: ours (Triton) on %d modules", nf4.use(model, "triton"))
-    if config.batch_invariant and device.type == "cuda":
-        log.info("batch-invariant mode: %d modules swapped", invariant.use(model))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.padding_side = "left"  # decoder-only batches grow to the right
     if tokenizer.pad_token_id is None:
