@@ -104,10 +104,11 @@ def figures(items: list[ItemRow], chunks: list[ChunkRow], processes: int) -> dic
             w["items"] += 1
             if i.started and i.finished:
                 w["_gen"].append((i.started.timestamp(), i.finished.timestamp()))
-    rows = []
+    rows, idle = [], []  # idle: each process's seconds idle at the end, unrounded (the fraction is taken of these)
     for w in sorted(workers.values(), key=lambda w: (-w["items"], w["worker"])):
         held, gen = w.pop("_held"), w.pop("_gen")
         busy, last = union_seconds(held), w.pop("last_chunk_finished")
+        idle.append(end - last)
         rows.append({**w, "busy_s": round(busy, 3), "busy_frac": round(busy / wall, 4),
                      "generating_s": round(union_seconds(gen), 3),
                      "start_lag_s": round(min((a for a, _ in held), default=end) - start, 3),
@@ -115,7 +116,7 @@ def figures(items: list[ItemRow], chunks: list[ChunkRow], processes: int) -> dic
     # The first worker to run out of work; items that started after it were queued behind another.
     first_idle = min((end - r["idle_end_s"] for r in rows), default=end)
     never = processes - len(rows)  # processes that never finished a chunk of this job
-    idle = [r["idle_end_s"] for r in rows] + [round(wall, 3)] * max(0, never)
+    idle += [wall] * max(0, never)  # (rounding wall first made a never-used process idle over 100% of it)
     return {
         "wall_s": round(wall, 3),
         "workers": rows,
@@ -124,7 +125,7 @@ def figures(items: list[ItemRow], chunks: list[ChunkRow], processes: int) -> dic
         "items_without_worker": sum(1 for i in items if not i.worker),
         # An item written by a worker other than the one that finished its chunk: should never be.
         "items_off_chunk_worker": sum(1 for i in items if i.worker and i.worker != i.chunk_worker),
-        "max_idle_end_s": max(idle),
+        "max_idle_end_s": round(max(idle), 3),
         "max_idle_end_frac": round(max(idle) / wall, 4),
         "hoarded_items": sum(1 for i in items if i.started and i.started.timestamp() > first_idle),
     }
