@@ -1,0 +1,264 @@
+"""Where our NF4 kernel's time goes (issue 18): structural variants timed side by side, one GPU call.
+
+  python benchmarks/nf4_lab.py --json-out $OUT/lab.json
+
+Each variant is the same swap-AB split-K skeleton (programs over out-feature tiles x fixed K chunks,
+float32 partials) with one stage added at a time, so the differences place the time:
+  copy   load the packed bytes only (summed, so the loads stay): the skeleton's memory ceiling
+  nodeq  packed bytes cast to bf16 straight into the MMA: loads + MMA, no unpacking
+  shift  nibbles unpacked and cast (no table), two MMAs (even k, odd k), absmax after the MMA
+  lut    as shift, values from the 16-entry NF4 table (float32 load, cast): the full algorithm
+  lut16  as lut with a bf16 table (16-bit loads)
+The full algorithm scales by absmax after the MMA (per 64-element block, per out feature): the
+table's values are rounded to bf16 instead of code * absmax, so it is not bitwise bitsandbytes'
+dequantization, only within its rounding (checked below against the float32 reference).
+Also timed: bitsandbytes, bf16 F.linear, the shipped nf4.matmul, and invariant.matmul's tile
+choices (issue 22) against F.linear, with a bitwise check that the row-tile height does not change
+a row's bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from llmbatch.worker.engine import invariant, nf4  # noqa: E402
+
+MODES = {"copy": 0, "nodeq": 1, "shift": 2, "lut": 3, "lut16": 4, "prmt": 5, "prmt1": 6, "prmtx": 7}
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+
+
+def prmt_asm(values=NF4) -> str:
+    """PTX: one 32-bit word of 4 packed bytes (8 codes; byte j = even element in its high nibble, odd
+    in its low) -> the 8 table values in bf16 as two bf16x2 words of even elements ($0, $1) and two of
+    odd ones ($2, $3). The 16-entry table lives in the instruction stream as byte tables: prmt looks
+    up 4 codes at once in entries 0-7 and in 8-15 (3-bit selectors), lop3 picks by each code's bit 3
+    (a byte mask made by prmt's sign-replicate mode), prmt interleaves low and high bytes."""
+    bits = [int(torch.tensor(v, dtype=torch.float32).to(torch.bfloat16).view(torch.int16)) & 0xFFFF for v in values]
+
+    def word(idx, hi):
+        return sum((((bits[i] >> 8) if hi else bits[i]) & 0xFF) << (8 * j) for j, i in enumerate(idx))
+
+    lo = [word(range(4 * g, 4 * g + 4), False) for g in range(4)]
+    hi = [word(range(4 * g, 4 * g + 4), True) for g in range(4)]
+    out = ["{", ".reg .b32 w4, s, m, ll, lh, hl, hh, lo, hi;", "shl.b32 w4, $4, 4;"]
+    for grp, (sel, mask, ev, od) in enumerate([("and.b32 s, $4, 0x7777;", "0xD9C8", "$0", "$2"),
+                                               ("shr.b32 s, $4, 16; and.b32 s, s, 0x7777;", "0xFBEA", "$1", "$3")]):
+        out += [sel, f"prmt.b32 m, w4, $4, {mask};",
+                f"prmt.b32 ll, {lo[0]:#x}, {lo[1]:#x}, s;", f"prmt.b32 lh, {lo[2]:#x}, {lo[3]:#x}, s;",
+                f"prmt.b32 hl, {hi[0]:#x}, {hi[1]:#x}, s;", f"prmt.b32 hh, {hi[2]:#x}, {hi[3]:#x}, s;",
+                "lop3.b32 lo, ll, lh, m, 0xD8;", "lop3.b32 hi, hl, hh, m, 0xD8;",
+                f"prmt.b32 {ev}, lo, hi, 0x7351;", f"prmt.b32 {od}, lo, hi, 0x6240;"]
+    return "\n".join(out + ["}"])
+
+
+PRMT = prmt_asm()
+
+
+@triton.jit(do_not_specialize=["M"])
+def _lab(X, W, ABS, LUT, LUT16, P, M, N, KH, s_xm, CHUNK,
+         MODE: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
+         PRMT_ASM: tl.constexpr = PRMT):
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    n = pid_n * BN + tl.arange(0, BN)
+    rows = pid_b * BB + tl.arange(0, BB)
+    row_ok = rows < M
+    kb = tl.arange(0, 32)  # bytes of one 64-element absmax block
+    w_row = W + n.to(tl.int64)[:, None] * KH
+    x_row = X + rows.to(tl.int64)[None, :] * s_xm
+    acc = tl.zeros([BN, BB], dtype=tl.float32)
+    k0 = pid_c * CHUNK
+    for k in range(k0, k0 + CHUNK, BK):
+        for j in tl.static_range(BK // 64):
+            kj = k + 64 * j
+            packed = tl.load(w_row + (kj // 2 + kb)[None, :])  # [BN, 32] uint8
+            if MODE == 7:  # x pre-permuted: each 64-block holds its 32 even k, then its 32 odd k
+                xe = tl.load(x_row + (kj + kb)[:, None], mask=row_ok[None, :], other=0.0)
+                xo = tl.load(x_row + (kj + 32 + kb)[:, None], mask=row_ok[None, :], other=0.0)
+            else:
+                xe = tl.load(x_row + (kj + 2 * kb)[:, None], mask=row_ok[None, :], other=0.0)  # [32, BB] even k
+                xo = tl.load(x_row + (kj + 2 * kb + 1)[:, None], mask=row_ok[None, :], other=0.0)  # odd k
+            if MODE == 0:
+                acc += tl.sum(packed.to(tl.float32), axis=1)[:, None] + tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=0)[None, :]
+            elif MODE == 1:
+                part = tl.dot(packed.to(X.dtype.element_ty), xe)
+                acc += part
+            else:
+                q = packed.to(tl.int32)
+                if MODE == 2:
+                    hi = (q >> 4).to(X.dtype.element_ty)
+                    lo = (q & 15).to(X.dtype.element_ty)
+                elif MODE == 3:
+                    hi = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [LUT + (q >> 4)],
+                                                   dtype=tl.float32, is_pure=True, pack=1).to(X.dtype.element_ty)
+                    lo = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [LUT + (q & 15)],
+                                                   dtype=tl.float32, is_pure=True, pack=1).to(X.dtype.element_ty)
+                elif MODE == 4:
+                    hi = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [LUT16 + (q >> 4)],
+                                                   dtype=tl.bfloat16, is_pure=True, pack=1)
+                    lo = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [LUT16 + (q & 15)],
+                                                   dtype=tl.bfloat16, is_pure=True, pack=1)
+                else:
+                    hi, lo = tl.inline_asm_elementwise(PRMT_ASM, "=r,=r,=r,=r,r", [packed],
+                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                if MODE == 6:  # one K=64 product over the interleaved tile
+                    xs = tl.load(x_row + (kj + tl.arange(0, 64))[:, None], mask=row_ok[None, :], other=0.0)
+                    part = tl.dot(tl.reshape(tl.join(hi, lo), [BN, 64]), xs)
+                else:
+                    part = tl.dot(hi, xe)
+                    part = tl.dot(lo, xo, part)
+                amax = tl.load(ABS + n.to(tl.int64) * (KH // 32) + kj // 64)  # [BN] float32
+                acc += part * amax[:, None]
+    tl.store(P + (pid_c * M + rows[None, :]).to(tl.int64) * N + n[:, None], acc, mask=row_ok[None, :])
+
+
+def lab_matmul(x, packed, qs, mode, bn, bk, chunks, warps, stages, bb=None):
+    N, K = qs.shape
+    M = x.shape[0]
+    bb = bb or (16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128)
+    part = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device)
+    if mode == "prmtx":
+        x = x.view(M, K // 64, 32, 2).transpose(-1, -2).reshape(M, K)
+    lut16 = qs.code.to(torch.bfloat16)
+    _lab[(-(-M // bb), N // bn, chunks)](x, packed, qs.absmax, qs.code, lut16, part, M, N, K // 2, x.stride(0),
+                                        K // chunks, MODE=MODES[mode], BN=bn, BB=bb, BK=bk,
+                                        num_warps=warps, num_stages=stages)
+    return part.sum(0) if chunks > 1 else part[0]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=60, return_mode="median")
+
+
+SHAPES = {"gate_up": (14336, 4096), "down": (4096, 14336), "qo": (4096, 4096)}
+
+
+def kernel_lab(rows, configs, out):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    for name, (N, K) in SHAPES.items():
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
+        packed, qs = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+        wq = bf.dequantize_4bit(packed, qs).to(torch.bfloat16)
+        wbytes = N * K / 2
+        for M in rows:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wq.float().t()
+            row = {"shape": name, "M": M, "bnb": bench(lambda: bnb.matmul_4bit(x, packed, quant_state=qs)),
+                   "bf16": bench(lambda: F.linear(x, wq)), "shipped": bench(lambda: nf4.matmul(x, packed, qs))}
+            for cfg in configs:
+                mode, bn, bk, chunks, warps, stages = cfg
+                key = f"{mode}/bn{bn}/bk{bk}/c{chunks}/w{warps}/s{stages}"
+                try:
+                    y = lab_matmul(x, packed, qs, mode, bn, bk, chunks, warps, stages)
+                    if mode not in ("copy", "nodeq", "shift"):
+                        err = ((y - ref).norm() / ref.norm()).item()
+                        row[key + ":relerr"] = round(err, 6)
+                    row[key] = bench(lambda: lab_matmul(x, packed, qs, mode, bn, bk, chunks, warps, stages))
+                except Exception as exc:  # a variant that does not compile is reported
+                    row[key] = None
+                    row[key + ":error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            bnb_err = ((bnb.matmul_4bit(x, packed, quant_state=qs).float() - ref).norm() / ref.norm()).item()
+            row["bnb:relerr"] = round(bnb_err, 6)
+            best = min((v, k) for k, v in row.items() if isinstance(v, float) and ":" not in k and "/" in k)
+            row["best"] = best[1]
+            row["best_tb_s"] = round(wbytes / best[0] / 1e9, 3)
+            row["bnb_tb_s"] = round(wbytes / row["bnb"] / 1e9, 3)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            out.append(row)
+
+
+TILES = [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+         (64, 256, 64, 8, 3), (128, 128, 64, 4, 3)]
+
+
+def invariant_lab(rows, out):
+    for name, (N, K) in {**SHAPES, "lm_head": (128256, 4096)}.items():
+        torch.manual_seed(1)
+        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
+        for M in rows:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "M": M, "F.linear": bench(lambda: F.linear(x, w))}
+            outs = {}
+            for bm, bn, bk, warps, stages in TILES:
+                key = f"{bm}x{bn}x{bk}/w{warps}/s{stages}"
+                y = torch.empty(M, N, dtype=x.dtype, device="cuda")
+
+                def run():
+                    invariant._matmul_kernel[(-(-M // bm) * -(-N // bn),)](
+                        x, w, y, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, IEEE=False,
+                        UPCAST=False, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+                try:
+                    row[key] = bench(run)
+                    run()
+                    outs[key] = y.clone()
+                except Exception as exc:
+                    row[key] = None
+                    row[key + ":error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            first = next(iter(outs.values()))
+            row["bitwise_all_tiles"] = all(torch.equal(first, v) for v in outs.values())
+            row["bitwise_tiles"] = {k: torch.equal(first, v) for k, v in outs.items()}
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            out.append(row)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,16,64,512")
+    ap.add_argument("--inv-rows", default="32,128,512")
+    ap.add_argument("--json-out")
+    ap.add_argument("--skip-kernel", action="store_true")
+    ap.add_argument("--skip-invariant", action="store_true")
+    ap.add_argument("--ncu-one", help="mode,bn,bk,chunks,warps,stages,M,shape: one warm launch for ncu")
+    args = ap.parse_args()
+    if args.ncu_one:
+        import bitsandbytes.functional as bf
+
+        mode, bn, bk, chunks, warps, stages, M, shape = args.ncu_one.split(",")
+        N, K = SHAPES[shape]
+        packed, qs = bf.quantize_4bit((torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16), blocksize=64,
+                                      quant_type="nf4", compress_statistics=False)
+        x = torch.randn(int(M), K, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            lab_matmul(x, packed, qs, mode, int(bn), int(bk), int(chunks), int(warps), int(stages))
+        torch.cuda.synchronize()
+        return
+    rows = [int(r) for r in args.rows.split(",")]
+    configs = []
+    for mode in ("copy", "nodeq", "shift", "lut", "lut16", "prmt", "prmt1", "prmtx"):
+        configs.append((mode, 64, 128, 4, 4, 4))
+    for bn, bk, chunks, warps, stages in [(64, 64, 4, 4, 6), (128, 128, 2, 4, 4), (128, 128, 4, 8, 4),
+                                          (64, 256, 4, 4, 3), (64, 128, 8, 4, 4), (64, 128, 2, 4, 4)]:
+        for mode in ("prmt", "prmtx"):
+            configs.append((mode, bn, bk, chunks, warps, stages))
+    res = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}}
+    print(res["env"], flush=True)
+    res["kernel"], res["invariant"] = [], []
+    try:
+        if not args.skip_kernel:
+            kernel_lab(rows, configs, res["kernel"])
+        if not args.skip_invariant:
+            invariant_lab([int(r) for r in args.inv_rows.split(",")], res["invariant"])
+    finally:
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
