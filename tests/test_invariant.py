@@ -127,3 +127,12 @@ def test_kernels_are_exact_enough_and_row_invariant_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_matmul_tiles_follow_the_batch_but_never_the_k_order():
+    from llmbatch.worker.engine import invariant
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tiles = [invariant.tiles_for(dtype, M) for M in (1, 37, 128, 129, 512, 4096)]
+        assert len({t[2] for t in tiles}) == 1, dtype  # one K step for every M: a row's sums keep their order
+    assert invariant.tiles_for(torch.bfloat16, 128)[:2] != invariant.tiles_for(torch.bfloat16, 512)[:2]

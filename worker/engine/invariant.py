@@ -15,7 +15,7 @@ its tokens in any batch. Two paths, one promise:
 - On CUDA, batched, through kernels whose reduction order per output element is fixed by the shape's
   N and K (never by M or by which rows share a tile): NF4 projections dequantized by bitsandbytes
   (elementwise), then `matmul` below (or our nf4.py kernel, see NF4_PATH; its plan is per (N, K));
-  dense Linear (the LM head) through `matmul` too (fixed tiles, no split-K); RMSNorm
+  dense Linear (the LM head) through `matmul` too (a fixed K step, no split-K); RMSNorm
   through `rms_norm` below (one program a row). forward.py adds one KV split a row in decode
   attention (no merge) and prefill attention prompt by prompt. CUDA-graph buckets pad with rows
   that no other row's output reads.
@@ -45,9 +45,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def tiles_for(dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BM, BN, BK) of `matmul`: by dtype only, so never by M. float32 takes smaller tiles (ieee dot)."""
-    return (32, 64, 32) if dtype == torch.float32 else (64, 128, 64)
+def tiles_for(dtype: torch.dtype, M: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages) of `matmul`. An output element's sum is set by BK alone (K in BK steps
+    from 0, one dot a step), so BK is fixed by dtype; the tile's height and width only choose which rows
+    and columns share a program, so they may follow M. Checked bitwise on an H200 over seven tile shapes
+    (64/128 x 128/256, 4/8 warps, 3/4 stages: benchmarks/nf4_lab.py) and on the engine (invariance.py).
+    Larger tiles from 129 rows: at 512 rows they ran 1.2-1.5x faster than 64 x 128 (RESULTS.md, issue 22).
+    float32 takes smaller tiles (ieee dot)."""
+    if dtype == torch.float32:
+        return 32, 64, 32, 4, 3
+    return (64, 128, 64, 4, 4) if M <= 128 else (128, 128, 64, 8, 4)
 
 
 if triton is not None:
@@ -115,8 +122,8 @@ def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.reshape(*lead, N)
-    bm, bn, bk = tiles_for(x.dtype)
-    launch = {} if _interpreting() else dict(num_warps=4, num_stages=3)
+    bm, bn, bk, warps, stages = tiles_for(x.dtype, M)
+    launch = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     _matmul_kernel[(-(-M // bm) * -(-N // bn),)](
         x2, w, bias if bias is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_interpreting(), BM=bm, BN=bn, BK=bk,
