@@ -177,12 +177,14 @@ def cost_phase(engine: Engine, args, tok, words: bool) -> dict:
     res: dict = {}
     for wl in ("fixed", "sampled"):
         items = make_workload(wl, args.cost_prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
+        # As many rows as the timed run (invariant.matmul picks its tile by M), a few tokens each.
+        warm = make_workload(wl, args.cost_prompts, args.min_len, args.max_len, 4, tok, args.seed + 1, words)
         res[wl] = {}
         for name, (on, path) in MODES.items():
             if name == "invariant_kernel" and engine.device.type != "cuda":
                 continue
             e = mode_engine(engine, on, path)
-            run_engine(e, items[:min(32, len(items))])  # warm-up: Triton compiles, the first graphs are captured
+            run_engine(e, warm)  # warm-up: Triton compiles (each tile shape), the first graphs are captured
             stats, _ = run_engine(e, items)
             if e.runner is not None:
                 e.runner.release()
