@@ -175,11 +175,12 @@ def lines_phase(engine: Engine, args, tok, words: bool, deadline: float) -> dict
 
 def cost_phase(engine: Engine, args, tok, words: bool) -> dict:
     res: dict = {}
-    for wl in ("fixed", "sampled"):
+    for run in args.cost_workloads.split(","):
+        wl = run.split(":")[0]  # "fixed:2": the fixed workload again, kept under its own name
         items = make_workload(wl, args.cost_prompts, args.min_len, args.max_len, args.new_tokens, tok, args.seed, words)
         # As many rows as the timed run (invariant.matmul picks its tile by M), a few tokens each.
         warm = make_workload(wl, args.cost_prompts, args.min_len, args.max_len, 4, tok, args.seed + 1, words)
-        res[wl] = {}
+        res[run] = {}
         for name, (on, path) in MODES.items():
             if name == "invariant_kernel" and engine.device.type != "cuda":
                 continue
@@ -188,12 +189,13 @@ def cost_phase(engine: Engine, args, tok, words: bool) -> dict:
             stats, _ = run_engine(e, items)
             if e.runner is not None:
                 e.runner.release()
-            res[wl][name] = {k: stats[k] for k in ("wall_s", "output_tok_s", "total_tok_s", "peak_reserved_gb")}
-        res[wl]["ratio"] = round(res[wl]["invariant"]["output_tok_s"] / res[wl]["default"]["output_tok_s"], 3)
-        if "invariant_kernel" in res[wl]:
-            res[wl]["ratio_kernel"] = round(res[wl]["invariant_kernel"]["output_tok_s"]
-                                             / res[wl]["default"]["output_tok_s"], 3)
-        print(f"cost {wl}: invariant/default {res[wl]['ratio']}x {res[wl]}", flush=True)
+            res[run][name] = {k: stats[k] for k in ("wall_s", "output_tok_s", "total_tok_s", "peak_reserved_gb")}
+            res[run][name]["runner"] = stats.get("runner")  # capture failures and eager steps among them
+        r = res[run]
+        r["ratio"] = round(r["invariant"]["output_tok_s"] / r["default"]["output_tok_s"], 3)
+        if "invariant_kernel" in r:
+            r["ratio_kernel"] = round(r["invariant_kernel"]["output_tok_s"] / r["default"]["output_tok_s"], 3)
+        print(f"cost {run}: invariant/default {r['ratio']}x {r}", flush=True)
     invariant.NF4_PATH = "dequant"
     return res
 
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--cost-workloads", default="fixed,sampled",
+                    help="cost: workloads in order; 'fixed:2' runs fixed again under that name")
     ap.add_argument("--cost-prompts", type=int, default=500, help="prompts of each cost workload")
     ap.add_argument("--sizes", default="1,37,512", help="logits: batch sizes")
     ap.add_argument("--budget-s", type=float, default=400, help="alone runs of the lines phase stop this long "
