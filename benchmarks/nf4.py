@@ -89,15 +89,27 @@ def ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def correctness(name: str, N: int, K: int) -> dict:
+    """Half-ulps against the product of bitsandbytes' bf16 weights (the exact plan's promise), and the
+    relative error against the unrounded float32 weights (code * absmax), ours and bitsandbytes'."""
+    import copy
+
+    import bitsandbytes.functional as bf
+
     out = {}
     for nested in (False, True):
         packed, qs, wq = quantized(N, K, nested, 1)
+        q32 = copy.copy(qs)
+        q32.dtype = torch.float32
+        exact = bf.dequantize_4bit(packed, q32)
         for M in (1, 7, 37, 512 if DEV == "cuda" else 64):
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
             y = nf4.matmul(x, packed, qs)
             ref = x.float() @ wq.float().t()
+            ref32 = x.double() @ exact.double().t()
             bnb_y = nf4.reference(x, packed, qs)
+            rel = lambda v: round(((v.double() - ref32).norm() / ref32.norm()).item(), 6)  # noqa: E731
             out[f"nested={nested} M={M}"] = {"ours_half_ulps": ulps(y, ref), "bnb_half_ulps": ulps(bnb_y, ref),
+                                             "ours_rel_err": rel(y), "bnb_rel_err": rel(bnb_y),
                                              "max_abs_err": round((y.float() - ref).abs().max().item(), 6),
                                              "nan": bool(y.isnan().any())}
     print("correctness", name, out, flush=True)
@@ -198,7 +210,8 @@ def engine_ab(args) -> dict:
     mixed = tp.make_workload("mixed", args.prompts, lo, hi, new, tok, 0, words)
     res, rows = {}, {}
     engine.runner.release()
-    for kind in ("bnb", "triton"):
+    kinds = args.kernels.split(",")
+    for kind in kinds:
         n = nf4.use(engine.model, kind)
         e = Engine(config, loaded=loaded)
         tp.run_engine(e, warm)
@@ -218,11 +231,14 @@ def engine_ab(args) -> dict:
         del e
         torch.cuda.empty_cache()
     nf4.use(engine.model, "bnb")
-    res["fixed_triton_vs_bnb"] = round(res["triton"]["fixed"]["output_tok_s"] / res["bnb"]["fixed"]["output_tok_s"], 3)
-    res["match32_triton_vs_bnb_64"] = tp.match_rate(rows["triton"][:64], rows["bnb"][:64])
-    res["prefix32_triton_vs_bnb_64"] = tp.common_prefix(rows["triton"][:64], rows["bnb"][:64])
-    res["match32_triton_vs_bnb_all"] = tp.match_rate(rows["triton"], rows["bnb"])
-    print("engine", {k: v for k, v in res.items() if k not in ("bnb", "triton")}, flush=True)
+    for kind in kinds[1:]:
+        res[f"fixed_{kind}_vs_{kinds[0]}"] = round(res[kind]["fixed"]["output_tok_s"]
+                                                   / res[kinds[0]]["fixed"]["output_tok_s"], 3)
+        res[f"mixed_{kind}_vs_{kinds[0]}"] = round(res[kind]["mixed"]["output_tok_s"]
+                                                   / res[kinds[0]]["mixed"]["output_tok_s"], 3)
+        res[f"match32_{kind}_vs_{kinds[0]}_64"] = tp.match_rate(rows[kind][:64], rows[kinds[0]][:64])
+        res[f"match32_{kind}_vs_{kinds[0]}_all"] = tp.match_rate(rows[kind], rows[kinds[0]])
+    print("engine", {k: v for k, v in res.items() if k not in kinds}, flush=True)
     return res
 
 
@@ -239,17 +255,20 @@ def summary(res: dict) -> None:
     for name, v in res.get("invariance", {}).items():
         print("invariance", name, v["all"], {k: b for k, b in v.items() if not b})
     for name, v in res.get("correctness", {}).items():
-        print("correctness", name, max(c["ours_half_ulps"] for c in v.values()), "half-ulps (bnb's own:",
-              max(c["bnb_half_ulps"] for c in v.values()), ")")
+        print("correctness", name, "relative error vs float32 weights, ours",
+              max(c["ours_rel_err"] for c in v.values()), "bnb", max(c["bnb_rel_err"] for c in v.values()),
+              "| half-ulps vs bnb's bf16 weights", max(c["ours_half_ulps"] for c in v.values()))
     e = res.get("engine")
     if e:
-        for kind in ("bnb", "triton"):
+        for kind in nf4.KERNELS:
+            if kind not in e:
+                continue
             k = e[kind]
             mic = {m.get("batch"): m.get("graph_ms") for m in k["micro"] if "batch" in m}
             pre = [m["prefill_tok_s"] for m in k["micro"] if "prefill_tok_s" in m]
             print(f"engine {kind}: fixed {k['fixed']['output_tok_s']} tok/s, mixed {k['mixed']['output_tok_s']} "
                   f"({k['mixed_vs_fixed']}x fixed), decode step ms {mic}, prefill tok/s {pre}")
-        print(f"fixed triton/bnb {e['fixed_triton_vs_bnb']}x; match@32 (64 prompts) {e['match32_triton_vs_bnb_64']}")
+        print({k: v for k, v in e.items() if k not in nf4.KERNELS})
 
 
 def main(argv=None) -> dict:
@@ -264,6 +283,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which variants are skipped")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel part")
     ap.add_argument("--engine", action="store_true", help="the engine A/B too")
+    ap.add_argument("--kernels", default="bnb,triton", help="engine A/B: kernels in order, the first the baseline")
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)

@@ -49,9 +49,41 @@ def check(N, K, nested, plan, bias):
 
 # K = 320 in 128-wide steps and chunks: K not a multiple of the tile (the last chunk is half a step);
 # three and four chunks, so their order of summation shows; double quantization on and off; a bias.
-print(check(128, 320, False, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128), bias=True))
-print(check(64, 512, True, nf4.Plan(bn=64, bk=128, chunks=4, chunk=128), bias=False))
-print(check(64, 320, True, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128, two=True), bias=True))  # the 2-D variant
+# The exact plans (post=False): bitsandbytes' own bf16 weights, so within half an ulp of their product.
+print(check(128, 320, False, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128, post=False), bias=True))
+print(check(64, 512, True, nf4.Plan(bn=64, bk=128, chunks=4, chunk=128, post=False), bias=False))
+print(check(64, 320, True, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128, two=True, post=False), bias=True))  # 2-D
+
+
+def check_post(N, K, nested, plan, bias):
+    # The default plan: table values in bf16, absmax after the MMA. Against the float32 weights
+    # (code * absmax, unrounded) it must be about as close as bitsandbytes' bf16 weights are, and keep
+    # a row's bits at any M, split or not, in any order.
+    import copy
+
+    w = torch.randn(N, K) * 0.02
+    packed, qs = bf.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=nested)
+    q32 = copy.copy(qs)
+    q32.dtype = torch.float32
+    exact = bf.dequantize_4bit(packed, q32)  # float32 code * absmax: no bf16 rounding
+    b = torch.randn(N).to(torch.bfloat16) if bias else None
+    x = torch.randn(128, K).to(torch.bfloat16)
+    ref = x.double() @ exact.double().t() + (b.double() if bias else 0)
+    full = nf4.matmul(x, packed, qs, b, plan=plan, split=False)
+    ours = (full.double() - ref).norm() / ref.norm()
+    theirs = (nf4.reference(x, packed, qs, b).double() - ref).norm() / ref.norm()
+    assert ours <= 1.5 * theirs and ours < 4e-3, (N, K, nested, float(ours), float(theirs))
+    for M in (1, 37):
+        for split in (False, True):
+            assert torch.equal(nf4.matmul(x[:M], packed, qs, b, plan=plan, split=split), full[:M]), (M, split)
+    perm = torch.randperm(37)
+    assert torch.equal(nf4.matmul(x[perm], packed, qs, b, plan=plan), full[perm])
+    return float(ours), float(theirs)
+
+
+assert nf4.plan_for(128, 320).post  # the default
+print(check_post(128, 320, False, nf4.Plan(bn=64, bk=128, chunks=3, chunk=128), bias=True))  # ragged: half a step
+print(check_post(64, 512, True, nf4.Plan(bn=64, bk=128, chunks=4, chunk=128), bias=False))
 """
 
 
@@ -78,6 +110,12 @@ with torch.no_grad():
     err = (first.float() - ours.float()).abs().max().item()
     assert err <= ours.float().abs().max().item() * 2 ** -7, err  # within bf16 rounding of bitsandbytes
     assert got.shape == (2, 5, 64)
+    # auto: ours at 2-64 rows, bitsandbytes' own forward at 1 row (its GEMV was faster there)
+    assert nf4.use(model, "auto") == 2
+    assert torch.equal(model[0](x), first)  # 10 rows: ours
+    one = x[:1, :1]
+    assert torch.equal(model[0](one), type(model[0]).__mro__[1].forward(model[0], one))
+    assert not torch.equal(model[0](one), nf4.matmul(one, model[0].weight, qs, model[0].bias))  # it was not ours
 print("ok")
 """
 
@@ -112,6 +150,57 @@ def test_switching_kernels_keeps_the_module_and_restores_bitsandbytes():
         nf4.use(model, "cutlass")
 
 
+def _emulate_ptx(asm: str, word: int) -> list[int]:
+    """The four output registers of decode_asm on one input word, instruction by instruction (prmt in its
+    default and sign-replicate modes, lop3 by its truth table)."""
+    import re
+
+    def prmt(a, b, c):
+        src, out = a | (b << 32), 0
+        for i in range(4):
+            sel = (c >> (4 * i)) & 15
+            byte = (src >> (8 * (sel & 7))) & 0xFF
+            out |= ((0xFF if byte & 0x80 else 0) if sel & 8 else byte) << (8 * i)
+        return out
+
+    def lop3(a, b, c, lut):
+        return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+                   for i in range(32))
+
+    regs = {"$4": word}
+    val = lambda t: regs[t] if t in regs else int(t, 0)  # noqa: E731
+    for ins in re.split(r";\s*", asm):
+        ins = ins.strip().strip("{}").strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        a = [t.strip() for t in rest.split(",")]
+        regs[a[0]] = {"shl.b32": lambda: (val(a[1]) << val(a[2])) & 0xFFFFFFFF,
+                      "shr.b32": lambda: val(a[1]) >> val(a[2]),
+                      "and.b32": lambda: val(a[1]) & val(a[2]),
+                      "prmt.b32": lambda: prmt(val(a[1]), val(a[2]), val(a[3])),
+                      "lop3.b32": lambda: lop3(val(a[1]), val(a[2]), val(a[3]), val(a[4]))}[op]()
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_asm_gives_the_table_for_every_byte_in_every_position(dtype):
+    """The GPU's register lookup (no interpreter runs PTX), emulated: bytes 0..255 in each of the 4 positions."""
+    import bitsandbytes.functional as bf
+
+    assert torch.equal(torch.tensor(nf4.NF4), bf.get_4bit_type("nf4", device="cpu"))  # what quant_state.code holds
+    bits = [int(v) & 0xFFFF for v in torch.tensor(nf4.NF4).to(dtype).view(torch.int16)]
+    asm = nf4.decode_asm(dtype)
+    for pos in range(4):
+        for byte in range(256):
+            word = (byte << (8 * pos)) | (0x5A << (8 * ((pos + 1) % 4)))  # a neighbour byte, to catch mixing
+            got = _emulate_ptx(asm, word)
+            bs = [(word >> (8 * j)) & 0xFF for j in range(4)]
+            even, odd = [bits[b >> 4] for b in bs], [bits[b & 15] for b in bs]  # high nibble: element 2j
+            assert got == [even[0] | even[1] << 16, even[2] | even[3] << 16, odd[0] | odd[1] << 16,
+                           odd[2] | odd[3] << 16], (pos, byte)
+
+
 def test_plan_depends_on_the_shape_only():
     # Llama-3.1-8B's projections: K cut into a fixed number of chunks, whole 64-element absmax blocks each.
     for N, K in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
@@ -144,6 +233,6 @@ def test_config_reads_the_kernel_from_the_environment(monkeypatch):
     assert EngineConfig(model="m").nf4_kernel == "bnb"
     monkeypatch.delenv("LLMBATCH_NF4_KERNEL")
     assert EngineConfig(model="m").nf4_kernel == "bnb"  # until ours is measured on a GPU
-    assert nf4.check("triton") == "triton"
+    assert nf4.check("triton") == "triton" and nf4.check("auto") == "auto"
     with pytest.raises(ValueError, match="unknown NF4 kernel 'fast'"):
         nf4.check("fast")

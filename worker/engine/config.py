@@ -22,9 +22,10 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compute_dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
     double_quant: bool = False
-    # Who multiplies by the NF4 weights on CUDA: "bnb" (bitsandbytes, the reference; always the CPU path)
-    # or "triton" (ours, worker/engine/nf4.py: fused, batch-invariant). bnb is the default: on an H200
-    # ours is correct and invariant but slower (benchmarks/RESULTS.md, issue 18).
+    # Who multiplies by the NF4 weights on CUDA: "bnb" (bitsandbytes, the reference; always the CPU path),
+    # "triton" (ours, worker/engine/nf4.py: fused, batch-invariant, at every row count) or "auto" (ours at
+    # 2-64 rows, where it beat bitsandbytes on an H200; bitsandbytes elsewhere). bnb is the default until
+    # the engine is measured with auto (benchmarks/RESULTS.md, issue 18).
     nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "bnb")
     # Batch-invariant mode (issue 22): a row's logits, hence a seeded line's tokens, are bitwise the same
     # whatever its batch mates, slot and the batch's padded width (README, "Reproducibility"). It

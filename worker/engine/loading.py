@@ -136,8 +136,8 @@ def load(config: EngineConfig):
     )
     model.eval()
     keep_standard_layout(model)
-    if config.nf4_kernel == "triton" and device.type == "cuda":
-        log.info("NF4 kernel: ours (Triton) on %d modules", nf4.use(model, "triton"))
+    if config.nf4_kernel != "bnb" and device.type == "cuda":
+        log.info("NF4 kernel: %s (Triton) on %d modules", config.nf4_kernel, nf4.use(model, config.nf4_kernel))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.padding_side = "left"  # decoder-only batches grow to the right
     if tokenizer.pad_token_id is None:

@@ -48,7 +48,10 @@ except ImportError:  # pragma: no cover - depends on the install
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("bnb", "triton")
+# bnb: bitsandbytes everywhere. triton: ours at every row count (batch-invariant). auto: ours where it beat
+# bitsandbytes on an H200 (AUTO_ROWS; RESULTS.md, issue 18), bitsandbytes elsewhere (not batch-invariant).
+KERNELS = ("bnb", "triton", "auto")
+AUTO_ROWS = (2, 64)  # at 1 row bitsandbytes' GEMV was faster, above 64 its dequantize + cuBLAS
 QBLOCK = 64  # elements per absmax: bitsandbytes' default, the only block size the kernel takes
 
 
@@ -64,9 +67,10 @@ class Plan:
     tree: bool = False  # NF4 values by selects instead of the 16-entry table (benchmark variant)
     two: bool = False  # 2-D dequantization, even and odd k as two products (no interleave); bk 64 or 128.
     # Measured on an H200 (benchmarks/RESULTS.md, issue 18): no faster at 1-64 rows, slower at 512.
+    post: bool = True  # absmax after the MMA (the default; see `decode_asm`); False: bitsandbytes' exact weights
 
 
-def plan_for(N: int, K: int, sms: int = 132) -> Plan | None:
+def plan_for(N: int, K: int, sms: int = 132, post: bool = True) -> Plan | None:
     """The fixed reduction for (N, K), or None where the kernel does not apply.
 
     Enough programs for small batches to fill the GPU: out-feature tiles x chunks >= ~2 waves.
@@ -74,14 +78,20 @@ def plan_for(N: int, K: int, sms: int = 132) -> Plan | None:
     """
     if N % 64 or K % QBLOCK:
         return None
-    bn = 128 if N % 128 == 0 and N >= 2048 else 64
     bk = 128 if K % 128 == 0 else 64
+    if post:
+        # 64-feature tiles, 4 warps, 4 stages, about 4 programs an SM (3.8 x SMs: 8 chunks for q/o and
+        # down on 132 SMs, 4 for gate/up): the best of the H200 lab at 1-64 rows (benchmarks/nf4_lab.py).
+        bn, want, warps, stages = 64, int(3.8 * sms), 4, 4
+    else:
+        # 8 warps for 128-row tiles: with 4, a 128 x 64 or wider tile spills (ptxas, sm_90a).
+        bn = 128 if N % 128 == 0 and N >= 2048 else 64
+        want, warps, stages = 2 * sms, 8 if bn == 128 else 4, 3
     tiles = N // bn
     chunks = 1
-    while tiles * chunks < 2 * sms and K // (chunks * 2) >= 2 * bk and (K // (chunks * 2)) % QBLOCK == 0:
+    while tiles * chunks < want and K // (chunks * 2) >= 2 * bk and (K // (chunks * 2)) % QBLOCK == 0:
         chunks *= 2
-    # 8 warps for 128-row tiles: with 4, a 128 x 64 or wider tile spills (ptxas, sm_90a).
-    return Plan(bn=bn, bk=bk, chunks=chunks, chunk=K // chunks, warps=8 if bn == 128 else 4)
+    return Plan(bn=bn, bk=bk, chunks=chunks, chunk=K // chunks, warps=warps, stages=stages, post=post)
 
 
 def rows_tile(M: int) -> int:
@@ -97,14 +107,52 @@ def split_launch(M: int, N: int, K: int, plan: Plan, sms: int = 132) -> bool:
     return plan.chunks > 1 and -(-M // rows_tile(M)) * (N // plan.bn) * 2 < sms
 
 
+# bitsandbytes' NF4 table (functional.get_4bit_type("nf4")), what quant_state.code holds for quant_type nf4.
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_asm(dtype: torch.dtype) -> str:
+    """PTX for the post-scaled plan: one 32-bit word of 4 packed bytes (8 codes; byte j holds element 2j
+    in its high nibble, 2j + 1 in its low) -> the 8 NF4 values in `dtype` (bf16/fp16), as two words of
+    even elements ($0, $1: bytes 0-1, 2-3) and two of odd ones ($2, $3).
+
+    The table lives in the instruction stream as byte tables, so a code costs no load: prmt looks 4 codes
+    up at once in entries 0-7 and in 8-15 (3-bit selectors), lop3 picks by each code's bit 3 (a byte
+    mask made by prmt's sign-replicate mode), and prmt interleaves low and high bytes: 22 instructions
+    for 8 values, against ~10 an element for the float32 table load, multiply and cast. The absmax
+    scale is applied to each 64-element block's float32 sum after the MMA instead of to each weight, so
+    the weights are the table rounded to bf16 rather than bitsandbytes' code * absmax rounded to bf16:
+    within the same rounding, not bitwise bitsandbytes'. Checked byte by byte in tests/test_nf4.py."""
+    bits = [int(torch.tensor(v, dtype=torch.float32).to(dtype).view(torch.int16)) & 0xFFFF for v in NF4]
+
+    def word(first: int, hi: bool) -> int:
+        return sum((((bits[first + j] >> 8) if hi else bits[first + j]) & 0xFF) << (8 * j) for j in range(4))
+
+    lo = [word(4 * g, False) for g in range(4)]
+    hi = [word(4 * g, True) for g in range(4)]
+    out = ["{", ".reg .b32 w4, s, m, ll, lh, hl, hh, lo, hi;", "shl.b32 w4, $4, 4;"]
+    # Group A: codes of bytes 0-1 (nibbles 0-3 of the word); group B: bytes 2-3 (the word's upper half).
+    for sel, mask, even, odd in (("and.b32 s, $4, 0x7777;", "0xD9C8", "$0", "$2"),
+                                 ("shr.b32 s, $4, 16; and.b32 s, s, 0x7777;", "0xFBEA", "$1", "$3")):
+        out += [sel, f"prmt.b32 m, w4, $4, {mask};",  # 0xFF where the code's bit 3 is set
+                f"prmt.b32 ll, {lo[0]:#x}, {lo[1]:#x}, s;", f"prmt.b32 lh, {lo[2]:#x}, {lo[3]:#x}, s;",
+                f"prmt.b32 hl, {hi[0]:#x}, {hi[1]:#x}, s;", f"prmt.b32 hh, {hi[2]:#x}, {hi[3]:#x}, s;",
+                "lop3.b32 lo, ll, lh, m, 0xD8;", "lop3.b32 hi, hl, hh, m, 0xD8;",  # m ? high half : low half
+                f"prmt.b32 {even}, lo, hi, 0x7351;", f"prmt.b32 {odd}, lo, hi, 0x6240;"]
+    return "\n".join(out + ["}"])
+
+
 if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])
-    def _nf4_kernel(X, W, ABS, ABS2, CODE2, OFF, LUT, BIAS, Y, P,
+    def _nf4_kernel(X, W, ABS, ABS2, CODE2, OFF, LUT, LUT16, BIAS, Y, P,
                     M, N, KH, s_xm, s_ym, CHUNK,
                     CHUNKS_PER_PROG: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     PARTIAL: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, TREE: tl.constexpr,
-                    TWO: tl.constexpr,
+                    TWO: tl.constexpr, POST: tl.constexpr, ASM: tl.constexpr,
                     BN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr):
         # Program: rows [pid_b*BB, +BB) x out features [pid_n*BN, +BN) x chunks [pid_c*CPP, +CPP).
         pid_b = tl.program_id(0)
@@ -117,6 +165,7 @@ if triton is not None:
         g = tl.arange(0, G)
         kk = tl.arange(0, BK)
         kb = tl.arange(0, BK // 2)
+        kb32 = tl.arange(0, 32)  # the bytes of one absmax block
         # Byte b of a step holds elements 2b (high nibble) and 2b + 1 (low nibble) of it; absmax
         # block g covers bytes [32g, 32g + 32). KH = K / 2 bytes a row.
         w_row = W + n.to(tl.int64)[:, None] * KH  # [BN, 1]
@@ -129,7 +178,36 @@ if triton is not None:
             acc = tl.zeros([BN, BB], dtype=tl.float32)
             for k in range(k0, k_end, BK):
                 k = tl.multiple_of(k, 64)
-                if TWO:
+                if POST:
+                    # One 64-element absmax block at a time: its even k and its odd k as two products over
+                    # the table's values, the block's float32 sum then scaled by its absmax.
+                    for j in tl.static_range(BK // 64):
+                        kj = k + 64 * j
+                        kin = (kj + 2 * kb32) < k_end  # [32]: whole blocks in or out (K, chunks: multiples of 64)
+                        wp = w_row + (kj // 2 + kb32)[None, :]  # [BN, 32] bytes
+                        xp = X + rows.to(tl.int64)[None, :] * s_xm + (kj + 2 * kb32)[:, None]  # [32, BB] even k
+                        if EVEN:
+                            packed = tl.load(wp)
+                            xe = tl.load(xp, mask=row_ok[None, :], other=0.0)
+                            xo = tl.load(xp + 1, mask=row_ok[None, :], other=0.0)
+                        else:
+                            packed = tl.load(wp, mask=kin[None, :], other=0)
+                            xe = tl.load(xp, mask=row_ok[None, :] & kin[:, None], other=0.0)
+                            xo = tl.load(xp + 1, mask=row_ok[None, :] & kin[:, None], other=0.0)
+                        amax = _absmax(ABS, ABS2, CODE2, OFF, n.to(tl.int64) * (KH // 32) + kj // 64,
+                                       n * 0 + kj < k_end, NESTED)  # [BN] float32, as bitsandbytes
+                        if UPCAST:  # the interpreter runs no PTX: the same values from a table
+                            q = packed.to(tl.int32)
+                            part = tl.dot(tl.load(LUT16 + (q >> 4)), xe.to(tl.float32))
+                            part = tl.dot(tl.load(LUT16 + (q & 15)), xo.to(tl.float32), part)
+                        else:
+                            even, odd = tl.inline_asm_elementwise(
+                                ASM, "=r,=r,=r,=r,r", [packed], dtype=(X.dtype.element_ty, X.dtype.element_ty),
+                                is_pure=True, pack=4)
+                            part = tl.dot(even, xe)
+                            part = tl.dot(odd, xo, part)
+                        acc += part * amax[:, None]  # [BN, BB]
+                elif TWO:
                     # 2-D throughout: bytes [BN, BK/2]; the high nibbles are the step's even k, the low
                     # nibbles its odd k, multiplied as two products (even k, then odd k): no interleave.
                     wp = w_row + (k // 2 + kb)[None, :]
@@ -329,20 +407,24 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     if nested and not torch.is_tensor(off):
         off = torch.tensor(float(off), dtype=torch.float32, device=x.device)
     lut = qs.code
+    # The interpreter's stand-in for decode_asm: the table rounded to the compute dtype, as float32.
+    lut16 = qs.code.to(x.dtype).float() if plan.post and _interpreting() else lut
     b = bias if bias is not None else y
     even = plan.chunk % plan.bk == 0 and K % plan.chunk == 0
     grid_rows = -(-M // bb)
     common = dict(UPCAST=_interpreting(), TREE=plan.tree or _TREE_ONLY[0], TWO=plan.two, NESTED=nested,
+                  POST=plan.post, ASM=decode_asm(x.dtype) if plan.post else "",
                   HAS_BIAS=bias is not None, EVEN=even, BN=plan.bn, BB=bb, BK=plan.bk)
     # No fused multiply-add: double quantization's code * absmax + offset rounds twice in bitsandbytes.
     launch = {} if _interpreting() else dict(num_warps=plan.warps, num_stages=plan.stages, enable_fp_fusion=False)
-    args = (x2, weight, absmax, abs2, code2, off, lut, b, y, M, N, K, plan, -(-K // plan.chunk), split, grid_rows)
+    args = (x2, weight, absmax, abs2, code2, off, lut, lut16, b, y, M, N, K, plan, -(-K // plan.chunk), split,
+            grid_rows)
     try:
         _launch(*args, common, launch, bias is not None)
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, triton.CompilationError) as exc:
-        if common["TREE"] or x.device.type != "cuda":
+        if common["TREE"] or plan.post or x.device.type != "cuda":
             raise
         # The table load is inline PTX: a Triton that cannot build it gets the select tree (same values).
         log.warning("NF4 kernel: the table load did not compile (%s); using the select tree", exc)
@@ -354,19 +436,19 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
 _TREE_ONLY = [False]
 
 
-def _launch(x2, weight, absmax, abs2, code2, off, lut, b, y, M, N, K, plan, chunks, split, grid_rows, common,
+def _launch(x2, weight, absmax, abs2, code2, off, lut, lut16, b, y, M, N, K, plan, chunks, split, grid_rows, common,
             launch, has_bias) -> None:
     if split:
         part = torch.empty(chunks, M, N, dtype=torch.float32, device=x2.device)
         _nf4_kernel[(grid_rows, N // plan.bn, chunks)](
-            x2, weight, absmax, abs2, code2, off, lut, b, y, part, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
+            x2, weight, absmax, abs2, code2, off, lut, lut16, b, y, part, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
             CHUNKS_PER_PROG=1, PARTIAL=True, **common, **launch)
         block = 1024
         _sum_chunks[(-(-(M * N) // block),)](part, b, y, M, N, y.stride(0), CHUNKS=chunks,
                                              HAS_BIAS=has_bias, UPCAST=_interpreting(), BLOCK=block)
     else:
         _nf4_kernel[(grid_rows, N // plan.bn, 1)](
-            x2, weight, absmax, abs2, code2, off, lut, b, y, y, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
+            x2, weight, absmax, abs2, code2, off, lut, lut16, b, y, y, M, N, K // 2, x2.stride(0), y.stride(0), plan.chunk,
             CHUNKS_PER_PROG=chunks, PARTIAL=False, **common, **launch)
 
 
@@ -386,7 +468,8 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     qs = getattr(weight, "quant_state", None)
     dtype = module.compute_dtype or x.dtype
-    if not module.training and supported(weight, qs, x) and x.dtype == dtype:
+    rows_ok = type(module)._llmbatch_nf4 == "triton" or AUTO_ROWS[0] <= x.numel() // x.shape[-1] <= AUTO_ROWS[1]
+    if not module.training and rows_ok and supported(weight, qs, x) and x.dtype == dtype:
         bias = module.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
@@ -394,19 +477,20 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     return type(module).__mro__[1].forward(module, x)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def _ours(cls: type) -> type:
+def _ours(cls: type, kernel: str) -> type:
     """A subclass of the module's Linear4bit class whose forward is ours (isinstance still holds,
-    so peft and our LoRA hooks, which hook __call__, see the same module)."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Triton{cls.__name__}", (cls,), {"forward": forward, "_llmbatch_nf4": True})
-    return _CLASSES[cls]
+    so peft and our LoRA hooks, which hook __call__, see the same module); _llmbatch_nf4 names the kernel."""
+    if (cls, kernel) not in _CLASSES:
+        _CLASSES[cls, kernel] = type(f"{kernel.title()}{cls.__name__}", (cls,), {"forward": forward,
+                                                                                  "_llmbatch_nf4": kernel})
+    return _CLASSES[cls, kernel]
 
 
 def use(model, kernel: str) -> int:
-    """Switch every Linear4bit of the model to `kernel` ('bnb' or 'triton'); returns how many modules
+    """Switch every Linear4bit of the model to `kernel` (one of KERNELS); returns how many modules
     run ours. Switching back restores bitsandbytes' class. Captured CUDA graphs keep the kernel they
     were captured with: switch before an Engine (and its Runner) is made."""
     check(kernel)
@@ -417,8 +501,8 @@ def use(model, kernel: str) -> int:
         if not isinstance(m, bnb.nn.Linear4bit):
             continue
         base = type(m).__mro__[1] if getattr(type(m), "_llmbatch_nf4", False) else type(m)
-        m.__class__ = _ours(base) if kernel == "triton" else base
-        n += kernel == "triton"
+        m.__class__ = base if kernel == "bnb" else _ours(base, kernel)
+        n += kernel != "bnb"
     return n
 
 
