@@ -22,11 +22,12 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compute_dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
     double_quant: bool = False
-    # Who multiplies by the NF4 weights on CUDA: "bnb" (bitsandbytes, the reference; always the CPU path),
-    # "triton" (ours, worker/engine/nf4.py: fused, batch-invariant, at every row count) or "auto" (ours at
-    # 2-64 rows, where it beat bitsandbytes on an H200; bitsandbytes elsewhere). bnb is the default until
-    # the engine is measured with auto (benchmarks/RESULTS.md, issue 18).
-    nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "bnb")
+    # Who multiplies by the NF4 weights on CUDA: "auto" (the default: ours, worker/engine/nf4.py, at 2-64
+    # rows, where it beat bitsandbytes on an H200; bitsandbytes elsewhere, and everywhere if ours fails to
+    # build), "bnb" (bitsandbytes, the reference; always the CPU path) or "triton" (ours at every row count:
+    # batch-invariant, slower above 64 rows). On an H200 auto ran `mixed` 1.35x bnb with the same tokens
+    # (benchmarks/RESULTS.md, issue 18).
+    nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "auto")
     # Batch-invariant mode (issue 22): a row's logits, hence a seeded line's tokens, are bitwise the same
     # whatever its batch mates, slot and the batch's padded width (README, "Reproducibility"). It
     # forces shared_prefix_min=0 (a shared prefix is computed apart from the rest of the prompt, which a

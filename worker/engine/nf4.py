@@ -468,13 +468,28 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     qs = getattr(weight, "quant_state", None)
     dtype = module.compute_dtype or x.dtype
-    rows_ok = type(module)._llmbatch_nf4 == "triton" or AUTO_ROWS[0] <= x.numel() // x.shape[-1] <= AUTO_ROWS[1]
+    kernel = type(module)._llmbatch_nf4
+    rows_ok = kernel == "triton" or AUTO_ROWS[0] <= x.numel() // x.shape[-1] <= AUTO_ROWS[1]
+    if kernel == "auto" and _FAILED:
+        rows_ok = False
     if not module.training and rows_ok and supported(weight, qs, x) and x.dtype == dtype:
         bias = module.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return matmul(x, weight, qs, bias)
+        try:
+            return matmul(x, weight, qs, bias)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, triton.CompilationError) as exc:
+            if kernel == "triton":  # asked for by name (A/B runs, invariant mode): no silent substitute
+                raise
+            # auto (the default): a GPU or Triton the kernel does not build on keeps bitsandbytes.
+            log.warning("NF4 kernel: ours failed (%s); bitsandbytes from now on", exc)
+            _FAILED.append(True)
     return type(module).__mro__[1].forward(module, x)
+
+
+_FAILED: list = []  # non-empty once our kernel failed to build here: auto falls back to bitsandbytes
 
 
 _CLASSES: dict[tuple[type, str], type] = {}
