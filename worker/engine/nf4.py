@@ -5,14 +5,18 @@ flat [N*K/2] uint8 of `Params4bit` (element e = n*K + k sits in byte e // 2, the
 e), each run of 64 elements has one absmax, and a 4-bit code indexes `quant_state.code` (the 16 NF4
 values). With double quantization (`quant_state.nested`) absmax is uint8, decoded as
 state2.code[q] * state2.absmax[b // 256] + offset, all float32, exactly as dequantize_4bit does.
-A weight is float32 code * absmax rounded once to bf16/fp16: the very value dequantize_4bit writes,
-so ours and bitsandbytes' products differ only in the order of the float32 sums.
+The absmax is decoded exactly as bitsandbytes does, on both plans below.
 
 Design (one kernel for every M, tensor cores throughout):
-- Dequantize in registers inside the K loop: packed bytes [BN, BK/2] -> codes -> float32 values
-  through the 16-entry table (a 64-byte array that stays in L1) -> * absmax -> bf16.
-- Swap-AB: the dequantized weight tile is the MMA's left operand (its 64/128 rows are out
-  features), the activations the right one, so a handful of rows costs one narrow MMA, not 64.
+- Dequantize in registers inside the K loop. The default plan (`Plan.post`) decodes 8 codes from one
+  32-bit word with prmt/lop3 over byte tables held in the instructions (`decode_asm`: no table loads),
+  multiplies each 64-element absmax block's table values by the activations (even k and odd k as two
+  products, so no interleave), and scales the block's float32 sum by its absmax. Its weights are the
+  table rounded to bf16, not bitsandbytes' code * absmax rounded to bf16: as close to the float32
+  weights as bitsandbytes' (benchmarks/nf4.py, tests/test_nf4.py), not bitwise its products. The exact
+  plan (post=False) multiplies code * absmax in float32 per weight, bitsandbytes' very values.
+- Swap-AB: the dequantized weight tile is the MMA's left operand (its 64 rows are out features), the
+  activations the right one, so a handful of rows costs one narrow MMA, not 64.
 - Batch invariance by construction. The reduction over K is fixed by (N, K) alone: K is cut into
   `chunks` logical pieces (a fixed split-K for that shape), each summed over BK steps in order
   from a zero accumulator, and the chunk sums are added in chunk order, from 0.0. Small batches
@@ -25,10 +29,11 @@ Design (one kernel for every M, tensor cores throughout):
 Anything it does not cover (fp32 compute, other block sizes, FP4, shapes not multiples of 64, the
 CPU) goes to bitsandbytes, which stays the reference.
 
-Measured on an H200 (benchmarks/RESULTS.md, issue 18): bitwise invariant across M = 1..512, the
-split and batch mates, and as exact as bitsandbytes, but 2-3x slower than it at 1 row and 3x bf16
-at 512 rows: the dequantization sits in the MMA's critical path (dequantize, wgmma, wait, each K
-step). Overlapping the two (one wgmma in flight, or warp-specialized dequantizing warps) is next.
+Measured on an H200 (benchmarks/RESULTS.md, issue 18): bitwise invariant across M and split, faster
+than bitsandbytes at 8-64 rows on gate/up and down (1.1-1.3x), slower at 1 row, on q/k/v/o, and above
+64 rows (4-7x bf16 at 512). Hence LLMBATCH_NF4_KERNEL=auto, the default: ours at 2-64 rows only.
+The skeleton, not the dequantization, is now the limit: a variant that only loads the packed bytes
+runs at ~1 TB/s (benchmarks/nf4_lab.py).
 """
 
 from __future__ import annotations
