@@ -107,14 +107,26 @@ model = model.to(torch.bfloat16).eval()
 model[1] = model[1].to("cpu")
 assert invariant.use(model) == 3 and invariant.use(model) == 3  # idempotent
 assert invariant.use(model, False) == 3 and type(model[2]) is torch.nn.Linear and invariant.use(model) == 3
+# Off again: each module gets the class it had before, nf4.py's kernel choice included.
+from llmbatch.worker.engine import nf4
+invariant.use(model, False)
+nf4.use(model, "auto")
+auto = type(model[1])
+assert invariant.use(model) == 3 and invariant.use(model, False) == 3 and type(model[1]) is auto
+assert invariant.use(model) == 3
 assert isinstance(model[1], bnb.nn.Linear4bit) and isinstance(model[2], torch.nn.Linear)
 x = torch.randn(5, 128).to(torch.bfloat16)
 with torch.no_grad():
     h = invariant.rms_norm(x, model[0].weight, model[0].variance_epsilon)
     assert torch.equal(model[0](x), h) and torch.equal(runner_norm(model[0], x), h)
     from llmbatch.worker.engine import nf4
-    z = nf4.matmul(h, model[1].weight, model[1].weight.quant_state)
+    import bitsandbytes.functional as bf
+    qs = model[1].weight.quant_state
+    z = invariant.matmul(h, bf.dequantize_4bit(model[1].weight, qs).to(h.dtype))  # NF4_PATH "dequant", the default
     assert torch.equal(model[1](h), z)
+    invariant.NF4_PATH = "kernel"
+    assert torch.equal(model[1](h), nf4.matmul(h, model[1].weight, qs))  # our NF4 kernel
+    invariant.NF4_PATH = "dequant"
     assert torch.equal(model(x), invariant.matmul(z, model[2].weight, model[2].bias))
     assert torch.equal(model(x[2:3]), model(x)[2:3])
 print("ok")

@@ -231,7 +231,7 @@ def plain_rms_norm(module) -> bool:
 
 def use(model, on: bool = True) -> int:
     """Swap every Linear4bit, plain nn.Linear and Llama-style RMSNorm of the model to the invariant
-    forwards above (on=False: back to their own classes, bitsandbytes' for NF4); returns how many.
+    forwards above (on=False: back to the classes they had before, e.g. nf4.py's kernel choice); returns how many.
     For CUDA (Triton); before an Engine is made (graphs keep what they captured). Idempotent."""
     import bitsandbytes as bnb
 
@@ -239,16 +239,21 @@ def use(model, on: bool = True) -> int:
     for m in model.modules():
         base = _base(m)
         if not on:
-            n += type(m) is not base
-            m.__class__ = base
+            if getattr(type(m), "_llmbatch_invariant", False):
+                # Back to the class before use() (nf4.py's kernel choice, say), else the module's own.
+                m.__class__ = m.__dict__.pop("_llmbatch_before", base)
+                n += 1
             continue
-        elif issubclass(base, bnb.nn.Linear4bit):
-            m.__class__ = _ours(base, _linear4bit)
+        if issubclass(base, bnb.nn.Linear4bit):
+            forward = _linear4bit
         elif base is torch.nn.Linear:
-            m.__class__ = _ours(base, _linear)
+            forward = _linear
         elif plain_rms_norm(m):
-            m.__class__ = _ours(base, _norm)
+            forward = _norm
         else:
             continue
+        if not getattr(type(m), "_llmbatch_invariant", False):
+            m.__dict__["_llmbatch_before"] = type(m)
+        m.__class__ = _ours(base, forward)
         n += 1
     return n
