@@ -9,6 +9,10 @@ float32 partials) with one stage added at a time, so the differences place the t
   shift  nibbles unpacked and cast (no table), two MMAs (even k, odd k), absmax after the MMA
   lut    as shift, values from the 16-entry NF4 table (float32 load, cast): the full algorithm
   lut16  as lut with a bf16 table (16-bit loads)
+  prmt   as lut with the table in registers (nf4.decode_asm, the shipped kernel's lookup)
+  prmt1  as prmt, one K=64 product over the interleaved tile
+  prmtx  as prmt, the activations permuted first (each block's even k, then its odd k) so their loads are
+         contiguous and pipelined; the permutation is timed too
 The full algorithm scales by absmax after the MMA (per 64-element block, per out feature): the
 table's values are rounded to bf16 instead of code * absmax, so it is not bitwise bitsandbytes'
 dequantization, only within its rounding (checked below against the float32 reference).
@@ -35,36 +39,8 @@ from llmbatch.worker.engine import invariant, nf4  # noqa: E402
 
 MODES = {"copy": 0, "nodeq": 1, "shift": 2, "lut": 3, "lut16": 4, "prmt": 5, "prmt1": 6, "prmtx": 7}
 
-NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
-
-
-def prmt_asm(values=NF4) -> str:
-    """PTX: one 32-bit word of 4 packed bytes (8 codes; byte j = even element in its high nibble, odd
-    in its low) -> the 8 table values in bf16 as two bf16x2 words of even elements ($0, $1) and two of
-    odd ones ($2, $3). The 16-entry table lives in the instruction stream as byte tables: prmt looks
-    up 4 codes at once in entries 0-7 and in 8-15 (3-bit selectors), lop3 picks by each code's bit 3
-    (a byte mask made by prmt's sign-replicate mode), prmt interleaves low and high bytes."""
-    bits = [int(torch.tensor(v, dtype=torch.float32).to(torch.bfloat16).view(torch.int16)) & 0xFFFF for v in values]
-
-    def word(idx, hi):
-        return sum((((bits[i] >> 8) if hi else bits[i]) & 0xFF) << (8 * j) for j, i in enumerate(idx))
-
-    lo = [word(range(4 * g, 4 * g + 4), False) for g in range(4)]
-    hi = [word(range(4 * g, 4 * g + 4), True) for g in range(4)]
-    out = ["{", ".reg .b32 w4, s, m, ll, lh, hl, hh, lo, hi;", "shl.b32 w4, $4, 4;"]
-    for grp, (sel, mask, ev, od) in enumerate([("and.b32 s, $4, 0x7777;", "0xD9C8", "$0", "$2"),
-                                               ("shr.b32 s, $4, 16; and.b32 s, s, 0x7777;", "0xFBEA", "$1", "$3")]):
-        out += [sel, f"prmt.b32 m, w4, $4, {mask};",
-                f"prmt.b32 ll, {lo[0]:#x}, {lo[1]:#x}, s;", f"prmt.b32 lh, {lo[2]:#x}, {lo[3]:#x}, s;",
-                f"prmt.b32 hl, {hi[0]:#x}, {hi[1]:#x}, s;", f"prmt.b32 hh, {hi[2]:#x}, {hi[3]:#x}, s;",
-                "lop3.b32 lo, ll, lh, m, 0xD8;", "lop3.b32 hi, hl, hh, m, 0xD8;",
-                f"prmt.b32 {ev}, lo, hi, 0x7351;", f"prmt.b32 {od}, lo, hi, 0x6240;"]
-    return "\n".join(out + ["}"])
-
-
-PRMT = prmt_asm()
+# The register table lookup is the shipped one (nf4.decode_asm); the lab's kernels are bf16 only.
+PRMT = nf4.decode_asm(torch.bfloat16)
 
 
 @triton.jit(do_not_specialize=["M"])
