@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.throughput import (WORD_VOCAB, build_random_model, env_info, make_workload,  # noqa: E402
-                                   run_engine)
+from benchmarks.throughput import (WORD_VOCAB, WORKLOADS, build_random_model, env_info,  # noqa: E402
+                                   make_workload, run_engine)
 from llmbatch.worker.engine import EngineConfig, Request, SamplingParams, invariant, load_engine  # noqa: E402
 from llmbatch.worker.engine.engine import Engine  # noqa: E402
 from llmbatch.worker.engine.forward import Runner  # noqa: E402
@@ -238,6 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json-out", required=True)
     ap.add_argument("--results-md", help="append a row here (default benchmarks/RESULTS.md, none with --smoke)")
     args = ap.parse_args(argv)
+    runs = args.cost_workloads.split(",")
+    bad = [r for r in runs if r.split(":")[0] not in WORKLOADS]
+    if bad or len(set(runs)) < len(runs):
+        ap.error(f"--cost-workloads: {', '.join(bad) or 'a name twice'}: names from {', '.join(WORKLOADS)}, "
+                 "each once ('fixed:2' runs fixed again)")
     start = time.perf_counter()
     argv = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/invariance.py " + " ".join(map(shlex.quote, argv))

@@ -91,16 +91,10 @@ def ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
 def correctness(name: str, N: int, K: int) -> dict:
     """Half-ulps against the product of bitsandbytes' bf16 weights (the exact plan's promise), and the
     relative error against the unrounded float32 weights (code * absmax), ours and bitsandbytes'."""
-    import copy
-
-    import bitsandbytes.functional as bf
-
     out = {}
     for nested in (False, True):
         packed, qs, wq = quantized(N, K, nested, 1)
-        q32 = copy.copy(qs)
-        q32.dtype = torch.float32
-        exact = bf.dequantize_4bit(packed, q32)
+        exact = nf4.float32_weights(packed, qs)
         for M in (1, 7, 37, 512 if DEV == "cuda" else 64):
             x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
             y = nf4.matmul(x, packed, qs)
@@ -294,6 +288,9 @@ def main(argv=None) -> dict:
                                                            "tiny shape, the bundled model with a few prompts")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
+    for kind in args.kernels.split(","):
+        if kind not in nf4.KERNELS:
+            ap.error(f"--kernels: unknown NF4 kernel {kind!r}: choose from {', '.join(nf4.KERNELS)}")
     if args.smoke:
         DEV, SHAPES = "cpu", {"tiny": (128, 256)}
         args.shapes, args.rows, args.variant_rows = "tiny", "1,37", "1"

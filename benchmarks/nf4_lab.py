@@ -35,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from benchmarks.nf4 import bench, quantized  # noqa: E402  (do_bench median with L2 flush; seeded NF4 weights)
 from llmbatch.worker.engine import invariant, nf4  # noqa: E402
 
 MODES = {"copy": 0, "nodeq": 1, "shift": 2, "lut": 3, "lut16": 4, "prmt": 5, "prmt1": 6, "prmtx": 7}
@@ -116,22 +117,14 @@ def lab_matmul(x, packed, qs, mode, bn, bk, chunks, warps, stages, bb=None):
     return part.sum(0) if chunks > 1 else part[0]
 
 
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=60, return_mode="median")
-
-
 SHAPES = {"gate_up": (14336, 4096), "down": (4096, 14336), "qo": (4096, 4096)}
 
 
 def kernel_lab(rows, configs, out):
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
 
     for name, (N, K) in SHAPES.items():
-        torch.manual_seed(0)
-        w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
-        packed, qs = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
-        wq = bf.dequantize_4bit(packed, qs).to(torch.bfloat16)
+        packed, qs, wq = quantized(N, K, False, 0)
         wbytes = N * K / 2
         for M in rows:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -204,12 +197,9 @@ def main():
     ap.add_argument("--ncu-one", help="mode,bn,bk,chunks,warps,stages,M,shape: one warm launch for ncu")
     args = ap.parse_args()
     if args.ncu_one:
-        import bitsandbytes.functional as bf
-
         mode, bn, bk, chunks, warps, stages, M, shape = args.ncu_one.split(",")
         N, K = SHAPES[shape]
-        packed, qs = bf.quantize_4bit((torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16), blocksize=64,
-                                      quant_type="nf4", compress_statistics=False)
+        packed, qs, _ = quantized(N, K, False, 0)
         x = torch.randn(int(M), K, device="cuda", dtype=torch.bfloat16)
         for _ in range(3):
             lab_matmul(x, packed, qs, mode, int(bn), int(bk), int(chunks), int(warps), int(stages))

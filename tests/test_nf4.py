@@ -24,26 +24,34 @@ torch.manual_seed(0)
 HALF_ULP = 2.0 ** -8  # half a bf16 ulp, relative
 
 
-def check(N, K, nested, plan, bias):
+def quantized(N, K, nested, bias):
     w = torch.randn(N, K) * 0.02
     packed, qs = bf.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=nested)
     assert (qs.absmax.dtype == torch.uint8) == nested
-    wq = bf.dequantize_4bit(packed, qs)  # bitsandbytes' own bf16 weights: the reference
     b = torch.randn(N).to(torch.bfloat16) if bias else None
-    x = torch.randn(128, K).to(torch.bfloat16)
+    return packed, qs, b, torch.randn(128, K).to(torch.bfloat16)
+
+
+def rows_keep_their_bits(x, packed, qs, b, plan, full, tag):
+    # Batch invariance: a row's bits at M = 1 and 37 (odd), split over programs or not, equal M = 128's.
+    for M in (1, 37):
+        for split in (False, True):
+            y = nf4.matmul(x[:M], packed, qs, b, plan=plan, split=split)
+            assert torch.equal(y, full[:M]), (*tag, M, split)
+    perm = torch.randperm(37)
+    assert torch.equal(nf4.matmul(x[perm], packed, qs, b, plan=plan), full[perm])  # other order, same bits
+
+
+def check(N, K, nested, plan, bias):
+    packed, qs, b, x = quantized(N, K, nested, bias)
+    wq = bf.dequantize_4bit(packed, qs)  # bitsandbytes' own bf16 weights: the reference
     ref = x.float() @ wq.float().t() + (b.float() if bias else 0)  # exact-ish: float32 sums of exact products
     full = nf4.matmul(x, packed, qs, b, plan=plan, split=False)  # all chunks in one program
     err = (full.float() - ref).abs()
     assert (err <= ref.abs() * HALF_ULP + 1e-6).all(), (N, K, nested, (err / ref.abs()).max())
     # bitsandbytes' own product (dequantize_4bit + F.linear in bf16) is no closer than that
     assert (nf4.reference(x, packed, qs, b).float() - ref).abs().max() >= err.max() * 0.5
-    # Batch invariance: a row's bits at M = 1 and 37 (odd), split over programs or not, equal M = 128's.
-    for M in (1, 37):
-        for split in (False, True):
-            y = nf4.matmul(x[:M], packed, qs, b, plan=plan, split=split)
-            assert torch.equal(y, full[:M]), (N, K, nested, M, split)
-    perm = torch.randperm(37)
-    assert torch.equal(nf4.matmul(x[perm], packed, qs, b, plan=plan), full[perm])  # other order, same bits
+    rows_keep_their_bits(x, packed, qs, b, plan, full, (N, K, nested))
     return err.max().item()
 
 
@@ -59,25 +67,13 @@ def check_post(N, K, nested, plan, bias):
     # The default plan: table values in bf16, absmax after the MMA. Against the float32 weights
     # (code * absmax, unrounded) it must be about as close as bitsandbytes' bf16 weights are, and keep
     # a row's bits at any M, split or not, in any order.
-    import copy
-
-    w = torch.randn(N, K) * 0.02
-    packed, qs = bf.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4", compress_statistics=nested)
-    q32 = copy.copy(qs)
-    q32.dtype = torch.float32
-    exact = bf.dequantize_4bit(packed, q32)  # float32 code * absmax: no bf16 rounding
-    b = torch.randn(N).to(torch.bfloat16) if bias else None
-    x = torch.randn(128, K).to(torch.bfloat16)
-    ref = x.double() @ exact.double().t() + (b.double() if bias else 0)
+    packed, qs, b, x = quantized(N, K, nested, bias)
+    ref = x.double() @ nf4.float32_weights(packed, qs).double().t() + (b.double() if bias else 0)
     full = nf4.matmul(x, packed, qs, b, plan=plan, split=False)
     ours = (full.double() - ref).norm() / ref.norm()
     theirs = (nf4.reference(x, packed, qs, b).double() - ref).norm() / ref.norm()
     assert ours <= 1.5 * theirs and ours < 4e-3, (N, K, nested, float(ours), float(theirs))
-    for M in (1, 37):
-        for split in (False, True):
-            assert torch.equal(nf4.matmul(x[:M], packed, qs, b, plan=plan, split=split), full[:M]), (M, split)
-    perm = torch.randperm(37)
-    assert torch.equal(nf4.matmul(x[perm], packed, qs, b, plan=plan), full[perm])
+    rows_keep_their_bits(x, packed, qs, b, plan, full, (N, K, nested))
     return float(ours), float(theirs)
 
 

@@ -75,7 +75,7 @@ class Plan:
     post: bool = True  # absmax after the MMA (the default; see `decode_asm`); False: bitsandbytes' exact weights
 
 
-def plan_for(N: int, K: int, sms: int = 132, post: bool = True) -> Plan | None:
+def plan_for(N: int, K: int, sms: int = 132) -> Plan | None:
     """The fixed reduction for (N, K), or None where the kernel does not apply.
 
     Enough programs for small batches to fill the GPU: out-feature tiles x chunks >= ~2 waves.
@@ -84,19 +84,15 @@ def plan_for(N: int, K: int, sms: int = 132, post: bool = True) -> Plan | None:
     if N % 64 or K % QBLOCK:
         return None
     bk = 128 if K % 128 == 0 else 64
-    if post:
-        # 64-feature tiles, 4 warps, 4 stages, about 4 programs an SM (3.8 x SMs: 8 chunks for q/o and
-        # down on 132 SMs, 4 for gate/up): the best of the H200 lab at 1-64 rows (benchmarks/nf4_lab.py).
-        bn, want, warps, stages = 64, int(3.8 * sms), 4, 4
-    else:
-        # 8 warps for 128-row tiles: with 4, a 128 x 64 or wider tile spills (ptxas, sm_90a).
-        bn = 128 if N % 128 == 0 and N >= 2048 else 64
-        want, warps, stages = 2 * sms, 8 if bn == 128 else 4, 3
+    # The post-scaled plan: 64-feature tiles, 4 warps, 4 stages, about 4 programs an SM (3.8 x SMs: 8 chunks
+    # for q/o and down on 132 SMs, 4 for gate/up): the best of the H200 lab at 1-64 rows (benchmarks/nf4_lab.py).
+    # The exact plan (Plan(post=False)) stays a variant that tests and benchmarks build by hand.
+    bn, want = 64, int(3.8 * sms)
     tiles = N // bn
     chunks = 1
     while tiles * chunks < want and K // (chunks * 2) >= 2 * bk and (K // (chunks * 2)) % QBLOCK == 0:
         chunks *= 2
-    return Plan(bn=bn, bk=bk, chunks=chunks, chunk=K // chunks, warps=warps, stages=stages, post=post)
+    return Plan(bn=bn, bk=bk, chunks=chunks, chunk=K // chunks, warps=4, stages=4)
 
 
 def rows_tile(M: int) -> int:
@@ -457,6 +453,17 @@ def _launch(x2, weight, absmax, abs2, code2, off, lut, lut16, b, y, M, N, K, pla
             CHUNKS_PER_PROG=chunks, PARTIAL=False, **common, **launch)
 
 
+def float32_weights(weight: torch.Tensor, qs) -> torch.Tensor:
+    """bitsandbytes' code * absmax in float32, unrounded [N, K]: what both plans' error is measured against."""
+    import copy
+
+    import bitsandbytes.functional as bf
+
+    q32 = copy.copy(qs)
+    q32.dtype = torch.float32
+    return bf.dequantize_4bit(weight, q32)
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None) -> torch.Tensor:
     """bitsandbytes' dequantize_4bit then F.linear: what the kernel is checked against."""
     import bitsandbytes.functional as bf
@@ -473,10 +480,8 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     qs = getattr(weight, "quant_state", None)
     dtype = module.compute_dtype or x.dtype
-    kernel = type(module)._llmbatch_nf4
-    rows_ok = kernel == "triton" or AUTO_ROWS[0] <= x.numel() // x.shape[-1] <= AUTO_ROWS[1]
-    if kernel == "auto" and _FAILED:
-        rows_ok = False
+    kernel = type(module)._llmbatch_nf4  # "triton" or "auto": bnb modules keep bitsandbytes' own forward
+    rows_ok = kernel == "triton" or (not _FAILED and AUTO_ROWS[0] <= x.numel() // x.shape[-1] <= AUTO_ROWS[1])
     if not module.training and rows_ok and supported(weight, qs, x) and x.dtype == dtype:
         bias = module.bias
         if bias is not None and bias.dtype != x.dtype:
