@@ -44,6 +44,7 @@ from llmbatch.worker.engine import nf4  # noqa: E402
 SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
           "down_proj": (4096, 14336)}
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512)
+MMA, MMA_VARIANTS = False, []  # --mma: the CUDA kernel too (nf4_mma.py), and forced nt/mt/warps variants
 DEV = "cuda"  # --smoke: "cpu", under Triton's interpreter, tiny shapes (a dry run of this script)
 
 
@@ -131,6 +132,45 @@ def invariance(name: str, N: int, K: int, nested: bool = False) -> dict:
     return res
 
 
+def mma_checks(name: str, N: int, K: int) -> dict:
+    """The CUDA kernel (nf4_mma.py): error against the float32 weights (and bitsandbytes' own), and row bits
+    across batch sizes, forced tiles (nt, mt), batch mates, bias and fp16."""
+    from llmbatch.worker.engine import nf4_mma
+
+    out = {}
+    for nested in (False, True):
+        packed, qs, wq = quantized(N, K, nested, 5)
+        exact = nf4.float32_weights(packed, qs)
+        x = torch.randn(200, K, device=DEV, dtype=torch.bfloat16)
+        full = nf4_mma.matmul(x, packed, qs)
+        ref32 = x.double() @ exact.double().t()
+        bnb_y = nf4.reference(x, packed, qs)
+        rel = lambda v, r=ref32: round(((v.double() - r).norm() / r.norm()).item(), 6)  # noqa: E731
+        res = {"ours_rel_err": rel(full), "bnb_rel_err": rel(bnb_y),
+               "max_abs_vs_bnb": round((full.float() - bnb_y.float()).abs().max().item(), 5),
+               "nan": bool(full.isnan().any())}
+        bits = {}
+        for M in (1, 5, 8, 9, 16, 17, 33, 64, 65, 130):
+            bits[f"M={M}"] = torch.equal(nf4_mma.matmul(x[:M], packed, qs), full[:M])
+        for nt in (1, 2):
+            for mt in (1, 2, 4, 8):
+                bits[f"M=37 nt={nt} mt={mt}"] = torch.equal(nf4_mma.matmul(x[:37], packed, qs, nt=nt, mt=mt), full[:37])
+        perm = torch.randperm(200, device=DEV)
+        bits["shuffled"] = torch.equal(nf4_mma.matmul(x[perm], packed, qs), full[perm])
+        other = torch.randn(20, K, device=DEV, dtype=torch.bfloat16)
+        bits["other mates"] = torch.equal(nf4_mma.matmul(torch.cat([x[:1], other]), packed, qs)[:1], full[:1])
+        res["bits_all"] = all(bits.values())
+        res["bits_failed"] = [k for k, v in bits.items() if not v]
+        bias = torch.randn(N, device=DEV, dtype=torch.bfloat16)
+        yb = nf4_mma.matmul(x[:9], packed, qs, bias)
+        res["bias_max_abs"] = round((yb.float() - (full[:9].float() + bias.float())).abs().max().item(), 5)
+        xh = x[:9].half()
+        res["fp16_rel_err"] = rel(nf4_mma.matmul(xh, packed, qs), ref32[:9])
+        out[f"nested={nested}"] = res
+    print("mma", name, out, flush=True)
+    return out
+
+
 def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), deadline: float = 1e18) -> list[dict]:
     import bitsandbytes as bnb
 
@@ -142,6 +182,17 @@ def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), dea
         row = {"shape": name, "N": N, "K": K, "M": M}
         row["bnb_ms"] = bench(lambda: bnb.matmul_4bit(x, packed, quant_state=qs))
         row["bf16_ms"] = bench(lambda: F.linear(x, wq))
+        if MMA:
+            from llmbatch.worker.engine import nf4_mma
+
+            row["mma_ms"] = bench(lambda: nf4_mma.matmul(x, packed, qs))
+            row["mma_tb_s"] = round(wbytes / row["mma_ms"] / 1e9, 3)
+            row["bnb_vs_mma"] = round(row["bnb_ms"] / row["mma_ms"], 2)
+            row["mma_vs_bf16"] = round(row["mma_ms"] / row["bf16_ms"], 3)
+            for v in MMA_VARIANTS:
+                kv = {k: int(val) for k, val in (p.split("=") for p in v.split(","))}
+                if M in variant_rows and time.time() < deadline:
+                    row[f"mma[{v}]_ms"] = bench(lambda: nf4_mma.matmul(x, packed, qs, **kv))
         for vname, (plan, split) in variants.items():
             if vname != "triton" and (M not in variant_rows or time.time() > deadline):
                 continue
@@ -244,6 +295,8 @@ def summary(res: dict) -> None:
         print(f"{r['shape']:18} M={r['M']:4} bnb {r['bnb_ms']:.4f} ms ({r['bnb_tb_s']} TB/s)  triton "
               f"{r['triton_ms']:.4f} ms ({r['triton_tb_s']} TB/s)  bf16 {r['bf16_ms']:.4f}  triton/bf16 "
               f"{r['triton_vs_bf16']}  bnb/triton {r['bnb_vs_triton']}  "
+              + (f"mma {r['mma_tb_s']} TB/s bnb/mma {r['bnb_vs_mma']} mma/bf16 {r['mma_vs_bf16']}  " if "mma_ms" in r
+                 else "")
               + " ".join(f"{k[:-3]}={v}" for k, v in r.items() if k.endswith("_ms") and k[:-3] not in
                          ("bnb", "bf16", "triton")))
     for name, v in res.get("invariance", {}).items():
@@ -266,7 +319,7 @@ def summary(res: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    global DEV, SHAPES
+    global DEV, SHAPES, MMA, MMA_VARIANTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
@@ -276,6 +329,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--variant-rows", default="1,16,64,512", help="rows the variants run at")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which variants are skipped")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel part")
+    ap.add_argument("--no-triton-checks", action="store_true", help="time the Triton kernel, skip its checks")
     ap.add_argument("--engine", action="store_true", help="the engine A/B too")
     ap.add_argument("--kernels", default="bnb,triton", help="engine A/B: kernels in order, the first the baseline")
     ap.add_argument("--prompts", type=int, default=1000)
@@ -286,6 +340,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model-dir", default="/tmp/llmbatch-random-llama31-8b")
     ap.add_argument("--smoke", action="store_true", help="a CPU dry run of this script: Triton's interpreter, a "
                                                            "tiny shape, the bundled model with a few prompts")
+    ap.add_argument("--mma", action="store_true", help="the CUDA kernel (nf4_mma.py) too: checks and timings")
+    ap.add_argument("--mma-variants", nargs="*", default=[], help="forced tiles, e.g. nt=1 nt=2,mt=8 warps=4")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     for kind in args.kernels.split(","):
@@ -312,6 +368,14 @@ def main(argv=None) -> dict:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
 
+    MMA, MMA_VARIANTS = args.mma, args.mma_variants
+    if MMA:
+        from llmbatch.worker.engine import nf4_mma
+
+        t = time.perf_counter()
+        nf4_mma.build()
+        res["mma_build_s"] = round(time.perf_counter() - t, 1)
+        print("mma build s", res["mma_build_s"], flush=True)
     if not args.no_kernels:
         if DEV == "cuda":
             res["ceilings"] = ceilings()
@@ -321,9 +385,13 @@ def main(argv=None) -> dict:
         for name in args.shapes.split(","):
             N, K = SHAPES[name]
             res["plans"][name] = nf4.plan_for(N, K, sms()).__dict__
-            res["invariance"][name] = invariance(name, N, K)
-            res["invariance"][name + " nested"] = invariance(name, N, K, nested=True)
-            res["correctness"][name] = correctness(name, N, K)
+            if MMA:
+                res.setdefault("mma", {})[name] = mma_checks(name, N, K)
+                save()
+            if not args.no_triton_checks:
+                res["invariance"][name] = invariance(name, N, K)
+                res["invariance"][name + " nested"] = invariance(name, N, K, nested=True)
+                res["correctness"][name] = correctness(name, N, K)
             save()
             variants = variant_plans(N, K, args.variants if name in vshapes else [])
             res["timing"] += timing(name, N, K, rows, variants, [int(r) for r in args.variant_rows.split(",")],

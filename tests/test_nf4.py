@@ -179,22 +179,26 @@ def _emulate_ptx(asm: str, word: int) -> list[int]:
     return [regs[f"${i}"] for i in range(4)]
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_asm_gives_the_table_for_every_byte_in_every_position(dtype):
+def test_decode_asm_gives_the_table_for_every_byte_in_every_position(dtype, pairs):
     """The GPU's register lookup (no interpreter runs PTX), emulated: bytes 0..255 in each of the 4 positions."""
     import bitsandbytes.functional as bf
 
     assert torch.equal(torch.tensor(nf4.NF4), bf.get_4bit_type("nf4", device="cpu"))  # what quant_state.code holds
     bits = [int(v) & 0xFFFF for v in torch.tensor(nf4.NF4).to(dtype).view(torch.int16)]
-    asm = nf4.decode_asm(dtype)
+    asm = nf4.decode_asm(dtype, pairs)
     for pos in range(4):
         for byte in range(256):
             word = (byte << (8 * pos)) | (0x5A << (8 * ((pos + 1) % 4)))  # a neighbour byte, to catch mixing
             got = _emulate_ptx(asm, word)
             bs = [(word >> (8 * j)) & 0xFF for j in range(4)]
             even, odd = [bits[b >> 4] for b in bs], [bits[b & 15] for b in bs]  # high nibble: element 2j
-            assert got == [even[0] | even[1] << 16, even[2] | even[3] << 16, odd[0] | odd[1] << 16,
-                           odd[2] | odd[3] << 16], (pos, byte)
+            if pairs:  # nf4_mma.cu's MMA registers: byte j's two values, element 2j in the low half
+                assert got == [even[j] | odd[j] << 16 for j in range(4)], (pos, byte)
+            else:
+                assert got == [even[0] | even[1] << 16, even[2] | even[3] << 16, odd[0] | odd[1] << 16,
+                               odd[2] | odd[3] << 16], (pos, byte)
 
 
 def test_plan_depends_on_the_shape_only():

@@ -115,7 +115,7 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 
 
 @functools.lru_cache(maxsize=None)
-def decode_asm(dtype: torch.dtype) -> str:
+def decode_asm(dtype: torch.dtype, pairs: bool = False) -> str:
     """PTX for the post-scaled plan: one 32-bit word of 4 packed bytes (8 codes; byte j holds element 2j
     in its high nibble, 2j + 1 in its low) -> the 8 NF4 values in `dtype` (bf16/fp16), as two words of
     even elements ($0, $1: bytes 0-1, 2-3) and two of odd ones ($2, $3).
@@ -126,7 +126,10 @@ def decode_asm(dtype: torch.dtype) -> str:
     for 8 values, against ~10 an element for the float32 table load, multiply and cast. The absmax
     scale is applied to each 64-element block's float32 sum after the MMA instead of to each weight, so
     the weights are the table rounded to bf16 rather than bitsandbytes' code * absmax rounded to bf16:
-    within the same rounding, not bitwise bitsandbytes'. Checked byte by byte in tests/test_nf4.py."""
+    within the same rounding, not bitwise bitsandbytes'. Checked byte by byte in tests/test_nf4.py.
+
+    pairs=True (nf4_mma.cu's MMA registers): $j holds byte j's two values instead, the high nibble's
+    (element 2j) in the low half: one byte is one register of two k-adjacent weights."""
     bits = [int(torch.tensor(v, dtype=torch.float32).to(dtype).view(torch.int16)) & 0xFFFF for v in NF4]
 
     def word(first: int, hi: bool) -> int:
@@ -136,13 +139,16 @@ def decode_asm(dtype: torch.dtype) -> str:
     hi = [word(4 * g, True) for g in range(4)]
     out = ["{", ".reg .b32 w4, s, m, ll, lh, hl, hh, lo, hi;", "shl.b32 w4, $4, 4;"]
     # Group A: codes of bytes 0-1 (nibbles 0-3 of the word); group B: bytes 2-3 (the word's upper half).
-    for sel, mask, even, odd in (("and.b32 s, $4, 0x7777;", "0xD9C8", "$0", "$2"),
-                                 ("shr.b32 s, $4, 16; and.b32 s, s, 0x7777;", "0xFBEA", "$1", "$3")):
+    # The last two prmts: the group's high-nibble values and its low-nibble ones (pairs: byte by byte).
+    outs = (("$0", "0x4051", "$1", "0x6273"), ("$2", "0x4051", "$3", "0x6273")) if pairs else \
+        (("$0", "0x7351", "$2", "0x6240"), ("$1", "0x7351", "$3", "0x6240"))
+    for (sel, mask), (o1, s1, o2, s2) in zip((("and.b32 s, $4, 0x7777;", "0xD9C8"),
+                                              ("shr.b32 s, $4, 16; and.b32 s, s, 0x7777;", "0xFBEA")), outs):
         out += [sel, f"prmt.b32 m, w4, $4, {mask};",  # 0xFF where the code's bit 3 is set
                 f"prmt.b32 ll, {lo[0]:#x}, {lo[1]:#x}, s;", f"prmt.b32 lh, {lo[2]:#x}, {lo[3]:#x}, s;",
                 f"prmt.b32 hl, {hi[0]:#x}, {hi[1]:#x}, s;", f"prmt.b32 hh, {hi[2]:#x}, {hi[3]:#x}, s;",
                 "lop3.b32 lo, ll, lh, m, 0xD8;", "lop3.b32 hi, hl, hh, m, 0xD8;",  # m ? high half : low half
-                f"prmt.b32 {even}, lo, hi, 0x7351;", f"prmt.b32 {odd}, lo, hi, 0x6240;"]
+                f"prmt.b32 {o1}, lo, hi, {s1};", f"prmt.b32 {o2}, lo, hi, {s2};"]
     return "\n".join(out + ["}"])
 
 

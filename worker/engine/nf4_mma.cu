@@ -1,0 +1,256 @@
+// Our NF4 matmul for small batches, in CUDA with mma.sync: y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias).
+// Built at first use by nf4_mma.py (torch's load_inline), which fills in the @DECODE_*@ PTX from nf4.decode_asm.
+//
+// It reads bitsandbytes' storage as is: W is the flat [N*K/2] uint8 (element e = n*K + k in byte e/2, the high
+// nibble for even e), one absmax per 64 elements (float32, or uint8 with double quantization).
+//
+// Swap-AB: the m16n8k16 MMA's 16 rows are out features n, its 8 columns are rows of x. An A register holds two
+// k-adjacent values of one n, which is exactly one packed byte. The MMA sums over its 16 k in any order, so a
+// thread's bytes need not be the k the MMA layout names: within one 64-element absmax block (32 bytes a row),
+// thread t (lane % 4) owns bytes [8t, 8t + 8) of rows g and g + 8 (g = lane / 4), one 8-byte load each, and
+// step s (0..3) of the block feeds bytes 2s and 2s + 1 as its A registers. The activations follow the same
+// permutation: step s's B registers are x[r, 16t + 4s .. +4), one 8-byte load. No shuffles, no shared memory.
+// Each block's four MMAs sum into a zeroed float32 tile, which is then scaled by that block's absmax (the
+// weights in the MMA are the NF4 table rounded to bf16/fp16, as in nf4.py's post plan).
+//
+// Batch invariance: a warp sums its K range (a fixed split of K into `warps` equal chunks, chosen by (N, K)
+// alone) block by block in order; the block then adds the warps' sums in warp order, from 0.0. An output
+// element's MMA depends only on its own row of A and column of B, so neither the rows tile (MT), the features
+// tile (NT) nor the batch mates change its bits. Checked on the GPU (benchmarks/nf4.py --kernels-only).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+template <typename T> struct Ops;
+template <> struct Ops<__nv_bfloat16> {
+  static __device__ __forceinline__ void decode(uint32_t w, uint32_t& p0, uint32_t& p1, uint32_t& p2, uint32_t& p3) {
+    asm(@DECODE_BF16@ : "=r"(p0), "=r"(p1), "=r"(p2), "=r"(p3) : "r"(w));
+  }
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Ops<__half> {
+  static __device__ __forceinline__ void decode(uint32_t w, uint32_t& p0, uint32_t& p1, uint32_t& p2, uint32_t& p3) {
+    asm(@DECODE_F16@ : "=r"(p0), "=r"(p1), "=r"(p2), "=r"(p3) : "r"(w));
+  }
+  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+
+// Weights are read once: keep them out of L1, and fetch whole 128-byte lines into L2 (a row's superstep).
+__device__ __forceinline__ uint2 load_w(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+// A superstep is 256 k: 4 absmax blocks, 128 bytes of each weight row.
+template <typename T, int NT, int MT>
+__global__ void __launch_bounds__(256) nf4_mma_kernel(
+    const T* __restrict__ x, int64_t sx, const uint8_t* __restrict__ w, const uint8_t* __restrict__ aq,
+    const float* __restrict__ af, const float* __restrict__ a2, const float* __restrict__ code2, float offset,
+    const T* __restrict__ bias, T* __restrict__ y, int64_t sy, int M, int K, int chunk) {
+  extern __shared__ float red[];  // [warps][NT * MT * 4][32]: each warp's chunk sums
+  __shared__ float code2_s[256];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const bool nested = aq != nullptr;
+  if (nested)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = code2[i];
+  __syncthreads();
+
+  const int64_t KH = K / 2, KB = K / 64;
+  const int n0 = blockIdx.x * 16 * NT, r0 = blockIdx.y * 8 * MT;
+  const int k_lo = warp * chunk, k_hi = k_lo + chunk;
+  const uint8_t* wr[NT][2];
+  int64_t ab[NT][2];  // absmax index of the row's first block
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + nt * 16 + g + 8 * h;
+      wr[nt][h] = w + n * KH + t * 8;
+      ab[nt][h] = n * KB;
+    }
+  const T* xr[MT];
+  bool rok[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r = r0 + mt * 8 + g;
+    rok[mt] = r < M;
+    xr[mt] = x + (rok[mt] ? r : 0) * sx + t * 16;
+  }
+
+  float acc[NT][MT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
+
+  // The next superstep's weight bytes are in flight while this one multiplies.
+  uint2 wv[NT][2][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wv[nt][h][j] = load_w(wr[nt][h] + (k_lo / 64 + j) * 32);
+
+  for (int k = k_lo; k < k_hi; k += 256) {
+    const int b0 = k / 64;
+    const int kn = min(k + 256, k_hi - 256);  // the last superstep loads itself again (in bounds, unused)
+    uint2 nx[NT][2][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) nx[nt][h][j] = load_w(wr[nt][h] + (kn / 64 + j) * 32);
+
+    float am[NT][2][4];  // absmax of the 4 blocks, as bitsandbytes decodes it
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t i = ab[nt][h] + b0;
+        if (nested) {
+          const uint32_t q = __ldg(reinterpret_cast<const uint32_t*>(aq + i));
+          const float s2 = __ldg(a2 + (i >> 8));  // 256 blocks a nested absmax; i is a multiple of 4
+#pragma unroll
+          for (int j = 0; j < 4; ++j)  // two roundings, as dequantize_blockwise then +=
+            am[nt][h][j] = __fadd_rn(__fmul_rn(code2_s[(q >> (8 * j)) & 255], s2), offset);
+        } else {
+          const float4 v = __ldg(reinterpret_cast<const float4*>(af + i));
+          am[nt][h][0] = v.x, am[nt][h][1] = v.y, am[nt][h][2] = v.z, am[nt][h][3] = v.w;
+        }
+      }
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t pr[NT][2][8];  // byte i of the thread's 8 -> (high-nibble value, low-nibble value)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          Ops<T>::decode(wv[nt][h][j].x, pr[nt][h][0], pr[nt][h][1], pr[nt][h][2], pr[nt][h][3]);
+          Ops<T>::decode(wv[nt][h][j].y, pr[nt][h][4], pr[nt][h][5], pr[nt][h][6], pr[nt][h][7]);
+        }
+      float part[NT][MT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[nt][mt][i] = 0.f;
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        uint2 xv[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          xv[mt] = rok[mt] ? __ldg(reinterpret_cast<const uint2*>(xr[mt] + k + 64 * j + 4 * s)) : make_uint2(0, 0);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint32_t a[4] = {pr[nt][0][2 * s], pr[nt][1][2 * s], pr[nt][0][2 * s + 1], pr[nt][1][2 * s + 1]};
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Ops<T>::mma(part[nt][mt], a, xv[mt].x, xv[mt].y);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          // c0, c1: feature g; c2, c3: feature g + 8
+          acc[nt][mt][0] = fmaf(part[nt][mt][0], am[nt][0][j], acc[nt][mt][0]);
+          acc[nt][mt][1] = fmaf(part[nt][mt][1], am[nt][0][j], acc[nt][mt][1]);
+          acc[nt][mt][2] = fmaf(part[nt][mt][2], am[nt][1][j], acc[nt][mt][2]);
+          acc[nt][mt][3] = fmaf(part[nt][mt][3], am[nt][1][j], acc[nt][mt][3]);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wv[nt][h][j] = nx[nt][h][j];
+  }
+
+  constexpr int E = NT * MT * 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[(warp * E + (nt * MT + mt) * 4 + i) * 32 + lane] = acc[nt][mt][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < E * 32; e += blockDim.x) {
+    float total = 0.f;
+    for (int v = 0; v < warps; ++v) total += red[v * E * 32 + e];  // chunk sums in chunk order, from 0.0
+    const int ln = e & 31, i = (e >> 5) & 3, mt = (e >> 7) % MT, nt = (e >> 7) / MT;
+    const int n = n0 + nt * 16 + (ln >> 2) + 8 * (i >> 1);
+    const int r = r0 + mt * 8 + 2 * (ln & 3) + (i & 1);
+    if (r < M) {
+      if (bias != nullptr) total += Ops<T>::to_float(bias[n]);
+      y[r * sy + n] = Ops<T>::from_float(total);
+    }
+  }
+}
+
+template <typename T, int NT, int MT>
+static int launch_one(const void* x, int64_t sx, const void* w, const void* aq, const void* af, const void* a2,
+                      const void* code2, float offset, const void* bias, void* y, int64_t sy, int M, int N, int K,
+                      int warps, cudaStream_t stream) {
+  auto kernel = nf4_mma_kernel<T, NT, MT>;
+  const int smem = warps * NT * MT * 4 * 32 * 4;
+  static int raised = 0;  // the dynamic shared memory limit, raised once per instance
+  if (smem > 48 * 1024 && smem > raised) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 1;
+    raised = smem;
+  }
+  dim3 grid(N / (16 * NT), (M + 8 * MT - 1) / (8 * MT));
+  kernel<<<grid, warps * 32, smem, stream>>>(
+      static_cast<const T*>(x), sx, static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(aq),
+      static_cast<const float*>(af), static_cast<const float*>(a2), static_cast<const float*>(code2), offset,
+      static_cast<const T*>(bias), static_cast<T*>(y), sy, M, K, K / warps);
+  return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
+template <typename T, int NT>
+static int launch_rows(int mt, const void* x, int64_t sx, const void* w, const void* aq, const void* af,
+                       const void* a2, const void* code2, float offset, const void* bias, void* y, int64_t sy, int M,
+                       int N, int K, int warps, cudaStream_t stream) {
+#define NF4_ROWS(V) \
+  case V:           \
+    return launch_one<T, NT, V>(x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream);
+  switch (mt) { NF4_ROWS(1) NF4_ROWS(2) NF4_ROWS(4) NF4_ROWS(8) }
+#undef NF4_ROWS
+  return 3;
+}
+
+// Entry point for nf4_mma.py's binding. half: fp16 (else bf16); nt: 1 or 2 feature tiles of 16; mt: 1, 2, 4 or 8
+// row tiles of 8. aq (nested, uint8) or af (float32) is null. Returns 0, or a code the binding reports.
+int nf4_mma_launch(bool half, int nt, int mt, const void* x, int64_t sx, const void* w, const void* aq,
+                   const void* af, const void* a2, const void* code2, float offset, const void* bias, void* y,
+                   int64_t sy, int M, int N, int K, int warps, cudaStream_t stream) {
+  if (half) {
+    return nt == 2 ? launch_rows<__half, 2>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream)
+                   : launch_rows<__half, 1>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream);
+  }
+  return nt == 2
+             ? launch_rows<__nv_bfloat16, 2>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream)
+             : launch_rows<__nv_bfloat16, 1>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream);
+}

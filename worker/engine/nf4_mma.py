@@ -1,0 +1,157 @@
+"""Our NF4 matmul for decode-sized batches, in CUDA (nf4_mma.cu): mma.sync over bitsandbytes' own storage.
+
+Why a second implementation of nf4.py's product: Triton chooses where each loaded byte lands, so its kernel
+repacks the weights on chip (byte loads, layout conversions), and that skeleton, not the dequantization, capped
+it near 1 TB/s (benchmarks/nf4_lab.py, issue 18). Here each thread loads the bytes its MMA registers need
+directly (8-byte loads), because the activations are read in the same permuted K order (nf4_mma.cu explains).
+
+Built on first use with torch's `load_inline` (nvcc and ninja must be on the machine: CUDA images have them);
+where it does not build, `nf4.py` keeps the Triton kernel and bitsandbytes. Batch-invariant: the reduction
+over K is fixed by (N, K) alone (`warps_for`), whatever the rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import nf4
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("nf4_mma.cu")
+SUPERSTEP = 256  # K a warp takes per loop iteration: 4 absmax blocks
+
+_BINDING = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+int nf4_mma_launch(bool half, int nt, int mt, const void* x, int64_t sx, const void* w, const void* aq,
+                   const void* af, const void* a2, const void* code2, float offset, const void* bias, void* y,
+                   int64_t sy, int M, int N, int K, int warps, cudaStream_t stream);
+
+torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor absmax, c10::optional<torch::Tensor> absmax2,
+                 c10::optional<torch::Tensor> code2, double offset, c10::optional<torch::Tensor> bias, int64_t N,
+                 int64_t warps, int64_t nt, int64_t mt) {
+  const at::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const bool nested = absmax.scalar_type() == torch::kUInt8;
+  const int rc = nf4_mma_launch(
+      x.scalar_type() == torch::kHalf, nt, mt, x.data_ptr(), x.stride(0), w.data_ptr(),
+      nested ? absmax.data_ptr() : nullptr, nested ? nullptr : absmax.data_ptr(),
+      nested ? absmax2->data_ptr() : nullptr, nested ? code2->data_ptr() : nullptr, static_cast<float>(offset),
+      bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), y.stride(0), M, N, K, warps,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(rc == 0, "nf4_mma: launch failed (", rc, "): ", cudaGetErrorString(cudaGetLastError()));
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("mm", &mm); }
+"""
+
+
+def source() -> str:
+    """nf4_mma.cu with the register table's PTX (nf4.decode_asm, checked by emulation in tests) filled in."""
+    text = SOURCE.read_text()
+    for dtype, tag in ((torch.bfloat16, "@DECODE_BF16@"), (torch.float16, "@DECODE_F16@")):
+        ptx = nf4.decode_asm(dtype, pairs=True).replace("$", "%")
+        text = text.replace(tag, "\n".join(json.dumps(line + "\n") for line in ptx.splitlines()))
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def build():
+    """The compiled extension (cached by torch under a name that hashes the source), or raises."""
+    from torch.utils.cpp_extension import load_inline
+
+    src = source()
+    name = "llmbatch_nf4_mma_" + hashlib.sha256((src + _BINDING).encode()).hexdigest()[:12]
+    return load_inline(name=name, cpp_sources=[_BINDING], cuda_sources=[src], extra_cuda_cflags=["-O3", "-lineinfo"],
+                       verbose=False)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the extension builds here (logged once when it does not)."""
+    try:
+        build()
+        return True
+    except Exception as exc:  # no nvcc, no ninja, an unsupported GPU: nf4.py falls back
+        log.warning("NF4 CUDA kernel unavailable (%s: %s); using the Triton kernel or bitsandbytes",
+                    type(exc).__name__, str(exc).splitlines()[-1][:300] if str(exc) else "")
+        return False
+
+
+def warps_for(N: int, K: int) -> int | None:
+    """Warps a block splits K into (so chunks of K summed in a fixed order): fixed by (N, K), never by M.
+
+    Enough warps for one row to keep the GPU busy: N / 16 feature tiles x warps >= 2048 (about 16 warps on
+    each of 132 SMs), each warp's chunk whole supersteps. None where the kernel does not apply."""
+    if N % 16 or K % SUPERSTEP:
+        return None
+    warps = 1
+    while (N // 16) * warps < 2048 and warps < 8 and (K // (2 * warps)) % SUPERSTEP == 0:
+        warps *= 2
+    return warps
+
+
+def tiles(M: int, N: int) -> tuple[int, int]:
+    """(feature tiles of 16, row tiles of 8) a block covers: a performance choice only (the bits do not
+    depend on it). Wider feature tiles reuse each activation load; at 64 rows the registers run out."""
+    mt = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
+    nt = 2 if mt < 8 and N % 32 == 0 else 1
+    return nt, mt
+
+
+def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
+    """Whether this kernel takes the product (nf4.supported's conditions, on CUDA, whole supersteps)."""
+    if x.device.type != "cuda" or qs is None or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if weight.dtype != torch.uint8 or qs.quant_type != "nf4" or qs.blocksize != nf4.QBLOCK or len(qs.shape) != 2:
+        return False
+    if getattr(qs, "packing_format_for_cpu", False):
+        return False
+    if qs.nested and (qs.state2.blocksize != 256 or qs.absmax.dtype != torch.uint8):
+        return False
+    if not qs.nested and qs.absmax.dtype != torch.float32:
+        return False
+    N, K = qs.shape
+    return x.shape[-1] == K and warps_for(N, K) is not None
+
+
+def offset(qs) -> float:
+    """Double quantization's offset as a Python float, read once per weight (a read is a device sync,
+    which a CUDA graph capture forbids): nf4.use reads it for every module before any capture."""
+    cached = getattr(qs, "_llmbatch_offset", None)
+    if cached is None:
+        cached = float(qs.offset) if qs.nested else 0.0
+        qs._llmbatch_offset = cached
+    return cached
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None,
+           nt: int | None = None, mt: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """x [..., K] (bf16/fp16, CUDA) @ dequant(weight, qs)^T + bias -> [..., N].
+
+    nt/mt/warps: benchmarks force them (warps changes the reduction, so the bits; nt and mt do not)."""
+    N, K = qs.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 8- and 16-byte loads
+        x2 = x2.contiguous()
+    auto_nt, auto_mt = tiles(x2.shape[0], N)
+    nt, mt = nt or auto_nt, mt or auto_mt
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    nested = bool(qs.nested)
+    y = build().mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None, qs.state2.code if nested else None,
+                   offset(qs), bias, N, warps or warps_for(N, K), nt, mt)
+    return y.reshape(*lead, N)
