@@ -3,6 +3,7 @@ bitsandbytes' dequantize_4bit + matmul, its batch invariance, its plan, and the 
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from llmbatch.worker.engine import nf4
+from llmbatch.worker.engine import nf4, nf4_mma
 from llmbatch.worker.engine.config import EngineConfig
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -242,7 +243,7 @@ def test_auto_falls_back_to_bitsandbytes_when_ours_fails_but_triton_does_not(mon
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # supported() then takes CPU tensors; matmul itself is stubbed
     if nf4.triton is None:
         pytest.skip("the dev extras install triton")
-    monkeypatch.setattr(nf4, "_FAILED", [])
+    monkeypatch.setattr(nf4, "_FAILED", set())
 
     def broken(*a, **k):
         raise RuntimeError("ptxas: unsupported instruction")  # as a GPU the inline PTX does not build on
@@ -251,10 +252,49 @@ def test_auto_falls_back_to_bitsandbytes_when_ours_fails_but_triton_does_not(mon
     model = torch.nn.Sequential(_layer())
     x = torch.randn(4, 128).to(torch.bfloat16)
     with torch.no_grad():
-        want = model[0](x)  # bitsandbytes
+        # bitsandbytes, on a copy: its first CPU forward may repack the weight for AVX-512, which ours declines
+        want = copy.deepcopy(model)[0](x)
         nf4.use(model, "triton")
         with pytest.raises(RuntimeError, match="ptxas"):
             model[0](x)  # named explicitly: the error shows
         nf4.use(model, "auto")
-        assert torch.equal(model[0](x), want) and nf4._FAILED  # the default keeps serving, through bitsandbytes
+        assert torch.equal(model[0](x), want) and nf4._FAILED == {"triton"}  # auto keeps serving, via bitsandbytes
         assert torch.equal(model[0](x), want)
+
+
+def test_auto_routes_rows_to_cuda_then_triton_then_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(nf4, "_FAILED", set())
+    monkeypatch.setattr(nf4_mma, "available", lambda: True)
+    assert [nf4.route("auto", m) for m in (1, 32, 33, 64, 65)] == ["cuda", "cuda", "triton", "triton", "bnb"]
+    assert nf4.route("cuda", 512) == "cuda" and nf4.route("triton", 1) == "triton" and nf4.route("bnb", 8) == "bnb"
+    nf4._FAILED.add("cuda")  # failed to build or launch here: auto passes it over
+    assert [nf4.route("auto", m) for m in (1, 8, 65)] == ["bnb", "triton", "bnb"]
+    monkeypatch.setattr(nf4, "_FAILED", set())
+    monkeypatch.setattr(nf4_mma, "available", lambda: False)  # no nvcc, no GPU
+    assert [nf4.route("auto", m) for m in (1, 8)] == ["bnb", "triton"]
+
+
+def test_cuda_kernel_named_without_a_build_is_an_error_and_auto_is_not():
+    model = torch.nn.Sequential(_layer())
+    assert not nf4_mma.available()  # CI has no GPU
+    with pytest.raises(RuntimeError, match="LLMBATCH_NF4_KERNEL=cuda"):
+        nf4.use(model, "cuda")
+    assert nf4.use(model, "auto") == 1
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        assert not nf4_mma.supported(model[0].weight, model[0].weight.quant_state, x)  # CPU tensors
+        assert model[0](x).shape == (3, 64)  # bitsandbytes serves
+
+
+def test_cuda_kernel_plan_depends_on_the_shape_only_and_its_source_is_complete():
+    # Llama-3.1-8B's projections: K split into equal whole supersteps, enough warps for one row.
+    for N, K in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        warps = nf4_mma.warps_for(N, K)
+        assert warps in (1, 2, 4, 8) and (K // warps) % nf4_mma.SUPERSTEP == 0
+        assert (N // 16) * warps >= 512
+    assert nf4_mma.warps_for(4096, 4160) is None and nf4_mma.warps_for(4104, 4096) is None
+    assert [nf4_mma.tiles(m, 4096) for m in (1, 8, 9, 16, 17, 32, 33, 64, 512)] == \
+        [(1, 1), (1, 1), (1, 2), (1, 2), (2, 4), (2, 4), (2, 8), (2, 8), (2, 8)]
+    src = nf4_mma.source()
+    assert "@DECODE_BF16@" not in src and "@DECODE_F16@" not in src
+    assert src.count("prmt.b32") == 2 * 2 * 7  # both dtypes' register tables, filled in

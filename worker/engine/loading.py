@@ -137,7 +137,7 @@ def load(config: EngineConfig):
     model.eval()
     keep_standard_layout(model)
     if config.nf4_kernel != "bnb" and device.type == "cuda":
-        log.info("NF4 kernel: %s (Triton) on %d modules", config.nf4_kernel, nf4.use(model, config.nf4_kernel))
+        log.info("NF4 kernel: %s on %d modules", config.nf4_kernel, nf4.use(model, config.nf4_kernel))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.padding_side = "left"  # decoder-only batches grow to the right
     if tokenizer.pad_token_id is None:

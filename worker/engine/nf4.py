@@ -53,10 +53,12 @@ except ImportError:  # pragma: no cover - depends on the install
 
 log = logging.getLogger(__name__)
 
-# bnb: bitsandbytes everywhere. triton: ours at every row count (batch-invariant). auto: ours where it beat
-# bitsandbytes on an H200 (AUTO_ROWS; RESULTS.md, issue 18), bitsandbytes elsewhere (not batch-invariant).
-KERNELS = ("bnb", "triton", "auto")
-AUTO_ROWS = (2, 64)  # at 1 row bitsandbytes' GEMV was faster, above 64 its dequantize + cuBLAS
+# bnb: bitsandbytes everywhere. triton: ours in Triton at every row count (batch-invariant). cuda: ours in CUDA
+# (nf4_mma.py) at every row count (batch-invariant). auto: whichever beat the others on an H200 at that row
+# count (RESULTS.md, issue 18), falling back where one does not build (not batch-invariant).
+KERNELS = ("bnb", "triton", "cuda", "auto")
+CUDA_ROWS = 32  # auto: the CUDA kernel up to here (1.1-4.5x bitsandbytes; at 64 rows it lost on gate/up)
+AUTO_ROWS = (2, 64)  # auto: then Triton's; above 64 bitsandbytes' dequantize + cuBLAS
 QBLOCK = 64  # elements per absmax: bitsandbytes' default, the only block size the kernel takes
 
 
@@ -481,31 +483,49 @@ def reference(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | No
 # -- the modules ------------------------------------------------------------------
 
 
+def route(kernel: str, rows: int) -> str:
+    """Which implementation multiplies `rows` rows under `kernel`: "cuda", "triton" or "bnb"."""
+    if kernel != "auto":
+        return kernel
+    if rows <= CUDA_ROWS and "cuda" not in _FAILED:
+        from . import nf4_mma
+
+        if nf4_mma.available():
+            return "cuda"
+    if AUTO_ROWS[0] <= rows <= AUTO_ROWS[1] and "triton" not in _FAILED:
+        return "triton"
+    return "bnb"
+
+
 def forward(module, x: torch.Tensor) -> torch.Tensor:
-    """Linear4bit.forward through our kernel where it applies, bitsandbytes' own elsewhere."""
+    """Linear4bit.forward through our kernels where they apply, bitsandbytes' own elsewhere."""
     weight = module.weight
     qs = getattr(weight, "quant_state", None)
     dtype = module.compute_dtype or x.dtype
-    kernel = type(module)._llmbatch_nf4  # "triton" or "auto": bnb modules keep bitsandbytes' own forward
-    rows_ok = kernel == "triton" or (not _FAILED and AUTO_ROWS[0] <= x.numel() // x.shape[-1] <= AUTO_ROWS[1])
-    if not module.training and rows_ok and supported(weight, qs, x) and x.dtype == dtype:
-        bias = module.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        try:
-            return matmul(x, weight, qs, bias)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, triton.CompilationError) as exc:
-            if kernel == "triton":  # asked for by name (A/B runs, invariant mode): no silent substitute
+    kernel = type(module)._llmbatch_nf4  # "triton", "cuda" or "auto": bnb modules keep bitsandbytes' own forward
+    impl = route(kernel, x.numel() // x.shape[-1])
+    if not module.training and impl != "bnb" and x.dtype == dtype:
+        from . import nf4_mma
+
+        ours = nf4_mma if impl == "cuda" else None
+        if (nf4_mma.supported if ours else supported)(weight, qs, x):
+            bias = module.bias
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            try:
+                return (nf4_mma.matmul if ours else matmul)(x, weight, qs, bias)
+            except torch.OutOfMemoryError:
                 raise
-            # auto (the default): a GPU or Triton the kernel does not build on keeps bitsandbytes.
-            log.warning("NF4 kernel: ours failed (%s); bitsandbytes from now on", exc)
-            _FAILED.append(True)
+            except Exception as exc:  # a build or launch failure (nvcc, ptxas, Triton)
+                if kernel != "auto":  # asked for by name (A/B runs, invariant mode): no silent substitute
+                    raise
+                # auto (the default): a GPU or toolchain ours does not build on keeps bitsandbytes.
+                log.warning("NF4 kernel: ours (%s) failed (%s); not used from now on", impl, exc)
+                _FAILED.add(impl)
     return type(module).__mro__[1].forward(module, x)
 
 
-_FAILED: list = []  # non-empty once our kernel failed to build here: auto falls back to bitsandbytes
+_FAILED: set[str] = set()  # our implementations that failed here: auto passes them over
 
 
 _CLASSES: dict[tuple[type, str], type] = {}
@@ -527,12 +547,21 @@ def use(model, kernel: str) -> int:
     check(kernel)
     import bitsandbytes as bnb
 
+    from . import nf4_mma
+
+    if kernel == "cuda" and not nf4_mma.available():
+        raise RuntimeError("LLMBATCH_NF4_KERNEL=cuda: the CUDA kernel did not build here (see the log); "
+                           "use auto, triton or bnb")
+    cuda = kernel in ("cuda", "auto") and torch.cuda.is_available() and nf4_mma.available()  # builds it once, now
     n = 0
     for m in model.modules():
         if not isinstance(m, bnb.nn.Linear4bit):
             continue
         base = type(m).__mro__[1] if getattr(type(m), "_llmbatch_nf4", False) else type(m)
         m.__class__ = base if kernel == "bnb" else _ours(base, kernel)
+        qs = getattr(m.weight, "quant_state", None)
+        if cuda and qs is not None and m.weight.device.type == "cuda":
+            nf4_mma.offset(qs)  # read now: a read inside a CUDA graph capture would fail
         n += kernel != "bnb"
     return n
 

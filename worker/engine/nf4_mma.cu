@@ -22,6 +22,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#ifndef NF4_DEPTH
+#define NF4_DEPTH @DEPTH@  // supersteps of weights loaded ahead (nf4_mma.DEPTH)
+#endif
+
 template <typename T> struct Ops;
 template <> struct Ops<__nv_bfloat16> {
   static __device__ __forceinline__ void decode(uint32_t w, uint32_t& p0, uint32_t& p1, uint32_t& p2, uint32_t& p3) {
@@ -102,25 +106,27 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
 
-  // The next superstep's weight bytes are in flight while this one multiplies.
-  uint2 wv[NT][2][4];
+  // NF4_DEPTH supersteps of weight bytes are in flight while one multiplies: q[0] is this superstep's,
+  // q[d] the one d ahead (clamped to the chunk's last: in bounds, unused).
+  uint2 q[NF4_DEPTH + 1][NT][2][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wv[nt][h][j] = load_w(wr[nt][h] + (k_lo / 64 + j) * 32);
-
-  for (int k = k_lo; k < k_hi; k += 256) {
-    const int b0 = k / 64;
-    const int kn = min(k + 256, k_hi - 256);  // the last superstep loads itself again (in bounds, unused)
-    uint2 nx[NT][2][4];
+  for (int d = 0; d < NF4_DEPTH; ++d)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) nx[nt][h][j] = load_w(wr[nt][h] + (kn / 64 + j) * 32);
+        for (int j = 0; j < 4; ++j) q[d][nt][h][j] = load_w(wr[nt][h] + (min(k_lo + 256 * d, k_hi - 256) / 64 + j) * 32);
+
+  for (int k = k_lo; k < k_hi; k += 256) {
+    const int b0 = k / 64;
+    const int kn = min(k + 256 * NF4_DEPTH, k_hi - 256);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q[NF4_DEPTH][nt][h][j] = load_w(wr[nt][h] + (kn / 64 + j) * 32);
 
     float am[NT][2][4];  // absmax of the 4 blocks, as bitsandbytes decodes it
 #pragma unroll
@@ -147,8 +153,8 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          Ops<T>::decode(wv[nt][h][j].x, pr[nt][h][0], pr[nt][h][1], pr[nt][h][2], pr[nt][h][3]);
-          Ops<T>::decode(wv[nt][h][j].y, pr[nt][h][4], pr[nt][h][5], pr[nt][h][6], pr[nt][h][7]);
+          Ops<T>::decode(q[0][nt][h][j].x, pr[nt][h][0], pr[nt][h][1], pr[nt][h][2], pr[nt][h][3]);
+          Ops<T>::decode(q[0][nt][h][j].y, pr[nt][h][4], pr[nt][h][5], pr[nt][h][6], pr[nt][h][7]);
         }
       float part[NT][MT][4];
 #pragma unroll
@@ -182,11 +188,13 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
         }
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int d = 0; d < NF4_DEPTH; ++d)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wv[nt][h][j] = nx[nt][h][j];
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) q[d][nt][h][j] = q[d + 1][nt][h][j];
   }
 
   constexpr int E = NT * MT * 4;

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nf4_mma.cu")
 SUPERSTEP = 256  # K a warp takes per loop iteration: 4 absmax blocks
+DEPTH = 1  # supersteps of weights in flight ahead of the one multiplying (benchmarks/nf4.py --mma-variants depth=2)
 
 _BINDING = r"""
 #include <torch/extension.h>
@@ -58,21 +59,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("mm", &mm); }
 """
 
 
-def source() -> str:
-    """nf4_mma.cu with the register table's PTX (nf4.decode_asm, checked by emulation in tests) filled in."""
-    text = SOURCE.read_text()
+def source(depth: int = DEPTH) -> str:
+    """nf4_mma.cu with the register table's PTX (nf4.decode_asm, checked by emulation in tests) and the
+    prefetch depth filled in."""
+    text = SOURCE.read_text().replace("@DEPTH@", str(int(depth)))
     for dtype, tag in ((torch.bfloat16, "@DECODE_BF16@"), (torch.float16, "@DECODE_F16@")):
         ptx = nf4.decode_asm(dtype, pairs=True).replace("$", "%")
         text = text.replace(tag, "\n".join(json.dumps(line + "\n") for line in ptx.splitlines()))
     return text
 
 
-@functools.lru_cache(maxsize=1)
-def build():
+@functools.lru_cache(maxsize=None)
+def build(depth: int = DEPTH):
     """The compiled extension (cached by torch under a name that hashes the source), or raises."""
     from torch.utils.cpp_extension import load_inline
 
-    src = source()
+    src = source(depth)
     name = "llmbatch_nf4_mma_" + hashlib.sha256((src + _BINDING).encode()).hexdigest()[:12]
     return load_inline(name=name, cpp_sources=[_BINDING], cuda_sources=[src], extra_cuda_cflags=["-O3", "-lineinfo"],
                        verbose=False)
@@ -80,7 +82,9 @@ def build():
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether the extension builds here (logged once when it does not)."""
+    """Whether the extension builds here (logged once when it does not); False without a GPU."""
+    if not torch.cuda.is_available():
+        return False
     try:
         build()
         return True
@@ -107,7 +111,7 @@ def tiles(M: int, N: int) -> tuple[int, int]:
     """(feature tiles of 16, row tiles of 8) a block covers: a performance choice only (the bits do not
     depend on it). Wider feature tiles reuse each activation load; at 64 rows the registers run out."""
     mt = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
-    nt = 2 if mt < 8 and N % 32 == 0 else 1
+    nt = 2 if mt >= 4 and N % 32 == 0 else 1  # H200: nt=1 faster at 1-16 rows, nt=2 at 32-64
     return nt, mt
 
 
@@ -138,7 +142,8 @@ def offset(qs) -> float:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None,
-           nt: int | None = None, mt: int | None = None, warps: int | None = None) -> torch.Tensor:
+           nt: int | None = None, mt: int | None = None, warps: int | None = None,
+           depth: int = DEPTH) -> torch.Tensor:
     """x [..., K] (bf16/fp16, CUDA) @ dequant(weight, qs)^T + bias -> [..., N].
 
     nt/mt/warps: benchmarks force them (warps changes the reduction, so the bits; nt and mt do not)."""
@@ -152,6 +157,6 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     nested = bool(qs.nested)
-    y = build().mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None, qs.state2.code if nested else None,
+    y = build(depth).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None, qs.state2.code if nested else None,
                    offset(qs), bias, N, warps or warps_for(N, K), nt, mt)
     return y.reshape(*lead, N)
