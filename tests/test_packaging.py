@@ -21,6 +21,8 @@ def test_a_real_install_exposes_only_the_llmbatch_namespace(tmp_path):
              # The dashboard's templates ship with the package, and load from the install.
              "import llmbatch.jobs.api.dashboard as dash; assert dash.__file__.startswith(sys.path[0]), dash.__file__;"
              "dash.TEMPLATES.get_template('index.html'); dash.TEMPLATES.get_template('job.html');"
+             # The CUDA NF4 kernel's source, which workers compile at first use.
+             "import llmbatch.worker.engine.nf4_mma as m; assert m.source().startswith('// Our NF4'), m.SOURCE;"
              "print([n for n in ('jobs', 'worker', 'migrations') if u.find_spec(n)])")
     out = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {probe}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -31,9 +31,10 @@ CPU) goes to bitsandbytes, which stays the reference.
 
 Measured on an H200 (benchmarks/RESULTS.md, issue 18): bitwise invariant across M and split, faster
 than bitsandbytes at 8-64 rows on gate/up and down (1.1-1.3x), slower at 1 row, on q/k/v/o, and above
-64 rows (4-7x bf16 at 512). Hence LLMBATCH_NF4_KERNEL=auto, the default: ours at 2-64 rows only.
-The skeleton, not the dequantization, is now the limit: a variant that only loads the packed bytes
-runs at ~1 TB/s (benchmarks/nf4_lab.py).
+64 rows (4-7x bf16 at 512). The skeleton, not the dequantization, is the limit: a variant that only
+loads the packed bytes runs at ~1 TB/s (benchmarks/nf4_lab.py). nf4_mma.py, the same product in CUDA,
+loads each byte where its MMA register needs it and runs 1.2-7x bitsandbytes at 1-32 rows; `route`
+gives it those rows under LLMBATCH_NF4_KERNEL=auto, this kernel 33-64, bitsandbytes the rest.
 """
 
 from __future__ import annotations
