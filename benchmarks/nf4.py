@@ -44,7 +44,7 @@ from llmbatch.worker.engine import nf4  # noqa: E402
 SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
           "down_proj": (4096, 14336)}
 ROWS = (1, 8, 16, 32, 64, 128, 256, 512)
-MMA, MMA_VARIANTS = False, []  # --mma: the CUDA kernel too (nf4_mma.py), and forced nt/mt/warps variants
+MMA, MMA_VARIANTS, MMA_CHECKED = False, [], []  # --mma: the CUDA kernel too (nf4_mma.py), variants, checked ones
 DEV = "cuda"  # --smoke: "cpu", under Triton's interpreter, tiny shapes (a dry run of this script)
 
 
@@ -132,17 +132,18 @@ def invariance(name: str, N: int, K: int, nested: bool = False) -> dict:
     return res
 
 
-def mma_checks(name: str, N: int, K: int) -> dict:
-    """The CUDA kernel (nf4_mma.py): error against the float32 weights (and bitsandbytes' own), and row bits
-    across batch sizes, forced tiles (nt, mt), batch mates, bias and fp16."""
+def mma_checks(name: str, N: int, K: int, **opts) -> dict:
+    """The CUDA kernel (nf4_mma.py; opts: build and launch options): error against the float32 weights (and
+    bitsandbytes' own), and row bits across batch sizes, forced tiles (nt, mt), batch mates, bias and fp16."""
     from llmbatch.worker.engine import nf4_mma
 
+    mm = lambda *a, **k: nf4_mma.matmul(*a, **k, **opts)  # noqa: E731
     out = {}
     for nested in (False, True):
         packed, qs, wq = quantized(N, K, nested, 5)
         exact = nf4.float32_weights(packed, qs)
         x = torch.randn(200, K, device=DEV, dtype=torch.bfloat16)
-        full = nf4_mma.matmul(x, packed, qs)
+        full = mm(x, packed, qs)
         ref32 = x.double() @ exact.double().t()
         bnb_y = nf4.reference(x, packed, qs)
         rel = lambda v, r=ref32: round(((v.double() - r).norm() / r.norm()).item(), 6)  # noqa: E731
@@ -151,24 +152,29 @@ def mma_checks(name: str, N: int, K: int) -> dict:
                "nan": bool(full.isnan().any())}
         bits = {}
         for M in (1, 5, 8, 9, 16, 17, 33, 64, 65, 130):
-            bits[f"M={M}"] = torch.equal(nf4_mma.matmul(x[:M], packed, qs), full[:M])
+            bits[f"M={M}"] = torch.equal(mm(x[:M], packed, qs), full[:M])
         for nt in (1, 2):
             for mt in (1, 2, 4, 8):
-                bits[f"M=37 nt={nt} mt={mt}"] = torch.equal(nf4_mma.matmul(x[:37], packed, qs, nt=nt, mt=mt), full[:37])
+                bits[f"M=37 nt={nt} mt={mt}"] = torch.equal(mm(x[:37], packed, qs, nt=nt, mt=mt), full[:37])
         perm = torch.randperm(200, device=DEV)
-        bits["shuffled"] = torch.equal(nf4_mma.matmul(x[perm], packed, qs), full[perm])
+        bits["shuffled"] = torch.equal(mm(x[perm], packed, qs), full[perm])
         other = torch.randn(20, K, device=DEV, dtype=torch.bfloat16)
-        bits["other mates"] = torch.equal(nf4_mma.matmul(torch.cat([x[:1], other]), packed, qs)[:1], full[:1])
+        bits["other mates"] = torch.equal(mm(torch.cat([x[:1], other]), packed, qs)[:1], full[:1])
         res["bits_all"] = all(bits.values())
         res["bits_failed"] = [k for k, v in bits.items() if not v]
         bias = torch.randn(N, device=DEV, dtype=torch.bfloat16)
-        yb = nf4_mma.matmul(x[:9], packed, qs, bias)
+        yb = mm(x[:9], packed, qs, bias)
         res["bias_max_abs"] = round((yb.float() - (full[:9].float() + bias.float())).abs().max().item(), 5)
         xh = x[:9].half()
-        res["fp16_rel_err"] = rel(nf4_mma.matmul(xh, packed, qs), ref32[:9])
+        res["fp16_rel_err"] = rel(mm(xh, packed, qs), ref32[:9])
         out[f"nested={nested}"] = res
-    print("mma", name, out, flush=True)
+    print("mma", name, opts, out, flush=True)
     return out
+
+
+def _opts(variant: str) -> dict:
+    """'lut=1,persist=1' -> {'lut': 1, 'persist': 1}: nf4_mma.matmul's build and launch options."""
+    return {k: int(v) for k, v in (p.split("=") for p in variant.split(","))}
 
 
 def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), deadline: float = 1e18) -> list[dict]:
@@ -190,9 +196,8 @@ def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), dea
             row["bnb_vs_mma"] = round(row["bnb_ms"] / row["mma_ms"], 2)
             row["mma_vs_bf16"] = round(row["mma_ms"] / row["bf16_ms"], 3)
             for v in MMA_VARIANTS:
-                kv = {k: int(val) for k, val in (p.split("=") for p in v.split(","))}
                 if M in variant_rows and time.time() < deadline:
-                    row[f"mma[{v}]_ms"] = bench(lambda: nf4_mma.matmul(x, packed, qs, **kv))
+                    row[f"mma[{v}]_ms"] = bench(lambda: nf4_mma.matmul(x, packed, qs, **_opts(v)))
         for vname, (plan, split) in variants.items():
             if vname != "triton" and (M not in variant_rows or time.time() > deadline):
                 continue
@@ -319,7 +324,7 @@ def summary(res: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    global DEV, SHAPES, MMA, MMA_VARIANTS
+    global DEV, SHAPES, MMA, MMA_VARIANTS, MMA_CHECKED
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which of " + ", ".join(SHAPES))
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
@@ -341,7 +346,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="a CPU dry run of this script: Triton's interpreter, a "
                                                            "tiny shape, the bundled model with a few prompts")
     ap.add_argument("--mma", action="store_true", help="the CUDA kernel (nf4_mma.py) too: checks and timings")
-    ap.add_argument("--mma-variants", nargs="*", default=[], help="forced tiles, e.g. nt=1 nt=2,mt=8 warps=4")
+    ap.add_argument("--mma-variants", nargs="*", default=[],
+                    help="timed variants: forced tiles and options, e.g. nt=1 nt=2,mt=8 warps=4 lut=1,persist=1")
+    ap.add_argument("--mma-check", nargs="*", default=[], help="variants that also get the correctness checks")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     for kind in args.kernels.split(","):
@@ -368,12 +375,14 @@ def main(argv=None) -> dict:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(res, indent=1))
 
-    MMA, MMA_VARIANTS = args.mma, args.mma_variants
+    MMA, MMA_VARIANTS, MMA_CHECKED = args.mma, args.mma_variants, args.mma_check
     if MMA:
         from llmbatch.worker.engine import nf4_mma
 
         t = time.perf_counter()
-        nf4_mma.build()
+        builds = {(o.get("depth", nf4_mma.DEPTH), bool(o.get("lut", nf4_mma.LUT)))
+                  for o in map(_opts, MMA_VARIANTS + MMA_CHECKED)} | {(nf4_mma.DEPTH, nf4_mma.LUT)}
+        nf4_mma.prebuild(sorted(builds))
         res["mma_build_s"] = round(time.perf_counter() - t, 1)
         print("mma build s", res["mma_build_s"], flush=True)
     if not args.no_kernels:
@@ -387,6 +396,8 @@ def main(argv=None) -> dict:
             res["plans"][name] = nf4.plan_for(N, K, sms()).__dict__
             if MMA:
                 res.setdefault("mma", {})[name] = mma_checks(name, N, K)
+                for v in MMA_CHECKED:
+                    res["mma"][f"{name} {v}"] = mma_checks(name, N, K, **_opts(v))
                 save()
             if not args.no_triton_checks:
                 res["invariance"][name] = invariance(name, N, K)

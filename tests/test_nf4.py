@@ -295,6 +295,17 @@ def test_cuda_kernel_plan_depends_on_the_shape_only_and_its_source_is_complete()
     assert nf4_mma.warps_for(4096, 4160) is None and nf4_mma.warps_for(4104, 4096) is None
     assert [nf4_mma.tiles(m, 4096) for m in (1, 8, 9, 16, 17, 32, 33, 64, 512)] == \
         [(1, 1), (1, 1), (1, 2), (1, 2), (2, 4), (2, 4), (2, 8), (2, 8), (2, 8)]
-    src = nf4_mma.source()
-    assert "@DECODE_BF16@" not in src and "@DECODE_F16@" not in src
-    assert src.count("prmt.b32") == 2 * 2 * 7  # both dtypes' register tables, filled in
+    for depth, lut in ((1, False), (2, True)):
+        src = nf4_mma.source(depth, lut)
+        assert not any(f"@{tag}@" in src for tag in ("DECODE_BF16", "DECODE_F16", "DEPTH", "LUT", "ENTRY"))
+        assert src.count("prmt.b32") == 2 * 2 * 7  # both dtypes' register tables, filled in
+        assert f"#define NF4_DEPTH {depth} " in src and f"#define NF4_LUT {int(lut)}\n" in src
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_kernel_pair_table_is_what_the_register_decode_gives(dtype):
+    """NF4_LUT's shared-memory table, entry by entry, against decode_asm(pairs=True) emulated."""
+    table = nf4_mma.pairs(dtype, torch.device("cpu")).tolist()
+    asm = nf4.decode_asm(dtype, pairs=True)
+    for byte in range(256):
+        assert _emulate_ptx(asm, byte | 0x5A5A5A00)[0] == table[byte] & 0xFFFFFFFF, byte

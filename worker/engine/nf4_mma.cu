@@ -25,6 +25,15 @@
 #ifndef NF4_DEPTH
 #define NF4_DEPTH @DEPTH@  // supersteps of weights loaded ahead (nf4_mma.DEPTH)
 #endif
+// NF4_LUT 1: a byte's two values come from a 256-entry table of pairs in shared memory, one copy per lane (so no
+// bank conflicts: 32 KB), 3 instructions a byte instead of decode's 5.5. 0: decode (the table in registers).
+#ifndef NF4_LUT
+#define NF4_LUT @LUT@
+#endif
+
+// Internal linkage: builds with other options load into the same process (benchmarks compare them).
+namespace {
+constexpr int LUT_WORDS = NF4_LUT ? 256 * 32 : 0;
 
 template <typename T> struct Ops;
 template <> struct Ops<__nv_bfloat16> {
@@ -61,24 +70,43 @@ __device__ __forceinline__ uint2 load_w(const uint8_t* p) {
   return v;
 }
 
-// A superstep is 256 k: 4 absmax blocks, 128 bytes of each weight row.
+// A superstep is 256 k: 4 absmax blocks, 128 bytes of each weight row. A block takes feature tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ... (the launch may size the grid to one wave).
 template <typename T, int NT, int MT>
 __global__ void __launch_bounds__(256) nf4_mma_kernel(
     const T* __restrict__ x, int64_t sx, const uint8_t* __restrict__ w, const uint8_t* __restrict__ aq,
     const float* __restrict__ af, const float* __restrict__ a2, const float* __restrict__ code2, float offset,
-    const T* __restrict__ bias, T* __restrict__ y, int64_t sy, int M, int K, int chunk) {
-  extern __shared__ float red[];  // [warps][NT * MT * 4][32]: each warp's chunk sums
+    const uint32_t* __restrict__ pairs, const T* __restrict__ bias, T* __restrict__ y, int64_t sy, int M, int K,
+    int chunk, int tiles) {
+  extern __shared__ float smem[];  // the pair table (NF4_LUT), then [warps][NT * MT * 4][32]: each warp's chunk sums
+  float* red = smem + LUT_WORDS;
   __shared__ float code2_s[256];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const bool nested = aq != nullptr;
   if (nested)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = code2[i];
+#if NF4_LUT
+  uint32_t* lut = reinterpret_cast<uint32_t*>(smem);
+  for (int i = threadIdx.x; i < LUT_WORDS; i += blockDim.x) lut[i] = __ldg(pairs + (i >> 5));
+  const uint32_t* my_lut = lut + lane;  // entry b of this lane's copy: my_lut[32 * b]
+#endif
   __syncthreads();
 
   const int64_t KH = K / 2, KB = K / 64;
-  const int n0 = blockIdx.x * 16 * NT, r0 = blockIdx.y * 8 * MT;
+  const int r0 = blockIdx.y * 8 * MT;
   const int k_lo = warp * chunk, k_hi = k_lo + chunk;
+  const T* xr[MT];
+  bool rok[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r = r0 + mt * 8 + g;
+    rok[mt] = r < M;
+    xr[mt] = x + (rok[mt] ? r : 0) * sx + t * 16;
+  }
+
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  const int n0 = tile * 16 * NT;
   const uint8_t* wr[NT][2];
   int64_t ab[NT][2];  // absmax index of the row's first block
 #pragma unroll
@@ -89,15 +117,6 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
       wr[nt][h] = w + n * KH + t * 8;
       ab[nt][h] = n * KB;
     }
-  const T* xr[MT];
-  bool rok[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const int r = r0 + mt * 8 + g;
-    rok[mt] = r < M;
-    xr[mt] = x + (rok[mt] ? r : 0) * sx + t * 16;
-  }
-
   float acc[NT][MT][4];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -153,8 +172,14 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+#if NF4_LUT
+#pragma unroll
+          for (int b = 0; b < 8; ++b)
+            pr[nt][h][b] = my_lut[32 * __byte_perm(b < 4 ? q[0][nt][h][j].x : q[0][nt][h][j].y, 0, 0x4440 | (b & 3))];
+#else
           Ops<T>::decode(q[0][nt][h][j].x, pr[nt][h][0], pr[nt][h][1], pr[nt][h][2], pr[nt][h][3]);
           Ops<T>::decode(q[0][nt][h][j].y, pr[nt][h][4], pr[nt][h][5], pr[nt][h][6], pr[nt][h][7]);
+#endif
         }
       float part[NT][MT][4];
 #pragma unroll
@@ -198,6 +223,7 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
   }
 
   constexpr int E = NT * MT * 4;
+  __syncthreads();  // every warp is done with the last tile's sums
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -216,49 +242,68 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
       y[r * sy + n] = Ops<T>::from_float(total);
     }
   }
+  }  // tiles
 }
 
 template <typename T, int NT, int MT>
 static int launch_one(const void* x, int64_t sx, const void* w, const void* aq, const void* af, const void* a2,
-                      const void* code2, float offset, const void* bias, void* y, int64_t sy, int M, int N, int K,
-                      int warps, cudaStream_t stream) {
+                      const void* code2, float offset, const void* pairs, const void* bias, void* y, int64_t sy, int M,
+                      int N, int K, int warps, int persist, cudaStream_t stream) {
   auto kernel = nf4_mma_kernel<T, NT, MT>;
-  const int smem = warps * NT * MT * 4 * 32 * 4;
+  const int smem = (LUT_WORDS + warps * NT * MT * 4 * 32) * 4;
   static int raised = 0;  // the dynamic shared memory limit, raised once per instance
   if (smem > 48 * 1024 && smem > raised) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 1;
     raised = smem;
   }
-  dim3 grid(N / (16 * NT), (M + 8 * MT - 1) / (8 * MT));
+  const int tiles = N / (16 * NT);
+  int blocks = tiles;
+  if (persist) {  // one wave: as many blocks as fit on the GPU at once, each looping over tiles
+    int per_sm = 0, dev = 0, sms = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, smem);
+    blocks = min(tiles, max(1, per_sm) * sms);
+  }
+  dim3 grid(blocks, (M + 8 * MT - 1) / (8 * MT));
   kernel<<<grid, warps * 32, smem, stream>>>(
       static_cast<const T*>(x), sx, static_cast<const uint8_t*>(w), static_cast<const uint8_t*>(aq),
       static_cast<const float*>(af), static_cast<const float*>(a2), static_cast<const float*>(code2), offset,
-      static_cast<const T*>(bias), static_cast<T*>(y), sy, M, K, K / warps);
+      static_cast<const uint32_t*>(pairs), static_cast<const T*>(bias), static_cast<T*>(y), sy, M, K, K / warps,
+      tiles);
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
 template <typename T, int NT>
 static int launch_rows(int mt, const void* x, int64_t sx, const void* w, const void* aq, const void* af,
-                       const void* a2, const void* code2, float offset, const void* bias, void* y, int64_t sy, int M,
-                       int N, int K, int warps, cudaStream_t stream) {
-#define NF4_ROWS(V) \
-  case V:           \
-    return launch_one<T, NT, V>(x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream);
+                       const void* a2, const void* code2, float offset, const void* pairs, const void* bias, void* y,
+                       int64_t sy, int M, int N, int K, int warps, int persist, cudaStream_t stream) {
+#define NF4_ROWS(V)                                                                                            \
+  case V:                                                                                                      \
+    return launch_one<T, NT, V>(x, sx, w, aq, af, a2, code2, offset, pairs, bias, y, sy, M, N, K, warps, persist, \
+                                stream);
   switch (mt) { NF4_ROWS(1) NF4_ROWS(2) NF4_ROWS(4) NF4_ROWS(8) }
 #undef NF4_ROWS
   return 3;
 }
 
-// Entry point for nf4_mma.py's binding. half: fp16 (else bf16); nt: 1 or 2 feature tiles of 16; mt: 1, 2, 4 or 8
-// row tiles of 8. aq (nested, uint8) or af (float32) is null. Returns 0, or a code the binding reports.
-int nf4_mma_launch(bool half, int nt, int mt, const void* x, int64_t sx, const void* w, const void* aq,
-                   const void* af, const void* a2, const void* code2, float offset, const void* bias, void* y,
-                   int64_t sy, int M, int N, int K, int warps, cudaStream_t stream) {
+}  // namespace
+
+// Entry point for nf4_mma.py's binding, named per build. half: fp16 (else bf16); nt: 1 or 2 feature tiles of 16;
+// mt: 1, 2, 4 or 8 row tiles of 8. aq (nested, uint8) or af (float32) is null. pairs: the 256 byte -> value-pair words (NF4_LUT).
+// persist: one wave of blocks. Returns 0, or a code the binding reports.
+int @ENTRY@(bool half, int nt, int mt, const void* x, int64_t sx, const void* w, const void* aq,
+                   const void* af, const void* a2, const void* code2, float offset, const void* pairs,
+                   const void* bias, void* y, int64_t sy, int M, int N, int K, int warps, int persist,
+                   cudaStream_t stream) {
   if (half) {
-    return nt == 2 ? launch_rows<__half, 2>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream)
-                   : launch_rows<__half, 1>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream);
+    return nt == 2 ? launch_rows<__half, 2>(mt, x, sx, w, aq, af, a2, code2, offset, pairs, bias, y, sy, M, N, K,
+                                            warps, persist, stream)
+                   : launch_rows<__half, 1>(mt, x, sx, w, aq, af, a2, code2, offset, pairs, bias, y, sy, M, N, K,
+                                            warps, persist, stream);
   }
-  return nt == 2
-             ? launch_rows<__nv_bfloat16, 2>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream)
-             : launch_rows<__nv_bfloat16, 1>(mt, x, sx, w, aq, af, a2, code2, offset, bias, y, sy, M, N, K, warps, stream);
+  return nt == 2 ? launch_rows<__nv_bfloat16, 2>(mt, x, sx, w, aq, af, a2, code2, offset, pairs, bias, y, sy, M, N, K,
+                                                 warps, persist, stream)
+                 : launch_rows<__nv_bfloat16, 1>(mt, x, sx, w, aq, af, a2, code2, offset, pairs, bias, y, sy, M, N, K,
+                                                 warps, persist, stream);
 }

@@ -27,30 +27,33 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("nf4_mma.cu")
 SUPERSTEP = 256  # K a warp takes per loop iteration: 4 absmax blocks
 DEPTH = 1  # supersteps of weights in flight ahead of the one multiplying (benchmarks/nf4.py --mma-variants depth=2)
+LUT = False  # a byte's value pair from a table in shared memory instead of decode_asm in registers (lut=1)
+PERSIST = False  # one wave of blocks looping over feature tiles (persist=1)
 
 _BINDING = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-int nf4_mma_launch(bool half, int nt, int mt, const void* x, int64_t sx, const void* w, const void* aq,
-                   const void* af, const void* a2, const void* code2, float offset, const void* bias, void* y,
-                   int64_t sy, int M, int N, int K, int warps, cudaStream_t stream);
+int @ENTRY@(bool half, int nt, int mt, const void* x, int64_t sx, const void* w, const void* aq,
+                   const void* af, const void* a2, const void* code2, float offset, const void* pairs,
+                   const void* bias, void* y, int64_t sy, int M, int N, int K, int warps, int persist,
+                   cudaStream_t stream);
 
 torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor absmax, c10::optional<torch::Tensor> absmax2,
-                 c10::optional<torch::Tensor> code2, double offset, c10::optional<torch::Tensor> bias, int64_t N,
-                 int64_t warps, int64_t nt, int64_t mt) {
+                 c10::optional<torch::Tensor> code2, double offset, torch::Tensor pairs,
+                 c10::optional<torch::Tensor> bias, int64_t N, int64_t warps, int64_t nt, int64_t mt, bool persist) {
   const at::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   const bool nested = absmax.scalar_type() == torch::kUInt8;
-  const int rc = nf4_mma_launch(
+  const int rc = @ENTRY@(
       x.scalar_type() == torch::kHalf, nt, mt, x.data_ptr(), x.stride(0), w.data_ptr(),
       nested ? absmax.data_ptr() : nullptr, nested ? nullptr : absmax.data_ptr(),
       nested ? absmax2->data_ptr() : nullptr, nested ? code2->data_ptr() : nullptr, static_cast<float>(offset),
-      bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), y.stride(0), M, N, K, warps,
-      at::cuda::getCurrentCUDAStream());
+      pairs.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), y.stride(0), M, N, K, warps,
+      persist ? 1 : 0, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(rc == 0, "nf4_mma: launch failed (", rc, "): ", cudaGetErrorString(cudaGetLastError()));
   return y;
 }
@@ -59,25 +62,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("mm", &mm); }
 """
 
 
-def source(depth: int = DEPTH) -> str:
-    """nf4_mma.cu with the register table's PTX (nf4.decode_asm, checked by emulation in tests) and the
-    prefetch depth filled in."""
-    text = SOURCE.read_text().replace("@DEPTH@", str(int(depth)))
+def source(depth: int = DEPTH, lut: bool = LUT) -> str:
+    """nf4_mma.cu with the register table's PTX (nf4.decode_asm, checked by emulation in tests), the
+    prefetch depth and the table's place filled in."""
+    text = SOURCE.read_text().replace("@DEPTH@", str(int(depth))).replace("@LUT@", str(int(lut)))
+    text = text.replace("@ENTRY@", _entry(depth, lut))
     for dtype, tag in ((torch.bfloat16, "@DECODE_BF16@"), (torch.float16, "@DECODE_F16@")):
         ptx = nf4.decode_asm(dtype, pairs=True).replace("$", "%")
         text = text.replace(tag, "\n".join(json.dumps(line + "\n") for line in ptx.splitlines()))
     return text
 
 
+def _entry(depth: int, lut: bool) -> str:
+    return f"nf4_mma_launch_d{int(depth)}_l{int(lut)}"  # one symbol per build: several may share a process
+
+
 @functools.lru_cache(maxsize=None)
-def build(depth: int = DEPTH):
+def build(depth: int = DEPTH, lut: bool = LUT):
     """The compiled extension (cached by torch under a name that hashes the source), or raises."""
     from torch.utils.cpp_extension import load_inline
 
-    src = source(depth)
-    name = "llmbatch_nf4_mma_" + hashlib.sha256((src + _BINDING).encode()).hexdigest()[:12]
-    return load_inline(name=name, cpp_sources=[_BINDING], cuda_sources=[src], extra_cuda_cflags=["-O3", "-lineinfo"],
+    src = source(depth, lut)
+    binding = _BINDING.replace("@ENTRY@", _entry(depth, lut))
+    name = "llmbatch_nf4_mma_" + hashlib.sha256((src + binding).encode()).hexdigest()[:12]
+    return load_inline(name=name, cpp_sources=[binding], cuda_sources=[src], extra_cuda_cflags=["-O3", "-lineinfo"],
                        verbose=False)
+
+
+def prebuild(options: list[tuple[int, bool]]) -> None:
+    """Build several (depth, lut) variants at once, one process each (nvcc runs one file at a time);
+    build() then loads them from torch's cache."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(len(options), mp_context=multiprocessing.get_context("spawn")) as ex:
+        list(ex.map(_build_only, options))
+    for depth, lut in options:
+        build(depth, lut)
+
+
+def _build_only(option: tuple[int, bool]) -> None:
+    build(*option)
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,6 +156,16 @@ def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
     return x.shape[-1] == K and warps_for(N, K) is not None
 
 
+@functools.lru_cache(maxsize=None)
+def pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256] int32: byte b -> the NF4 values of its high and low nibble in `dtype`, as one register (the high
+    nibble's, element 2j, in the low half): what decode_asm(dtype, pairs=True) computes, as a table."""
+    bits = torch.tensor(nf4.NF4, dtype=torch.float32).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256)
+    word = bits[b >> 4] | (bits[b & 15] << 16)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32).to(device)
+
+
 def offset(qs) -> float:
     """Double quantization's offset as a Python float, read once per weight (a read is a device sync,
     which a CUDA graph capture forbids): nf4.use reads it for every module before any capture."""
@@ -143,7 +178,7 @@ def offset(qs) -> float:
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None,
            nt: int | None = None, mt: int | None = None, warps: int | None = None,
-           depth: int = DEPTH) -> torch.Tensor:
+           depth: int = DEPTH, lut: bool = LUT, persist: bool = PERSIST) -> torch.Tensor:
     """x [..., K] (bf16/fp16, CUDA) @ dequant(weight, qs)^T + bias -> [..., N].
 
     nt/mt/warps: benchmarks force them (warps changes the reduction, so the bits; nt and mt do not)."""
@@ -157,6 +192,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     nested = bool(qs.nested)
-    y = build(depth).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None, qs.state2.code if nested else None,
-                   offset(qs), bias, N, warps or warps_for(N, K), nt, mt)
+    y = build(depth, bool(lut)).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None,
+                                   qs.state2.code if nested else None, offset(qs), pairs(x.dtype, x.device), bias, N,
+                                   warps or warps_for(N, K), nt, mt, bool(persist))
     return y.reshape(*lead, N)
