@@ -349,6 +349,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--mma-variants", nargs="*", default=[],
                     help="timed variants: forced tiles and options, e.g. nt=1 nt=2,mt=8 warps=4 lut=1,persist=1")
     ap.add_argument("--mma-check", nargs="*", default=[], help="variants that also get the correctness checks")
+    ap.add_argument("--mma-use", default="", help="options the engine part runs the CUDA kernel with, e.g. lut=1")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
     for kind in args.kernels.split(","):
@@ -381,7 +382,8 @@ def main(argv=None) -> dict:
 
         t = time.perf_counter()
         builds = {(o.get("depth", nf4_mma.DEPTH), bool(o.get("lut", nf4_mma.LUT)))
-                  for o in map(_opts, MMA_VARIANTS + MMA_CHECKED)} | {(nf4_mma.DEPTH, nf4_mma.LUT)}
+                  for o in map(_opts, MMA_VARIANTS + MMA_CHECKED + [args.mma_use] * bool(args.mma_use))}
+        builds |= {(nf4_mma.DEPTH, nf4_mma.LUT)}
         nf4_mma.prebuild(sorted(builds))
         res["mma_build_s"] = round(time.perf_counter() - t, 1)
         print("mma build s", res["mma_build_s"], flush=True)
@@ -409,6 +411,11 @@ def main(argv=None) -> dict:
                                     t_start + args.budget)
             save()
     if args.engine:
+        from llmbatch.worker.engine import nf4_mma
+
+        for k, v in (_opts(args.mma_use) if args.mma_use else {}).items():
+            setattr(nf4_mma, k.upper(), v)  # DEPTH, LUT, PERSIST: the defaults matmul and build() take
+        res["mma_use"] = args.mma_use
         res["engine"] = engine_ab(args)
         save()
     summary(res)

@@ -62,9 +62,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("mm", &mm); }
 """
 
 
-def source(depth: int = DEPTH, lut: bool = LUT) -> str:
+def source(depth: int | None = None, lut: bool | None = None) -> str:
     """nf4_mma.cu with the register table's PTX (nf4.decode_asm, checked by emulation in tests), the
     prefetch depth and the table's place filled in."""
+    depth, lut = DEPTH if depth is None else depth, LUT if lut is None else lut
     text = SOURCE.read_text().replace("@DEPTH@", str(int(depth))).replace("@LUT@", str(int(lut)))
     text = text.replace("@ENTRY@", _entry(depth, lut))
     for dtype, tag in ((torch.bfloat16, "@DECODE_BF16@"), (torch.float16, "@DECODE_F16@")):
@@ -77,9 +78,13 @@ def _entry(depth: int, lut: bool) -> str:
     return f"nf4_mma_launch_d{int(depth)}_l{int(lut)}"  # one symbol per build: several may share a process
 
 
-@functools.lru_cache(maxsize=None)
-def build(depth: int = DEPTH, lut: bool = LUT):
+def build(depth: int | None = None, lut: bool | None = None):
     """The compiled extension (cached by torch under a name that hashes the source), or raises."""
+    return _build(DEPTH if depth is None else int(depth), LUT if lut is None else bool(lut))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(depth: int, lut: bool):
     from torch.utils.cpp_extension import load_inline
 
     src = source(depth, lut)
@@ -90,15 +95,14 @@ def build(depth: int = DEPTH, lut: bool = LUT):
 
 
 def prebuild(options: list[tuple[int, bool]]) -> None:
-    """Build several (depth, lut) variants at once, one process each (nvcc runs one file at a time);
-    build() then loads them from torch's cache."""
+    """Compile several (depth, lut) variants at once, one process each (nvcc runs one file at a time), into
+    torch's cache; build() loads each at first use. Not loaded here: a second build loaded into this process
+    before CUDA started crashed at its first launch on the H200 (loaded after, it ran)."""
     import concurrent.futures
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(len(options), mp_context=multiprocessing.get_context("spawn")) as ex:
         list(ex.map(_build_only, options))
-    for depth, lut in options:
-        build(depth, lut)
 
 
 def _build_only(option: tuple[int, bool]) -> None:
@@ -178,7 +182,7 @@ def offset(qs) -> float:
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None,
            nt: int | None = None, mt: int | None = None, warps: int | None = None,
-           depth: int = DEPTH, lut: bool = LUT, persist: bool = PERSIST) -> torch.Tensor:
+           depth: int | None = None, lut: bool | None = None, persist: bool | None = None) -> torch.Tensor:
     """x [..., K] (bf16/fp16, CUDA) @ dequant(weight, qs)^T + bias -> [..., N].
 
     nt/mt/warps: benchmarks force them (warps changes the reduction, so the bits; nt and mt do not)."""
@@ -192,7 +196,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     nested = bool(qs.nested)
-    y = build(depth, bool(lut)).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None,
+    persist = PERSIST if persist is None else persist
+    y = build(depth, lut).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None,
                                    qs.state2.code if nested else None, offset(qs), pairs(x.dtype, x.device), bias, N,
                                    warps or warps_for(N, K), nt, mt, bool(persist))
     return y.reshape(*lead, N)
