@@ -251,8 +251,10 @@ static int launch_one(const void* x, int64_t sx, const void* w, const void* aq, 
                       int N, int K, int warps, int persist, cudaStream_t stream) {
   auto kernel = nf4_mma_kernel<T, NT, MT>;
   const int smem = (LUT_WORDS + warps * NT * MT * 4 * 32) * 4;
-  static int raised = 0;  // the dynamic shared memory limit, raised once per instance
-  if (smem > 48 * 1024 && smem > raised) {
+  // The dynamic shared memory limit, raised once per instance and always set: dynamic plus static memory can
+  // pass 48 KB when the dynamic part alone does not.
+  static int raised = -1;
+  if (smem > raised) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 1;
     raised = smem;
   }
