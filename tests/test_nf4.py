@@ -265,7 +265,7 @@ def test_auto_falls_back_to_bitsandbytes_when_ours_fails_but_triton_does_not(mon
 def test_auto_routes_rows_to_cuda_then_triton_then_bitsandbytes(monkeypatch):
     monkeypatch.setattr(nf4, "_FAILED", set())
     monkeypatch.setattr(nf4_mma, "available", lambda: True)
-    assert [nf4.route("auto", m) for m in (1, 32, 33, 64, 65)] == ["cuda", "cuda", "triton", "triton", "bnb"]
+    assert [nf4.route("auto", m) for m in (1, 32, 33, 64, 65)] == ["cuda", "cuda", "cuda", "cuda", "bnb"]
     assert nf4.route("cuda", 512) == "cuda" and nf4.route("triton", 1) == "triton" and nf4.route("bnb", 8) == "bnb"
     nf4._FAILED.add("cuda")  # failed to build or launch here: auto passes it over
     assert [nf4.route("auto", m) for m in (1, 8, 65)] == ["bnb", "triton", "bnb"]

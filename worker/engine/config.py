@@ -22,11 +22,11 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compute_dtype: str = "auto"  # auto: bfloat16 on GPUs that have it, float16 on others, float32 on CPU
     double_quant: bool = False
-    # Who multiplies by the NF4 weights on CUDA: "auto" (the default: our CUDA kernel, nf4_mma.py, at 1-32
-    # rows, our Triton kernel, nf4.py, at 33-64, bitsandbytes above; each passed over where it fails to
-    # build), "bnb" (bitsandbytes, the reference; always the CPU path), "cuda" or "triton" (that kernel at
-    # every row count: batch-invariant, slower above 64 rows). On an H200 auto ran `mixed` 1.63x bnb with the
-    # same tokens (benchmarks/RESULTS.md, issue 18).
+    # Who multiplies by the NF4 weights on CUDA: "auto" (the default: our CUDA kernel, nf4_mma.py, at 1-64
+    # rows, or our Triton kernel, nf4.py, at 2-64 where that one fails to build; bitsandbytes above), "bnb"
+    # (bitsandbytes, the reference; always the CPU path), "cuda" or "triton" (that kernel at every row count:
+    # batch-invariant, slower above 64 rows). On an H200 auto (then CUDA at 1-32 rows only) ran `mixed`
+    # 1.63x bnb with the same tokens (benchmarks/RESULTS.md, issue 18).
     nf4_kernel: str = field(default_factory=lambda: os.environ.get("LLMBATCH_NF4_KERNEL") or "auto")
     # Batch-invariant mode (issue 22): a row's logits, hence a seeded line's tokens, are bitwise the same
     # whatever its batch mates, slot and the batch's padded width (README, "Reproducibility"). It

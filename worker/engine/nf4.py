@@ -34,7 +34,7 @@ than bitsandbytes at 8-64 rows on gate/up and down (1.1-1.3x), slower at 1 row, 
 64 rows (4-7x bf16 at 512). The skeleton, not the dequantization, is the limit: a variant that only
 loads the packed bytes runs at ~1 TB/s (benchmarks/nf4_lab.py). nf4_mma.py, the same product in CUDA,
 loads each byte where its MMA register needs it and runs 1.2-7x bitsandbytes at 1-32 rows; `route`
-gives it those rows under LLMBATCH_NF4_KERNEL=auto, this kernel 33-64, bitsandbytes the rest.
+gives it 1-64 rows under LLMBATCH_NF4_KERNEL=auto (this kernel where it does not build), bitsandbytes the rest.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 # (nf4_mma.py) at every row count (batch-invariant). auto: whichever beat the others on an H200 at that row
 # count (RESULTS.md, issue 18), falling back where one does not build (not batch-invariant).
 KERNELS = ("bnb", "triton", "cuda", "auto")
-CUDA_ROWS = 32  # auto: the CUDA kernel up to here (1.1-4.5x bitsandbytes; at 64 rows it lost on gate/up)
-AUTO_ROWS = (2, 64)  # auto: then Triton's; above 64 bitsandbytes' dequantize + cuBLAS
+CUDA_ROWS = 64  # auto: the CUDA kernel up to here (RESULTS.md: per layer at 64 rows 0.41 ms, Triton's 0.57)
+AUTO_ROWS = (2, 64)  # auto: Triton's where the CUDA kernel does not build; above 64 bitsandbytes' dequantize + cuBLAS
 QBLOCK = 64  # elements per absmax: bitsandbytes' default, the only block size the kernel takes
 
 
