@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 # (nf4_mma.py) at every row count (batch-invariant). auto: whichever beat the others on an H200 at that row
 # count (RESULTS.md, issue 18), falling back where one does not build (not batch-invariant).
 KERNELS = ("bnb", "triton", "cuda", "auto")
-CUDA_ROWS = 64  # auto: the CUDA kernel up to here (RESULTS.md: per layer at 64 rows 0.41 ms, Triton's 0.57)
+CUDA_ROWS = 64  # auto: the CUDA kernel up to here (RESULTS.md: a layer at 64 rows 0.40 ms, Triton 0.59, bnb 0.50)
 AUTO_ROWS = (2, 64)  # auto: Triton's where the CUDA kernel does not build; above 64 bitsandbytes' dequantize + cuBLAS
 QBLOCK = 64  # elements per absmax: bitsandbytes' default, the only block size the kernel takes
 
