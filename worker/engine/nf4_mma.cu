@@ -35,33 +35,26 @@
 namespace {
 constexpr int LUT_WORDS = NF4_LUT ? 256 * 32 : 0;
 
+// The two compute dtypes differ only in the register table's bytes, the MMA's type name and the conversions.
+#define NF4_OPS(T, TY, DECODE, TO_FLOAT, FROM_FLOAT)                                                            \
+  template <> struct Ops<T> {                                                                                   \
+    static __device__ __forceinline__ void decode(uint32_t w, uint32_t& p0, uint32_t& p1, uint32_t& p2,         \
+                                                  uint32_t& p3) {                                               \
+      asm(DECODE : "=r"(p0), "=r"(p1), "=r"(p2), "=r"(p3) : "r"(w));                                           \
+    }                                                                                                           \
+    static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {         \
+      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "    \
+                   "{%8,%9}, {%0,%1,%2,%3};"                                                                    \
+                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                             \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                             \
+    }                                                                                                           \
+    static __device__ __forceinline__ float to_float(T v) { return TO_FLOAT(v); }                               \
+    static __device__ __forceinline__ T from_float(float v) { return FROM_FLOAT(v); }                           \
+  };
 template <typename T> struct Ops;
-template <> struct Ops<__nv_bfloat16> {
-  static __device__ __forceinline__ void decode(uint32_t w, uint32_t& p0, uint32_t& p1, uint32_t& p2, uint32_t& p3) {
-    asm(@DECODE_BF16@ : "=r"(p0), "=r"(p1), "=r"(p2), "=r"(p3) : "r"(w));
-  }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-};
-template <> struct Ops<__half> {
-  static __device__ __forceinline__ void decode(uint32_t w, uint32_t& p0, uint32_t& p1, uint32_t& p2, uint32_t& p3) {
-    asm(@DECODE_F16@ : "=r"(p0), "=r"(p1), "=r"(p2), "=r"(p3) : "r"(w));
-  }
-  static __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-};
+NF4_OPS(__nv_bfloat16, "bf16", @DECODE_BF16@, __bfloat162float, __float2bfloat16_rn)
+NF4_OPS(__half, "f16", @DECODE_F16@, __half2float, __float2half_rn)
+#undef NF4_OPS
 
 // Weights are read once: keep them out of L1, and fetch whole 128-byte lines into L2 (a row's superstep).
 __device__ __forceinline__ uint2 load_w(const uint8_t* p) {
