@@ -96,8 +96,7 @@ def _build(depth: int, lut: bool):
 
 def prebuild(options: list[tuple[int, bool]]) -> None:
     """Compile several (depth, lut) variants at once, one process each (nvcc runs one file at a time), into
-    torch's cache; build() loads each at first use. Not loaded here: a second build loaded into this process
-    before CUDA started crashed at its first launch on the H200 (loaded after, it ran)."""
+    torch's cache; build() loads each from there at first use."""
     import concurrent.futures
     import multiprocessing
 
@@ -156,6 +155,8 @@ def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
         return False
     if not qs.nested and qs.absmax.dtype != torch.float32:
         return False
+    if weight.data_ptr() % 16 or qs.absmax.data_ptr() % 16:  # 8-byte weight, 4- and 16-byte absmax loads
+        return False
     N, K = qs.shape
     return x.shape[-1] == K and warps_for(N, K) is not None
 
@@ -187,10 +188,14 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
 
     nt/mt/warps: benchmarks force them (warps changes the reduction, so the bits; nt and mt do not)."""
     N, K = qs.shape
+    if x.shape[-1] != K or warps_for(N, K) is None:
+        raise ValueError(f"nf4_mma: x [..., {x.shape[-1]}] against an NF4 weight [{N}, {K}] (N % 16, K % 256 needed)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 8- and 16-byte loads
+    if x2.stride(-1) != 1 or x2.stride(0) % 8:  # rows start on 16 bytes: the kernel's 8-byte loads
         x2 = x2.contiguous()
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
     auto_nt, auto_mt = tiles(x2.shape[0], N)
     nt, mt = nt or auto_nt, mt or auto_mt
     if bias is not None and bias.dtype != x.dtype:
@@ -198,6 +203,6 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     nested = bool(qs.nested)
     persist = PERSIST if persist is None else persist
     y = build(depth, lut).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None,
-                                   qs.state2.code if nested else None, offset(qs), pairs(x.dtype, x.device), bias, N,
-                                   warps or warps_for(N, K), nt, mt, bool(persist))
+                             qs.state2.code if nested else None, offset(qs), pairs(x.dtype, x.device), bias, N,
+                             warps or warps_for(N, K), nt, mt, bool(persist))
     return y.reshape(*lead, N)
