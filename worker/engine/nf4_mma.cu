@@ -63,6 +63,27 @@ __device__ __forceinline__ uint2 load_w(const uint8_t* p) {
   return v;
 }
 
+template <int NT, int MT>
+__device__ __forceinline__ void zero(float (&a)[NT][MT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[nt][mt][i] = 0.f;
+}
+
+// The thread's weight bytes of the superstep at k: rows g and g + 8 of each feature tile, 4 blocks each.
+template <int NT>
+__device__ __forceinline__ void load_superstep(uint2 (&q)[NT][2][4], const uint8_t* const (&wr)[NT][2], int k) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) q[nt][h][j] = load_w(wr[nt][h] + (k / 64 + j) * 32);
+}
+
 // A superstep is 256 k: 4 absmax blocks, 128 bytes of each weight row. A block takes feature tiles blockIdx.x,
 // blockIdx.x + gridDim.x, ... (the launch may size the grid to one wave).
 template <typename T, int NT, int MT>
@@ -111,34 +132,17 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
       ab[nt][h] = n * KB;
     }
   float acc[NT][MT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
+  zero(acc);
 
   // NF4_DEPTH supersteps of weight bytes are in flight while one multiplies: q[0] is this superstep's,
   // q[d] the one d ahead (clamped to the chunk's last: in bounds, unused).
   uint2 q[NF4_DEPTH + 1][NT][2][4];
 #pragma unroll
-  for (int d = 0; d < NF4_DEPTH; ++d)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) q[d][nt][h][j] = load_w(wr[nt][h] + (min(k_lo + 256 * d, k_hi - 256) / 64 + j) * 32);
+  for (int d = 0; d < NF4_DEPTH; ++d) load_superstep(q[d], wr, min(k_lo + 256 * d, k_hi - 256));
 
   for (int k = k_lo; k < k_hi; k += 256) {
     const int b0 = k / 64;
-    const int kn = min(k + 256 * NF4_DEPTH, k_hi - 256);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) q[NF4_DEPTH][nt][h][j] = load_w(wr[nt][h] + (kn / 64 + j) * 32);
+    load_superstep(q[NF4_DEPTH], wr, min(k + 256 * NF4_DEPTH, k_hi - 256));
 
     float am[NT][2][4];  // absmax of the 4 blocks, as bitsandbytes decodes it
 #pragma unroll
@@ -175,12 +179,7 @@ __global__ void __launch_bounds__(256) nf4_mma_kernel(
 #endif
         }
       float part[NT][MT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) part[nt][mt][i] = 0.f;
+      zero(part);
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         uint2 xv[MT];
