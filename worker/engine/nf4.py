@@ -375,11 +375,9 @@ def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
-    """Whether our kernel takes this product; the rest stays with bitsandbytes."""
-    if triton is None or qs is None or (x.device.type != "cuda" and not _interpreting()):
-        return False
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != torch.uint8:
+def storage_ok(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
+    """Whether the weight is bitsandbytes' NF4 storage both our kernels read, with bf16/fp16 activations."""
+    if qs is None or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != torch.uint8:
         return False
     if qs.quant_type != "nf4" or qs.blocksize != QBLOCK or len(qs.shape) != 2:
         return False
@@ -387,8 +385,14 @@ def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
         return False
     if qs.nested and (qs.state2.blocksize != 256 or qs.absmax.dtype != torch.uint8):
         return False
-    N, K = qs.shape
-    return x.shape[-1] == K and plan_for(N, K) is not None
+    return x.shape[-1] == qs.shape[1]
+
+
+def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
+    """Whether our kernel takes this product; the rest stays with bitsandbytes."""
+    if triton is None or (x.device.type != "cuda" and not _interpreting()):
+        return False
+    return storage_ok(weight, qs, x) and plan_for(*qs.shape) is not None
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None = None,
@@ -508,13 +512,13 @@ def forward(module, x: torch.Tensor) -> torch.Tensor:
     if not module.training and impl != "bnb" and x.dtype == dtype:
         from . import nf4_mma
 
-        ours = nf4_mma if impl == "cuda" else None
-        if (nf4_mma.supported if ours else supported)(weight, qs, x):
+        takes, multiply = (nf4_mma.supported, nf4_mma.matmul) if impl == "cuda" else (supported, matmul)
+        if takes(weight, qs, x):
             bias = module.bias
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
             try:
-                return (nf4_mma.matmul if ours else matmul)(x, weight, qs, bias)
+                return multiply(x, weight, qs, bias)
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # a build or launch failure (nvcc, ptxas, Triton)
@@ -553,7 +557,7 @@ def use(model, kernel: str) -> int:
     if kernel == "cuda" and not nf4_mma.available():
         raise RuntimeError("LLMBATCH_NF4_KERNEL=cuda: the CUDA kernel did not build here (see the log); "
                            "use auto, triton or bnb")
-    cuda = kernel in ("cuda", "auto") and torch.cuda.is_available() and nf4_mma.available()  # builds it once, now
+    cuda = kernel in ("cuda", "auto") and nf4_mma.available()  # builds it once, now (False without a GPU)
     n = 0
     for m in model.modules():
         if not isinstance(m, bnb.nn.Linear4bit):

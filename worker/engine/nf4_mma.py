@@ -144,21 +144,14 @@ def tiles(M: int, N: int) -> tuple[int, int]:
 
 
 def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
-    """Whether this kernel takes the product (nf4.supported's conditions, on CUDA, whole supersteps)."""
-    if x.device.type != "cuda" or qs is None or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if weight.dtype != torch.uint8 or qs.quant_type != "nf4" or qs.blocksize != nf4.QBLOCK or len(qs.shape) != 2:
-        return False
-    if getattr(qs, "packing_format_for_cpu", False):
-        return False
-    if qs.nested and (qs.state2.blocksize != 256 or qs.absmax.dtype != torch.uint8):
+    """Whether this kernel takes the product (bitsandbytes' NF4 storage on CUDA, whole supersteps)."""
+    if x.device.type != "cuda" or not nf4.storage_ok(weight, qs, x):
         return False
     if not qs.nested and qs.absmax.dtype != torch.float32:
         return False
     if weight.data_ptr() % 16 or qs.absmax.data_ptr() % 16:  # 8-byte weight, 4- and 16-byte absmax loads
         return False
-    N, K = qs.shape
-    return x.shape[-1] == K and warps_for(N, K) is not None
+    return warps_for(*qs.shape) is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +181,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
 
     nt/mt/warps: benchmarks force them (warps changes the reduction, so the bits; nt and mt do not)."""
     N, K = qs.shape
-    if x.shape[-1] != K or warps_for(N, K) is None:
+    plan = warps_for(N, K)
+    if x.shape[-1] != K or plan is None:
         raise ValueError(f"nf4_mma: x [..., {x.shape[-1]}] against an NF4 weight [{N}, {K}] (N % 16, K % 256 needed)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -204,5 +198,5 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qs, bias: torch.Tensor | None 
     persist = PERSIST if persist is None else persist
     y = build(depth, lut).mm(x2, weight, qs.absmax, qs.state2.absmax if nested else None,
                              qs.state2.code if nested else None, offset(qs), pairs(x.dtype, x.device), bias, N,
-                             warps or warps_for(N, K), nt, mt, bool(persist))
+                             warps or plan, nt, mt, bool(persist))
     return y.reshape(*lead, N)
