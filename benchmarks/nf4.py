@@ -172,9 +172,21 @@ def mma_checks(name: str, N: int, K: int, **opts) -> dict:
     return out
 
 
+MMA_OPTIONS = {"nt": (1, 2), "mt": (1, 2, 4, 8), "warps": (1, 2, 4, 8), "depth": (1, 2, 3), "lut": (0, 1),
+               "persist": (0, 1)}
+
+
 def _opts(variant: str) -> dict:
-    """'lut=1,persist=1' -> {'lut': 1, 'persist': 1}: nf4_mma.matmul's build and launch options."""
-    return {k: int(v) for k, v in (p.split("=") for p in variant.split(","))}
+    """'lut=1,persist=1' -> {'lut': 1, 'persist': 1}: nf4_mma.matmul's build and launch options (ValueError
+    naming the part that is not one)."""
+    out = {}
+    for part in variant.split(","):
+        key, _, value = part.partition("=")
+        if key not in MMA_OPTIONS or not value.isdigit() or int(value) not in MMA_OPTIONS[key]:
+            raise ValueError(f"{part!r} is not an option: choose from "
+                             + ", ".join(f"{k}={'|'.join(map(str, v))}" for k, v in MMA_OPTIONS.items()))
+        out[key] = int(value)
+    return out
 
 
 def timing(name: str, N: int, K: int, rows, variants: dict, variant_rows=(), deadline: float = 1e18) -> list[dict]:
@@ -355,6 +367,19 @@ def main(argv=None) -> dict:
     for kind in args.kernels.split(","):
         if kind not in nf4.KERNELS:
             ap.error(f"--kernels: unknown NF4 kernel {kind!r}: choose from {', '.join(nf4.KERNELS)}")
+    for flag, values in (("--mma-variants", args.mma_variants), ("--mma-check", args.mma_check),
+                         ("--mma-use", [args.mma_use] if args.mma_use else [])):
+        for v in values:
+            try:
+                _opts(v)
+            except ValueError as exc:
+                ap.error(f"{flag}: {exc}")
+    if args.mma_use and not set(_opts(args.mma_use)) <= {"depth", "lut", "persist"}:
+        ap.error("--mma-use: only depth, lut and persist are the CUDA kernel's defaults (tiles follow the rows)")
+    if (args.mma_variants or args.mma_check) and not args.mma:
+        ap.error("--mma-variants and --mma-check time and check the CUDA kernel: add --mma")
+    if (args.mma or args.mma_use) and args.smoke:
+        ap.error("--mma and --mma-use need a CUDA GPU (the CUDA kernel has no CPU path); --smoke runs on the CPU")
     if args.smoke:
         DEV, SHAPES = "cpu", {"tiny": (128, 256)}
         args.shapes, args.rows, args.variant_rows = "tiny", "1,37", "1"

@@ -13,10 +13,14 @@ import torch  # noqa: E402
 from benchmarks.nf4 import _opts, quantized  # noqa: E402
 from llmbatch.worker.engine import nf4_mma  # noqa: E402
 
-N, K = (int(v) for v in sys.argv[1].split("x"))
-opts = _opts(sys.argv[3]) if len(sys.argv) > 3 else {}
+try:
+    N, K = (int(v) for v in sys.argv[1].split("x"))
+    rows = [int(m) for m in sys.argv[2].split(",")]
+    opts = _opts(sys.argv[3]) if len(sys.argv) > 3 else {}
+except (IndexError, ValueError) as exc:
+    sys.exit(f"usage: nf4_mma_ncu.py NxK ROWS[,ROWS...] [OPTIONS]  ({exc})")
 packed, qs, _ = quantized(N, K, False, 1)
-for M in (int(m) for m in sys.argv[2].split(",")):
+for M in rows:
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         y = nf4_mma.matmul(x, packed, qs, **opts)
