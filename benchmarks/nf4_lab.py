@@ -153,36 +153,38 @@ def kernel_lab(rows, configs, out):
             out.append(row)
 
 
-TILES = [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-         (64, 256, 64, 8, 3), (128, 128, 64, 4, 3)]
+TILES = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)]
 
 
 def invariant_lab(rows, out):
-    for name, (N, K) in {**SHAPES, "lm_head": (128256, 4096)}.items():
+    """invariant.matmul at each tile shape, its K chunks as programs of their own (split) or summed by one
+    program: timed against F.linear, and every contender's bits compared (none may change them)."""
+    for name, (N, K) in {**SHAPES, "kv": (1024, 4096), "lm_head": (128256, 4096)}.items():
         torch.manual_seed(1)
         w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16)
         for M in rows:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            row = {"shape": name, "M": M, "F.linear": bench(lambda: F.linear(x, w))}
-            outs = {}
-            for bm, bn, bk, warps, stages in TILES:
-                key = f"{bm}x{bn}x{bk}/w{warps}/s{stages}"
-                y = torch.empty(M, N, dtype=x.dtype, device="cuda")
-
-                def run():
-                    invariant._matmul_kernel[(-(-M // bm) * -(-N // bn),)](
-                        x, w, y, y, M, N, K, x.stride(0), w.stride(0), y.stride(0), HAS_BIAS=False, IEEE=False,
-                        UPCAST=False, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
-                try:
-                    row[key] = bench(run)
-                    run()
-                    outs[key] = y.clone()
-                except Exception as exc:
-                    row[key] = None
-                    row[key + ":error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            first = next(iter(outs.values()))
-            row["bitwise_all_tiles"] = all(torch.equal(first, v) for v in outs.values())
-            row["bitwise_tiles"] = {k: torch.equal(first, v) for k, v in outs.items()}
+            row = {"shape": name, "M": M, "chunks": invariant.splits_for(N, K, 64),
+                   "shipped": invariant.tiles_for(x.dtype, M) + (M <= invariant.SPLIT_ROWS,),
+                   "F.linear": bench(lambda: F.linear(x, w)), "shipped_ms": bench(lambda: invariant.matmul(x, w))}
+            outs = {"shipped": invariant.matmul(x, w)}
+            for tile in TILES:
+                for split in (False, True):
+                    key = "{}x{}x{}/w{}/s{}".format(*tile) + ("/split" if split else "")
+                    try:
+                        row[key] = bench(lambda: invariant.matmul(x, w, split=split, tiles=tile))
+                        outs[key] = invariant.matmul(x, w, split=split, tiles=tile)
+                    except Exception as exc:
+                        row[key] = None
+                        row[key + ":error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            first = outs["shipped"]
+            row["bitwise_all"] = all(torch.equal(first, v) for v in outs.values())
+            if not row["bitwise_all"]:
+                row["bitwise"] = {k: torch.equal(first, v) for k, v in outs.items()}
+            timed_keys = [k for k, v in row.items() if isinstance(v, float) and k not in ("F.linear",)]
+            row["best"] = min(timed_keys, key=lambda k: row[k])
+            row["best_vs_F.linear"] = round(row[row["best"]] / row["F.linear"], 3)
+            row["shipped_vs_F.linear"] = round(row["shipped_ms"] / row["F.linear"], 3)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             out.append(row)
 
@@ -190,7 +192,7 @@ def invariant_lab(rows, out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,16,64,512")
-    ap.add_argument("--inv-rows", default="32,128,512")
+    ap.add_argument("--inv-rows", default="1,32,128,300,512")
     ap.add_argument("--json-out")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-invariant", action="store_true")

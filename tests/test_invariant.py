@@ -88,6 +88,16 @@ for dtype, tol in ((torch.bfloat16, 2.0 ** -8), (torch.float32, 1e-6)):
     other = torch.cat([x[:5], torch.randn(60, K).to(dtype) * 100])  # other batch mates, same rows 0..4
     assert torch.equal(invariant.matmul(other, w, b)[:5], full[:5]), dtype
     assert torch.equal(invariant.matmul(x[:6].reshape(2, 3, K), w, b), full[:6].reshape(2, 3, N))
+    # K in 8 chunks (splits_for): summed by programs of their own or by one program, the same bits at any M.
+    K8 = 512
+    w8, x8 = torch.randn(N, K8).to(dtype), torch.randn(70, K8).to(dtype)
+    assert invariant.splits_for(N, K8, invariant.tiles_for(dtype, 1)[2]) == 8
+    whole = invariant.matmul(x8, w8, b, split=False)
+    ref = x8.double() @ w8.double().t() + b.double()
+    assert ((whole.double() - ref).abs() <= ref.abs() * tol + 1e-3).all(), dtype
+    for M in (1, 37, 70):
+        for split in (True, False):
+            assert torch.equal(invariant.matmul(x8[:M], w8, b, split=split), whole[:M]), (dtype, M, split)
 
     h = torch.randn(9, 1, 96).to(dtype)  # [B, T, hidden], hidden not a power of two
     g = torch.randn(96).to(dtype)
@@ -148,3 +158,16 @@ def test_matmul_tiles_follow_the_batch_but_never_the_k_order():
         tiles = [invariant.tiles_for(dtype, M) for M in (1, 37, 128, 129, 512, 4096)]
         assert len({t[2] for t in tiles}) == 1, dtype  # one K step for every M: a row's sums keep their order
     assert invariant.tiles_for(torch.bfloat16, 128)[:2] != invariant.tiles_for(torch.bfloat16, 512)[:2]
+
+
+def test_matmul_chunks_of_k_are_fixed_by_the_shape_alone():
+    from llmbatch.worker.engine import invariant
+
+    # Llama-3.1-8B: q/o, k/v, gate/up, down, the LM head. The chunks fill the GPU at a few rows where the
+    # column tiles alone do not (down: 32 of them), and every chunk is whole K steps.
+    got = {(N, K): invariant.splits_for(N, K, 64) for N, K in
+           ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096))}
+    assert got == {(4096, 4096): 8, (1024, 4096): 8, (14336, 4096): 4, (4096, 14336): 8, (128256, 4096): 1}
+    for (N, K), s in got.items():
+        assert K % (s * 64) == 0
+    assert invariant.splits_for(4096, 160, 64) == 1  # K not in whole steps per chunk: one chunk

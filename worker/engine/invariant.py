@@ -61,10 +61,14 @@ if triton is not None:
 
     # M is not specialized: M = 1 would otherwise compile another kernel (with its own instruction order).
     @triton.jit(do_not_specialize=["M"])
-    def _matmul_kernel(X, W, BIAS, Y, M, N, K, s_xm, s_wn, s_ym,
-                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    def _matmul_kernel(X, W, BIAS, Y, P, M, N, K, CHUNK, s_xm, s_wn, s_ym,
+                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # Program: rows [pid_m*BM, +BM) x out features [pid_n*BN, +BN), the whole K in BK steps from 0.
+        # Program: rows [pid_m*BM, +BM) x out features [pid_n*BN, +BN). K is cut into chunks of CHUNK
+        # (splits_for: fixed by N and K), each summed in BK steps from 0, and the chunk sums are added in
+        # chunk order from 0.0. SPLIT: this program sums chunk program_id(1) alone into the float32
+        # partials P [chunks, M, N] and _matmul_reduce adds them in the same order; else it does every
+        # chunk in turn. Same bits either way, so the choice may follow M.
         # The row tiles of one column tile are neighbours in launch order: W's tile is reused from L2.
         pid = tl.program_id(0)
         tiles_m = tl.cdiv(M, BM)
@@ -73,25 +77,54 @@ if triton is not None:
         rm = pid_m * BM + tl.arange(0, BM)  # [BM]
         rn = pid_n * BN + tl.arange(0, BN)  # [BN]
         rk = tl.arange(0, BK)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k in range(0, K, BK):
-            kk = k + rk
-            x = tl.load(X + rm.to(tl.int64)[:, None] * s_xm + kk[None, :],
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)  # [BM, BK]
-            w = tl.load(W + rn.to(tl.int64)[None, :] * s_wn + kk[:, None],
-                        mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)  # [BK, BN]
-            if UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: exact float32 copies
-                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
-            elif IEEE:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
+        if SPLIT:
+            c_lo = tl.program_id(1)
+            c_hi = c_lo + 1
+        else:
+            c_lo = 0
+            c_hi = tl.cdiv(K, CHUNK)
+        total = tl.zeros([BM, BN], dtype=tl.float32)
+        for c in range(c_lo, c_hi):
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, K), BK):
+                kk = k + rk
+                x = tl.load(X + rm.to(tl.int64)[:, None] * s_xm + kk[None, :],
+                            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)  # [BM, BK]
+                w = tl.load(W + rn.to(tl.int64)[None, :] * s_wn + kk[:, None],
+                            mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)  # [BK, BN]
+                if UPCAST:  # Triton's interpreter multiplies bf16 as raw uint16: exact float32 copies
+                    acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
+                elif IEEE:
+                    acc = tl.dot(x, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w, acc)
+            total += acc
+        if SPLIT:
+            tl.store(P + (c_lo * M + rm.to(tl.int64))[:, None] * N + rn[None, :], total,
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
+        else:
+            if HAS_BIAS:
+                total += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            if UPCAST:  # the interpreter's cast truncates; the GPU's rounds to nearest
+                total = _round_to(total, Y.dtype.element_ty)
+            tl.store(Y + rm.to(tl.int64)[:, None] * s_ym + rn[None, :], total.to(Y.dtype.element_ty),
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit(do_not_specialize=["M"])
+    def _matmul_reduce(P, BIAS, Y, M, N, CHUNKS, s_ym, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        # Y[m, n] = the chunk sums P[0..CHUNKS, m, n] added in chunk order from 0.0 (+ bias): as _matmul_kernel.
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < M * N
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(CHUNKS):
+            total += tl.load(P + c * M * N + i, mask=ok, other=0.0)
+        n = i % N
         if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        if UPCAST:  # the interpreter's cast truncates; the GPU's rounds to nearest
-            acc = _round_to(acc, Y.dtype.element_ty)
-        tl.store(Y + rm.to(tl.int64)[:, None] * s_ym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+            total += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
+        if UPCAST:
+            total = _round_to(total, Y.dtype.element_ty)
+        tl.store(Y + (i // N) * s_ym + n, total.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _rms_norm_kernel(X, W, Y, N, s_x, s_y, eps, UPCAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -112,8 +145,25 @@ if triton is not None:
         tl.store(Y + row * s_y + cols, y.to(Y.dtype.element_ty), mask=ok)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype; each row's bits independent of M."""
+def splits_for(N: int, K: int, bk: int) -> int:
+    """Chunks K is summed in (fixed by N and K, never M): enough programs for a few rows to fill the GPU,
+    N / 128 column tiles x chunks >= 256, at most 8, each chunk whole BK steps. With one chunk for
+    `down` (N = 4096, K = 14336) 32 programs did its work at 1-128 rows, 2.2x cuBLAS (RESULTS.md, issue 22)."""
+    s = 1
+    while (N // 128) * s < 256 and s < 8 and K % (2 * s * bk) == 0:
+        s *= 2
+    return s
+
+
+# Up to this many rows the chunks run as programs of their own (SPLIT), above it one program sums them
+# all: the partials' traffic grows with M, the programs a tile row offers too. benchmarks/nf4_lab.py.
+SPLIT_ROWS = 128
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, split: bool | None = None,
+           tiles: tuple | None = None) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T (+ bias [N]) -> [..., N] in x's dtype; each row's bits independent of M.
+    split, tiles: benchmarks force them (neither changes the bits)."""
     N, K = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
@@ -122,12 +172,19 @@ def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.reshape(*lead, N)
-    bm, bn, bk, warps, stages = tiles_for(x.dtype, M)
+    bm, bn, bk, warps, stages = tiles or tiles_for(x.dtype, M)
+    chunks = splits_for(N, K, bk)
+    split = (M <= SPLIT_ROWS if split is None else split) and chunks > 1
     launch = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
-    _matmul_kernel[(-(-M // bm) * -(-N // bn),)](
-        x2, w, bias if bias is not None else y, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_interpreting(), BM=bm, BN=bn, BK=bk,
-        **launch)
+    p = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device) if split else y
+    _matmul_kernel[(-(-M // bm) * -(-N // bn), chunks if split else 1)](
+        x2, w, bias if bias is not None else y, y, p, M, N, K, K // chunks, x2.stride(0), w.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_interpreting(), SPLIT=split,
+        BM=bm, BN=bn, BK=bk, **launch)
+    if split:
+        block = 1024
+        _matmul_reduce[(-(-M * N // block),)](p, bias if bias is not None else y, y, M, N, chunks, y.stride(0),
+                                              HAS_BIAS=bias is not None, UPCAST=_interpreting(), BLOCK=block)
     return y.reshape(*lead, N)
 
 
