@@ -294,7 +294,8 @@ def test_cuda_kernel_plan_depends_on_the_shape_only_and_its_source_is_complete()
         assert (N // 16) * warps >= 512
     assert nf4_mma.warps_for(4096, 4160) is None and nf4_mma.warps_for(4104, 4096) is None
     assert [nf4_mma.tiles(m, 4096) for m in (1, 8, 9, 16, 17, 32, 33, 64, 512)] == \
-        [(1, 1), (1, 1), (1, 2), (1, 2), (2, 4), (2, 4), (2, 8), (2, 8), (2, 8)]
+        [(1, 1), (1, 1), (1, 2), (1, 2), (2, 4), (2, 4), (2, 4), (2, 4), (2, 4)]
+    assert [nf4_mma.tiles(m, 1024) for m in (1, 16, 32, 64)] == [(1, 1), (1, 2), (1, 2), (1, 2)]
     for depth, lut in ((1, False), (2, True)):
         src = nf4_mma.source(depth, lut)
         assert not any(f"@{tag}@" in src for tag in ("DECODE_BF16", "DECODE_F16", "DEPTH", "LUT", "ENTRY"))

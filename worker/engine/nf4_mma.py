@@ -137,10 +137,15 @@ def warps_for(N: int, K: int) -> int | None:
 
 def tiles(M: int, N: int) -> tuple[int, int]:
     """(feature tiles of 16, row tiles of 8) a block covers: a performance choice only (the bits do not
-    depend on it). Wider feature tiles reuse each activation load; at 64 rows the registers run out."""
-    mt = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
-    nt = 2 if mt >= 4 and N % 32 == 0 else 1  # H200: nt=1 faster at 1-16 rows, nt=2 at 32-64
-    return nt, mt
+    depend on it). Wider feature tiles reuse each activation load; more than 4 row tiles run out of
+    registers (255 at 8, spilling). Few features (N < 4096: k/v) take small tiles so that the rows give
+    the blocks the features do not. H200, benchmarks/nf4.py --mma-variants (RESULTS.md, issue 18): at 33-64
+    rows 4 row tiles beat 8 by 4-9% on q/o, gate/up, down; k/v at 32 and 64 rows took 11.6 and 14.3 us with
+    (1, 2) against 21.1 and 28.5 with (2, 4) and (2, 8)."""
+    mt = 1 if M <= 8 else 2 if M <= 16 else 4
+    if N < 4096:
+        return 1, min(mt, 2)
+    return (2 if mt >= 4 and N % 32 == 0 else 1), mt
 
 
 def supported(weight: torch.Tensor, qs, x: torch.Tensor) -> bool:
