@@ -15,7 +15,7 @@ its tokens in any batch. Two paths, one promise:
 - On CUDA, batched, through kernels whose reduction order per output element is fixed by the shape's
   N and K (never by M or by which rows share a tile): NF4 projections dequantized by bitsandbytes
   (elementwise), then `matmul` below (or our nf4.py kernel, see NF4_PATH; its plan is per (N, K));
-  dense Linear (the LM head) through `matmul` too (a fixed K step, no split-K); RMSNorm
+  dense Linear (the LM head) through `matmul` too (a fixed K step, K in chunks fixed by (N, K)); RMSNorm
   through `rms_norm` below (one program a row). forward.py adds one KV split a row in decode
   attention (no merge) and prefill attention prompt by prompt. CUDA-graph buckets pad with rows
   that no other row's output reads.
@@ -155,9 +155,11 @@ def splits_for(N: int, K: int, bk: int) -> int:
     return s
 
 
-# Up to this many rows the chunks run as programs of their own (SPLIT), above it one program sums them
-# all: the partials' traffic grows with M, the programs a tile row offers too. benchmarks/nf4_lab.py.
-SPLIT_ROWS = 128
+# The chunks run as programs of their own (SPLIT) where the tiles alone give fewer programs than this, half
+# the H200's 132 SMs; elsewhere one program sums them (the partials' traffic then costs more than the programs
+# gain). H200, nf4_lab.py in CUDA graphs (RESULTS.md, issue 22): down at 1-32 rows 1.04-1.07x cuBLAS split
+# against 2.5x whole; k/v at 512 rows 2.0x against 3.7x; q/o at 300 rows 1.77x whole against 2.6x split.
+SPLIT_PROGRAMS = 66
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, split: bool | None = None,
@@ -174,10 +176,11 @@ def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
         return y.reshape(*lead, N)
     bm, bn, bk, warps, stages = tiles or tiles_for(x.dtype, M)
     chunks = splits_for(N, K, bk)
-    split = (M <= SPLIT_ROWS if split is None else split) and chunks > 1
+    programs = -(-M // bm) * -(-N // bn)
+    split = (programs < SPLIT_PROGRAMS if split is None else split) and chunks > 1
     launch = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     p = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device) if split else y
-    _matmul_kernel[(-(-M // bm) * -(-N // bn), chunks if split else 1)](
+    _matmul_kernel[(programs, chunks if split else 1)](
         x2, w, bias if bias is not None else y, y, p, M, N, K, K // chunks, x2.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_interpreting(), SPLIT=split,
         BM=bm, BN=bn, BK=bk, **launch)
