@@ -125,6 +125,7 @@ auto = type(model[1])
 assert invariant.use(model) == 3 and invariant.use(model, False) == 3 and type(model[1]) is auto
 assert invariant.use(model) == 3
 assert isinstance(model[1], bnb.nn.Linear4bit) and isinstance(model[2], torch.nn.Linear)
+assert invariant.warm(model, torch.bfloat16) == 3  # the norm, the NF4 layer, the dense one: each kind once
 x = torch.randn(5, 128).to(torch.bfloat16)
 with torch.no_grad():
     h = invariant.rms_norm(x, model[0].weight, model[0].variance_epsilon)

@@ -59,6 +59,9 @@ class Engine:
                              "(LLMBATCH_BATCH_INVARIANT)")
         if config.batch_invariant and self.device.type == "cuda":  # the CPU's runner goes row by row instead
             log.info("batch-invariant mode: %d modules swapped", invariant.use(self.model))
+            t = time.perf_counter()
+            log.info("batch-invariant mode: %d kinds of layer warmed in %.1fs (Triton's compiles)",
+                     invariant.warm(self.model, self.dtype), time.perf_counter() - t)
         if self.runner is None:
             log.warning("%s: no slot runner for this architecture; using padded batches", cfg.model_type)
         self.stats = Stats()

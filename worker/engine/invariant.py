@@ -283,6 +283,31 @@ def dequantized(model):
             m.__class__ = cls
 
 
+# Row counts at which a layer meets each of matmul's variants: small tiles (split or not, by the layer's
+# width), large tiles split (few column tiles), large tiles whole.
+WARM_ROWS = (1, 129, 1152)
+
+
+@torch.inference_mode()
+def warm(model, dtype: torch.dtype) -> int:
+    """Run each distinct swapped layer (class, shape, bias) once at WARM_ROWS, so that Triton compiles every
+    kernel variant now, when the engine is made, and not inside the first job: the first `fixed` run in a
+    process ran at 0.23-0.33x the default mode, the next at 0.7x (RESULTS.md, issue 22). Returns the layers run."""
+    device = next(model.parameters()).device
+    seen = set()
+    for m in model.modules():
+        if not getattr(type(m), "_llmbatch_invariant", False):
+            continue
+        width = getattr(m, "in_features", None) or m.weight.shape[-1]
+        key = (type(m), width, getattr(m, "out_features", None), getattr(m, "bias", None) is not None)
+        if key in seen:
+            continue
+        seen.add(key)
+        for rows in WARM_ROWS:
+            m(torch.zeros(rows, width, dtype=dtype, device=device))
+    return len(seen)
+
+
 def plain_rms_norm(module) -> bool:
     """Llama's RMSNorm kind (weight * x / rms): Gemma's 1 + weight and others keep their own forward."""
     return hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor) \
