@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from . import invariant, paged
@@ -51,12 +52,19 @@ def row_buckets(max_rows: int) -> list[int]:
 def _attend_each(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
                  gqa: bool) -> torch.Tensor:
     """Causal attention prompt by prompt over its own length: q [k, Hq, T, D], k/v [k, Hkv, T, D] ->
-    [k, Hq, T, D] (padding left zero). The kernel's choice and tiling then never see the batch."""
+    [k, Hq, T, D] (padding left zero). The kernel's choice and tiling then never see the batch.
+
+    Not cuDNN's kernel: it builds a plan for each new length (every prompt length a job has), which made
+    the first invariant run in a process 2-3x slower than the next on an H200 (RESULTS.md, issue 22)."""
     o = torch.zeros_like(q)
-    for j, n in enumerate(lengths):
-        o[j, :, :n] = F.scaled_dot_product_attention(q[j:j + 1, :, :n], k[j:j + 1, :, :n], v[j:j + 1, :, :n],
-                                                     is_causal=True, scale=scale, enable_gqa=gqa)[0]
+    with sdpa_kernel(_NO_PLANS):
+        for j, n in enumerate(lengths):
+            o[j, :, :n] = F.scaled_dot_product_attention(q[j:j + 1, :, :n], k[j:j + 1, :, :n], v[j:j + 1, :, :n],
+                                                         is_causal=True, scale=scale, enable_gqa=gqa)[0]
     return o
+
+
+_NO_PLANS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
