@@ -172,3 +172,20 @@ def test_matmul_chunks_of_k_are_fixed_by_the_shape_alone():
     for (N, K), s in got.items():
         assert K % (s * 64) == 0
     assert invariant.splits_for(4096, 160, 64) == 1  # K not in whole steps per chunk: one chunk
+
+
+def test_prefill_attention_prompt_by_prompt_ignores_mates_and_padded_width():
+    from llmbatch.worker.engine.forward import _attend_each
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 8, 13, 16), torch.randn(1, 2, 13, 16), torch.randn(1, 2, 13, 16)
+    alone = _attend_each(q, k, v, [13], 0.25, True)
+    for width, mates in ((13, 0), (40, 3), (64, 5)):  # the batch pads to `width`; mates of other lengths
+        pad = lambda t, h: torch.cat([t, torch.randn(1, h, width - 13, 16)], 2)  # noqa: E731
+        qs = torch.cat([pad(q, 8)] + [torch.randn(1, 8, width, 16) for _ in range(mates)])
+        ks = torch.cat([pad(k, 2)] + [torch.randn(1, 2, width, 16) for _ in range(mates)])
+        vs = torch.cat([pad(v, 2)] + [torch.randn(1, 2, width, 16) for _ in range(mates)])
+        lengths = [13] + [width - j for j in range(mates)]
+        o = _attend_each(qs, ks, vs, lengths, 0.25, True)
+        assert torch.equal(o[0, :, :13], alone[0]), (width, mates)
+        assert not o[0, :, 13:].any()  # padding left zero
