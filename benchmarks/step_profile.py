@@ -72,17 +72,6 @@ def profile(fn, reps: int = 3) -> dict:
             "top": [(n[:120], round(v, 3)) for n, v in top]}
 
 
-def timed(fn, reps: int) -> float:
-    fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
-
-
 def mode_engine(base: Engine, mode: str) -> Engine:
     on = mode == "invariant"
     invariant.use(base.model, False)
@@ -104,7 +93,7 @@ def run_mode(engine: Engine, rows: list[int], columns: int) -> dict:
         r.tokens[:B] = torch.randint(0, tp.WORD_VOCAB, (B,), device=dev)
         r.pos[:B] = torch.randint(columns // 4, columns - 1, (B,), device=dev)
         r.decode(B, columns - 1)  # eager first sight, then capture on the next call
-        graph = timed(lambda: r.decode(B, columns - 1), 10)
+        graph = tp.timed(lambda: r.decode(B, columns - 1), 10)
         with torch.inference_mode():
             prof = profile(lambda: r._decode(B, columns))
         out[f"decode_{B}"] = {"graph_ms": round(graph, 3), **prof}
@@ -116,7 +105,7 @@ def run_mode(engine: Engine, rows: list[int], columns: int) -> dict:
         r.reserve(slot, T)
     ids = torch.randint(0, tp.WORD_VOCAB, (k, T), device=dev)
     lens = torch.full((k,), T, device=dev)
-    wall = timed(lambda: r.prefill(0, ids, lens), 3)
+    wall = tp.timed(lambda: r.prefill(0, ids, lens), 3)
     out["prefill_16x512"] = {"wall_ms": round(wall, 2), **profile(lambda: r.prefill(0, ids, lens), 2)}
     print("prefill", json.dumps(out["prefill_16x512"]), flush=True)
     r.release()

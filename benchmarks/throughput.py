@@ -433,6 +433,18 @@ def md_row_adapters(res: dict) -> str:
 
 
 @torch.inference_mode()
+def timed(fn, reps: int) -> float:
+    """ms per call of fn on the GPU: one warm-up call, then reps back to back between two events."""
+    fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
     """ms per decode step, eager vs CUDA graph, at several batch sizes (each row `columns` tokens deep);
     prefill tok/s; and the paged kernel against the gather reference on this GPU."""
@@ -443,18 +455,6 @@ def micro(engine: Engine, sizes: list[int], columns: int) -> list[dict]:
     for slot in range(max(sizes)):
         r.reserve(slot, columns)
     rows = []
-    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
-
-    def timed(fn, reps):
-        fn()
-        a, b = ev(), ev()
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / reps
-
     r.kv.normal_()
     for B in sizes:
         r.tokens[:B] = torch.randint(0, WORD_VOCAB, (B,), device=dev)
