@@ -127,7 +127,11 @@ def main(argv=None) -> dict:
     try:
         rows = [int(x) for x in args.rows.split(",")]
     except ValueError:
-        ap.error("--rows: integers, comma-separated")
+        rows = []
+    if not rows or min(rows) < 1:
+        ap.error("--rows: positive integers, comma-separated")
+    if args.columns < 2:
+        ap.error("--columns: at least 2 (a row's depth in tokens)")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     tp.build_random_model(Path(args.model_dir), 0.002)

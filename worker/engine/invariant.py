@@ -180,13 +180,14 @@ def matmul(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
     split = (programs < SPLIT_PROGRAMS if split is None else split) and chunks > 1
     launch = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
     p = torch.empty(chunks, M, N, dtype=torch.float32, device=x.device) if split else y
+    b = bias if bias is not None else y  # a pointer the kernels never read without HAS_BIAS
     _matmul_kernel[(programs, chunks if split else 1)](
-        x2, w, bias if bias is not None else y, y, p, M, N, K, K // chunks, x2.stride(0), w.stride(0), y.stride(0),
+        x2, w, b, y, p, M, N, K, K // chunks, x2.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_interpreting(), SPLIT=split,
         BM=bm, BN=bn, BK=bk, **launch)
     if split:
         block = 1024
-        _matmul_reduce[(-(-M * N // block),)](p, bias if bias is not None else y, y, M, N, chunks, y.stride(0),
+        _matmul_reduce[(-(-M * N // block),)](p, b, y, M, N, chunks, y.stride(0),
                                               HAS_BIAS=bias is not None, UPCAST=_interpreting(), BLOCK=block)
     return y.reshape(*lead, N)
 
@@ -291,8 +292,9 @@ WARM_ROWS = (1, 129, 1152)
 @torch.inference_mode()
 def warm(model, dtype: torch.dtype) -> int:
     """Run each distinct swapped layer (class, shape, bias) once at WARM_ROWS, so that Triton compiles every
-    kernel variant now, when the engine is made, and not inside the first job: the first `fixed` run in a
-    process ran at 0.23-0.33x the default mode, the next at 0.7x (RESULTS.md, issue 22). Returns the layers run."""
+    kernel variant now, when the engine is made, and not inside the first job. (The first `fixed` run's
+    slowness, 0.32x against 0.7x, was not this but cuDNN's attention plans: forward._attend_each; RESULTS.md,
+    issue 22.) Returns the layers run."""
     device = next(model.parameters()).device
     seen = set()
     for m in model.modules():
